@@ -1,0 +1,277 @@
+"""Labeling verbs over the store: batches in, items out to annotators, rankings back.
+
+An item is one prompt with its K responses. Annotators get items through
+*assignments*: an annotator holds at most one open assignment, never sees an
+item twice, and an item is handed out until `overlap` annotators have ranked
+it. A ranking is a self-contained append-only record; undo appends an 'undo'
+record that supersedes it. Pairs are derived from rankings in the same
+transaction, so a ranking and its pairs land together or not at all.
+"""
+from __future__ import annotations
+
+import random
+import secrets
+import time
+
+from rlhf_core.preferences import ranking_to_pairs, ranking_to_ties, validate_ranking
+from rlhf_core.store import Store, dumps, loads, now_iso
+
+
+class Refused(ValueError):
+    """A submission the server will not record; the message is shown to the annotator."""
+
+
+class StaleForm(Refused):
+    """The item changed under the annotator (withdrawn, retired or reassigned)."""
+
+
+LABELS = "ABCDEFGH"
+
+
+# -- batches -------------------------------------------------------------------
+def create_batch(store: Store, *, policy_version: int, k: int, items: list[dict],
+                 settings: dict | None = None, job_id: int | None = None,
+                 overlap: int = 1) -> int:
+    """Insert a batch and its items/responses atomically.
+
+    items: [{"prompt_id", "responses": [{"text", "n_tokens", "finish_reason",
+    "policy_version"?, "settings"?}], "kind"?: "label"|"ab", "selection"?: str}]
+    """
+    at = now_iso()
+    with store.write() as db:
+        batch_id = db["batches"].insert({
+            "policy_version": policy_version, "job_id": job_id, "k": k,
+            "settings": dumps(settings or {}), "created_at": at}).last_pk
+        for item in items:
+            if len(item["responses"]) < 2:
+                continue  # nothing to rank: all samples collapsed into one
+            item_id = db["items"].insert({
+                "batch_id": batch_id, "prompt_id": item["prompt_id"], "status": "ready",
+                "overlap": overlap, "kind": item.get("kind", "label"),
+                "selection": item.get("selection"), "created_at": at}).last_pk
+            db["responses"].insert_all([{
+                "item_id": item_id, "prompt_id": item["prompt_id"], "position": pos,
+                "policy_version": r.get("policy_version", policy_version), "text": r["text"],
+                "n_tokens": r.get("n_tokens"), "finish_reason": r.get("finish_reason"),
+                "settings": dumps(r.get("settings") or settings or {}), "created_at": at}
+                for pos, r in enumerate(item["responses"])])
+    return batch_id
+
+
+def retire_items(store: Store, *, older_than_policy: int, status: str = "retired") -> int:
+    """Close unfinished items sampled from policies older than `older_than_policy`."""
+    with store.write() as db:
+        cur = db.execute(
+            "UPDATE items SET status = ?, closed_at = ? WHERE status = 'ready' AND batch_id IN "
+            "(SELECT id FROM batches WHERE policy_version < ?)", [status, now_iso(), older_than_policy])
+        return cur.rowcount
+
+
+def withdraw_item(store: Store, item_id: int) -> None:
+    with store.write() as db:
+        db.execute("UPDATE items SET status = 'withdrawn', closed_at = ? WHERE id = ?",
+                   [now_iso(), item_id])
+
+
+# -- serving items ---------------------------------------------------------------
+def next_item(store: Store, annotator: str, *, ttl_s: float = 1800) -> dict | None:
+    """The item this annotator should rank now (their open one, else a new one), or None."""
+    with store.write() as db:
+        row = db.execute(
+            "SELECT a.item_id, a.token FROM assignments a JOIN items i ON i.id = a.item_id "
+            "WHERE a.annotator = ? AND a.status = 'open' AND i.status = 'ready' "
+            "ORDER BY a.id DESC LIMIT 1", [annotator]).fetchone()
+        if row is None:
+            row = _assign_new(db, annotator, ttl_s)
+        if row is None:
+            return None
+        item_id, token = row
+    return load_item(store, item_id, token=token)
+
+
+def _assign_new(db, annotator: str, ttl_s: float):
+    now = time.time()
+    # Newest policy first (the improved policy is served next), then the order items were made.
+    candidates = db.execute(
+        """SELECT i.id FROM items i JOIN batches b ON b.id = i.batch_id
+           WHERE i.status = 'ready'
+             AND NOT EXISTS (SELECT 1 FROM assignments a WHERE a.item_id = i.id AND a.annotator = ?)
+             AND i.overlap > (SELECT COUNT(*) FROM assignments a WHERE a.item_id = i.id
+                              AND (a.status = 'done' OR (a.status = 'open' AND a.expires_at > ?)))
+           ORDER BY b.policy_version DESC, i.id LIMIT 1""", [annotator, now]).fetchone()
+    if candidates is None:
+        return None
+    item_id = candidates[0]
+    # Lapsed holders of this item lose it: their later submission is refused as stale.
+    db.execute("UPDATE assignments SET status = 'expired' WHERE item_id = ? AND status = 'open' "
+               "AND expires_at <= ?", [item_id, now])
+    token = secrets.token_urlsafe(12)
+    db.execute("INSERT INTO assignments (item_id, annotator, token, status, created_at, expires_at) "
+               "VALUES (?, ?, ?, 'open', ?, ?)", [item_id, annotator, token, now_iso(), now + ttl_s])
+    return item_id, token
+
+
+def load_item(store: Store, item_id: int, *, token: str | None = None) -> dict | None:
+    item = store.one(
+        "SELECT i.*, p.text AS prompt, p.category, b.policy_version FROM items i "
+        "JOIN prompts p ON p.id = i.prompt_id JOIN batches b ON b.id = i.batch_id "
+        "WHERE i.id = ?", [item_id])
+    if item is None:
+        return None
+    responses = store.rows(
+        "SELECT id, position, text, n_tokens, finish_reason, policy_version FROM responses "
+        "WHERE item_id = ? ORDER BY position", [item_id])
+    # A/B items mix versions: show them in an order fixed per item but unrelated to the version.
+    rng = random.Random(f"order-{item_id}")
+    rng.shuffle(responses)
+    for label, r in zip(LABELS, responses):
+        r["label"] = label
+    item["responses"] = responses
+    item["token"] = token
+    return item
+
+
+# -- recording rankings ------------------------------------------------------------
+def submit_ranking(store: Store, *, annotator: str, item_id: int, token: str | None,
+                   submission_key: str, tiers: list[list[int]] | None = None,
+                   skip: bool = False, all_bad: bool = False, flagged: bool = False,
+                   note: str | None = None, time_spent_s: float | None = None) -> dict:
+    """Record one ranking (or skip) and derive its pairs, atomically.
+
+    tiers: response ids, best tier first. Returns {"ranking_id", "duplicate", "pairs"}.
+    A resubmission of the same `submission_key` returns the first record, unchanged.
+    """
+    if not submission_key or len(submission_key) > 200:
+        raise Refused("missing or invalid submission key")
+    if note is not None and len(note) > 5000:
+        raise Refused("the note is too long (5000 characters at most)")
+    with store.write() as db:
+        dup = db.execute("SELECT id, annotator, item_id FROM rankings WHERE submission_key = ?",
+                         [submission_key]).fetchone()
+        if dup is not None:
+            if dup[1] != annotator or dup[2] != item_id:
+                raise Refused("this submission key was already used for another item")
+            return {"ranking_id": dup[0], "duplicate": True, "pairs": 0}
+        item = _check_item(db, item_id, annotator, token)
+        response_ids = [r[0] for r in db.execute(
+            "SELECT id FROM responses WHERE item_id = ? ORDER BY position", [item_id])]
+        if skip:
+            tiers = None
+        else:
+            try:
+                tiers = validate_ranking(tiers, response_ids)
+            except ValueError as exc:
+                raise Refused(f"ranking refused: {exc}") from None
+        kind = "skip" if skip else "rank"
+        ranking_id = db["rankings"].insert({
+            "submission_key": submission_key, "annotator": annotator, "item_id": item_id,
+            "batch_id": item["batch_id"], "policy_version": item["policy_version"], "kind": kind,
+            "tiers": dumps(tiers) if tiers else None, "all_bad": int(all_bad),
+            "flagged": int(flagged), "note": note or None, "time_spent_s": time_spent_s,
+            "created_at": now_iso()}).last_pk
+        n_pairs = _insert_pairs(db, ranking_id, item["prompt_id"], tiers) if tiers else 0
+        db.execute("UPDATE assignments SET status = 'done' WHERE item_id = ? AND annotator = ?",
+                   [item_id, annotator])
+    store.log_event("ranking", annotator, ranking_id=ranking_id, item_id=item_id, kind=kind,
+                    flagged=flagged, all_bad=all_bad)
+    return {"ranking_id": ranking_id, "duplicate": False, "pairs": n_pairs}
+
+
+def _check_item(db, item_id: int, annotator: str, token: str | None) -> dict:
+    row = db.execute("SELECT i.status, i.batch_id, i.prompt_id, b.policy_version FROM items i "
+                     "JOIN batches b ON b.id = i.batch_id WHERE i.id = ?", [item_id]).fetchone()
+    if row is None:
+        raise Refused(f"item {item_id} does not exist")
+    status, batch_id, prompt_id, policy_version = row
+    if status != "ready":
+        raise StaleForm(f"this item was {status} while you were ranking it; your choices are "
+                        "kept on screen, load the next item to continue")
+    a = db.execute("SELECT token, status FROM assignments WHERE item_id = ? AND annotator = ?",
+                   [item_id, annotator]).fetchone()
+    if a is None:
+        raise StaleForm("this item is not assigned to you; load the next item")
+    if a[1] == "done":
+        raise Refused("you already ranked this item (use undo to change it)")
+    if a[1] == "expired" or (token is not None and a[0] != token):
+        raise StaleForm("this item was reassigned after your session lapsed; your choices are "
+                        "kept on screen, load the next item to continue")
+    return {"batch_id": batch_id, "prompt_id": prompt_id, "policy_version": policy_version}
+
+
+def _insert_pairs(db, ranking_id: int, prompt_id: int, tiers: list[list[int]]) -> int:
+    at = now_iso()
+    rows = [{"ranking_id": ranking_id, "prompt_id": prompt_id, "chosen_id": w,
+             "rejected_id": l, "label": 1.0, "created_at": at} for w, l in ranking_to_pairs(tiers)]
+    rows += [{"ranking_id": ranking_id, "prompt_id": prompt_id, "chosen_id": a,
+              "rejected_id": b, "label": 0.5, "created_at": at} for a, b in ranking_to_ties(tiers)]
+    if rows:
+        db["pairs"].insert_all(rows)
+    return len(rows)
+
+
+def undo_last(store: Store, annotator: str, *, submission_key: str) -> dict | None:
+    """Supersede the annotator's latest active ranking and hand its item back to them."""
+    with store.write() as db:
+        dup = db.execute("SELECT supersedes FROM rankings WHERE submission_key = ?",
+                         [submission_key]).fetchone()
+        if dup is not None:
+            return {"ranking_id": dup[0], "duplicate": True}
+        last = db.execute(
+            "SELECT r.id, r.item_id, r.batch_id, r.policy_version, r.tiers FROM active_rankings r "
+            "JOIN items i ON i.id = r.item_id WHERE r.annotator = ? AND i.status = 'ready' "
+            "ORDER BY r.id DESC LIMIT 1", [annotator]).fetchone()
+        if last is None:
+            return None
+        ranking_id, item_id, batch_id, policy_version, tiers = last
+        db["rankings"].insert({
+            "submission_key": submission_key, "annotator": annotator, "item_id": item_id,
+            "batch_id": batch_id, "policy_version": policy_version, "kind": "undo",
+            "supersedes": ranking_id, "created_at": now_iso()})
+        # Close any other open item, so the undone one is served next.
+        db.execute("DELETE FROM assignments WHERE annotator = ? AND status = 'open' "
+                   "AND item_id != ?", [annotator, item_id])
+        db.execute("UPDATE assignments SET status = 'open', expires_at = ? "
+                   "WHERE item_id = ? AND annotator = ?", [time.time() + 1800, item_id, annotator])
+    store.log_event("undo", annotator, ranking_id=ranking_id, item_id=item_id)
+    return {"ranking_id": ranking_id, "item_id": item_id, "tiers": loads(tiers),
+            "duplicate": False}
+
+
+def annotator_progress(store: Store, annotator: str) -> dict:
+    done = store.scalar("SELECT COUNT(*) FROM active_rankings WHERE annotator = ?", [annotator])
+    open_items = store.scalar(
+        """SELECT COUNT(*) FROM items i WHERE i.status = 'ready'
+           AND NOT EXISTS (SELECT 1 FROM assignments a WHERE a.item_id = i.id AND a.annotator = ?)
+           AND i.overlap > (SELECT COUNT(*) FROM assignments a WHERE a.item_id = i.id
+                            AND a.status = 'done')""", [annotator])
+    return {"done": done, "available": open_items}
+
+
+# -- export ------------------------------------------------------------------------
+def export_pairs(store: Store, *, include_ties: bool = False) -> list[dict]:
+    """Preference pairs in TRL's prompt/chosen/rejected layout, with provenance."""
+    sql = """
+        SELECT p.id AS pair_id, pr.text AS prompt, c.text AS chosen, rj.text AS rejected,
+               p.label, r.id AS ranking_id, r.annotator, r.policy_version AS item_policy_version,
+               c.policy_version AS chosen_policy_version,
+               rj.policy_version AS rejected_policy_version, r.item_id, r.batch_id,
+               pr.split, r.created_at
+        FROM active_pairs p JOIN rankings r ON r.id = p.ranking_id
+        JOIN prompts pr ON pr.id = p.prompt_id
+        JOIN responses c ON c.id = p.chosen_id JOIN responses rj ON rj.id = p.rejected_id
+    """
+    if not include_ties:
+        sql += " WHERE p.label = 1.0"
+    return store.rows(sql + " ORDER BY p.id")
+
+
+def export_rankings(store: Store) -> list[dict]:
+    rows = store.rows("""
+        SELECT r.*, p.text AS prompt FROM rankings r JOIN items i ON i.id = r.item_id
+        JOIN prompts p ON p.id = i.prompt_id ORDER BY r.id""")
+    for r in rows:
+        r["tiers"] = loads(r["tiers"])
+        r["responses"] = store.rows("SELECT id, text, policy_version, n_tokens, finish_reason "
+                                    "FROM responses WHERE item_id = ? ORDER BY position",
+                                    [r["item_id"]])
+    return rows

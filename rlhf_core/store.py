@@ -1,0 +1,337 @@
+"""The workspace database: SQLite through sqlite-utils, never torch.
+
+Durability rules (DESIGN.md): WAL, synchronous=FULL, busy_timeout, foreign keys,
+every write transaction begins IMMEDIATE (so two writers queue instead of
+failing half-way), no model call inside a transaction. Rankings are append-only
+records; everything a model learns from is derived from them.
+
+One `Store` is shared by the threads of a process; each thread gets its own
+connection (sqlite3 connections must not cross threads).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import sqlite_utils
+
+BUSY_TIMEOUT_MS = 15000
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False)
+
+
+def loads(text, default=None):
+    return json.loads(text) if text else default
+
+
+# Each migration runs once, in order, inside one IMMEDIATE transaction;
+# PRAGMA user_version records how many have run. Append, never edit.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE prompts (
+        id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE, text TEXT NOT NULL,
+        category TEXT, source TEXT, source_id TEXT, meta TEXT,
+        split TEXT NOT NULL CHECK (split IN ('train', 'heldout')), created_at TEXT NOT NULL);
+    CREATE TABLE versions (
+        id INTEGER PRIMARY KEY, kind TEXT NOT NULL CHECK (kind IN ('policy', 'reward')),
+        version INTEGER NOT NULL, status TEXT NOT NULL, parent INTEGER, reward_version INTEGER,
+        path TEXT, base_model TEXT, config TEXT, metrics TEXT, counts TEXT, reason TEXT,
+        job_id INTEGER, created_at TEXT NOT NULL, UNIQUE (kind, version));
+    CREATE TABLE batches (
+        id INTEGER PRIMARY KEY, policy_version INTEGER NOT NULL, job_id INTEGER,
+        k INTEGER NOT NULL, settings TEXT, created_at TEXT NOT NULL);
+    CREATE TABLE items (
+        id INTEGER PRIMARY KEY, batch_id INTEGER NOT NULL REFERENCES batches(id),
+        prompt_id INTEGER NOT NULL REFERENCES prompts(id),
+        status TEXT NOT NULL DEFAULT 'ready' CHECK (status IN ('ready', 'retired', 'withdrawn')),
+        overlap INTEGER NOT NULL DEFAULT 1, kind TEXT NOT NULL DEFAULT 'label',
+        selection TEXT, created_at TEXT NOT NULL, closed_at TEXT);
+    CREATE INDEX items_status ON items (status, batch_id);
+    CREATE TABLE responses (
+        id INTEGER PRIMARY KEY, item_id INTEGER NOT NULL REFERENCES items(id),
+        prompt_id INTEGER NOT NULL REFERENCES prompts(id), position INTEGER NOT NULL,
+        policy_version INTEGER NOT NULL, text TEXT NOT NULL, n_tokens INTEGER,
+        finish_reason TEXT, settings TEXT, created_at TEXT NOT NULL);
+    CREATE INDEX responses_item ON responses (item_id);
+    CREATE TABLE assignments (
+        id INTEGER PRIMARY KEY, item_id INTEGER NOT NULL REFERENCES items(id),
+        annotator TEXT NOT NULL, token TEXT NOT NULL UNIQUE,
+        status TEXT NOT NULL DEFAULT 'open' CHECK (status IN ('open', 'done', 'expired')),
+        created_at TEXT NOT NULL, expires_at REAL NOT NULL, UNIQUE (item_id, annotator));
+    CREATE TABLE rankings (
+        id INTEGER PRIMARY KEY, submission_key TEXT NOT NULL UNIQUE, annotator TEXT NOT NULL,
+        item_id INTEGER NOT NULL REFERENCES items(id), batch_id INTEGER NOT NULL,
+        policy_version INTEGER, kind TEXT NOT NULL CHECK (kind IN ('rank', 'skip', 'undo')),
+        tiers TEXT, all_bad INTEGER NOT NULL DEFAULT 0, flagged INTEGER NOT NULL DEFAULT 0,
+        note TEXT, time_spent_s REAL, supersedes INTEGER REFERENCES rankings(id),
+        created_at TEXT NOT NULL);
+    CREATE INDEX rankings_annotator ON rankings (annotator, id);
+    CREATE TABLE pairs (
+        id INTEGER PRIMARY KEY, ranking_id INTEGER NOT NULL REFERENCES rankings(id),
+        prompt_id INTEGER NOT NULL REFERENCES prompts(id),
+        chosen_id INTEGER NOT NULL REFERENCES responses(id),
+        rejected_id INTEGER NOT NULL REFERENCES responses(id),
+        label REAL NOT NULL DEFAULT 1.0, created_at TEXT NOT NULL);
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY, kind TEXT NOT NULL, params TEXT,
+        status TEXT NOT NULL DEFAULT 'queued'
+            CHECK (status IN ('queued', 'running', 'done', 'failed', 'cancelled')),
+        progress REAL NOT NULL DEFAULT 0, message TEXT, result TEXT, error TEXT,
+        worker TEXT, attempts INTEGER NOT NULL DEFAULT 0, max_attempts INTEGER NOT NULL DEFAULT 3,
+        heartbeat_at REAL, lease_expires REAL, requested_by TEXT,
+        created_at TEXT NOT NULL, started_at TEXT, finished_at TEXT);
+    CREATE INDEX jobs_status ON jobs (status, id);
+    CREATE TABLE metrics (
+        id INTEGER PRIMARY KEY, job_id INTEGER, kind TEXT NOT NULL, version INTEGER,
+        step INTEGER, name TEXT NOT NULL, value REAL, created_at TEXT NOT NULL);
+    CREATE INDEX metrics_kind ON metrics (kind, name, step);
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY, at TEXT NOT NULL, kind TEXT NOT NULL, actor TEXT, payload TEXT);
+    -- Training data: pairs of rankings that are neither undone nor flagged.
+    CREATE VIEW active_rankings AS
+        SELECT r.* FROM rankings r
+        WHERE r.kind IN ('rank', 'skip')
+          AND NOT EXISTS (SELECT 1 FROM rankings u WHERE u.supersedes = r.id);
+    CREATE VIEW active_pairs AS
+        SELECT p.* FROM pairs p JOIN active_rankings r ON r.id = p.ranking_id
+        WHERE r.flagged = 0 AND r.all_bad = 0 AND r.kind = 'rank';
+    """,
+]
+
+
+class Store:
+    """The workspace DB. `store.db` is this thread's sqlite_utils.Database."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._migrate()
+
+    # -- connections and transactions -------------------------------------
+    @property
+    def db(self) -> sqlite_utils.Database:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_MS / 1000,
+                                   isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA foreign_keys=ON")
+            db = sqlite_utils.Database(conn)
+            self._local.db = db
+        return db
+
+    @contextlib.contextmanager
+    def write(self):
+        """One IMMEDIATE write transaction (nested calls become savepoints)."""
+        db = self.db
+        if db.conn.in_transaction:
+            with db.atomic():
+                yield db
+            return
+        db.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.rollback()
+            raise
+        else:
+            db.conn.execute("COMMIT")
+
+    def close(self):
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    def _migrate(self):
+        db = self.db
+        with self.write():
+            done = db.conn.execute("PRAGMA user_version").fetchone()[0]
+            for i, script in enumerate(MIGRATIONS[done:], start=done + 1):
+                for stmt in _statements(script):
+                    db.conn.execute(stmt)
+                db.conn.execute(f"PRAGMA user_version={i}")
+            if not db.conn.execute("SELECT 1 FROM versions WHERE kind='policy'").fetchone():
+                # Policy v0 is the base model: the reference every later version is measured against.
+                db.conn.execute(
+                    "INSERT INTO versions (kind, version, status, created_at, reason) "
+                    "VALUES ('policy', 0, 'published', ?, 'base model (reference)')", [now_iso()])
+
+    # -- small read helpers -------------------------------------------------
+    def rows(self, sql: str, params=()) -> list[dict]:
+        return list(self.db.query(sql, params))
+
+    def one(self, sql: str, params=()) -> dict | None:
+        rows = self.rows(sql, params)
+        return rows[0] if rows else None
+
+    def scalar(self, sql: str, params=()):
+        row = self.db.conn.execute(sql, params).fetchone()
+        return row[0] if row else None
+
+    # -- settings ------------------------------------------------------------
+    def get_setting(self, key: str, default=None):
+        row = self.one("SELECT value FROM settings WHERE key = ?", [key])
+        return loads(row["value"]) if row else default
+
+    def set_setting(self, key: str, value) -> None:
+        with self.write() as db:
+            db.execute("INSERT INTO settings (key, value) VALUES (?, ?) "
+                       "ON CONFLICT(key) DO UPDATE SET value = excluded.value", [key, dumps(value)])
+
+    # -- events and metrics -------------------------------------------------------
+    def log_event(self, kind: str, actor: str | None = None, **payload) -> None:
+        with self.write() as db:
+            db["events"].insert({"at": now_iso(), "kind": kind, "actor": actor,
+                                 "payload": dumps(payload)})
+
+    def log_metrics(self, kind: str, values: dict, *, step: int | None = None,
+                    version: int | None = None, job_id: int | None = None) -> None:
+        at = now_iso()
+        rows = [{"job_id": job_id, "kind": kind, "version": version, "step": step,
+                 "name": k, "value": float(v), "created_at": at}
+                for k, v in values.items() if v is not None]
+        with self.write() as db:
+            db["metrics"].insert_all(rows)
+
+    def metric_series(self, kind: str, name: str | None = None) -> list[dict]:
+        sql = "SELECT * FROM metrics WHERE kind = ?"
+        params: list = [kind]
+        if name:
+            sql += " AND name = ?"
+            params.append(name)
+        return self.rows(sql + " ORDER BY id", params)
+
+    # -- prompts ----------------------------------------------------------------
+    def add_prompts(self, records: list[dict], *, source: str, heldout_fraction: float = 0.2) -> dict:
+        """Insert validated prompt records in one transaction; known prompts are skipped."""
+        from rlhf_core.preferences import split_for_prompt
+        from rlhf_core.prompt_io import prompt_key
+        at, added, dupes = now_iso(), 0, 0
+        with self.write() as db:
+            for rec in records:
+                key = prompt_key(rec["text"])
+                cur = db.execute(
+                    "INSERT INTO prompts (key, text, category, source, source_id, meta, split, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO NOTHING",
+                    [key, rec["text"], rec.get("category"), source, rec.get("source_id"),
+                     dumps(rec.get("meta") or {}), split_for_prompt(key, heldout_fraction), at])
+                added += cur.rowcount
+                dupes += 1 - cur.rowcount
+        self.log_event("prompts_imported", None, source=source, added=added, duplicates=dupes)
+        return {"added": added, "duplicates": dupes}
+
+    # -- versions ---------------------------------------------------------------------
+    def current_version(self, kind: str) -> dict | None:
+        status = "published" if kind == "policy" else "promoted"
+        row = self.one("SELECT * FROM versions WHERE kind = ? AND status = ? "
+                       "ORDER BY version DESC LIMIT 1", [kind, status])
+        return _decode_version(row)
+
+    def get_version(self, kind: str, version: int) -> dict | None:
+        return _decode_version(self.one(
+            "SELECT * FROM versions WHERE kind = ? AND version = ?", [kind, version]))
+
+    def list_versions(self, kind: str) -> list[dict]:
+        return [_decode_version(r) for r in self.rows(
+            "SELECT * FROM versions WHERE kind = ? ORDER BY version", [kind])]
+
+    def next_version_number(self, kind: str) -> int:
+        return (self.scalar("SELECT MAX(version) FROM versions WHERE kind = ?", [kind]) or 0) + 1
+
+    def add_version(self, kind: str, version: int, *, status: str, path: str | None = None,
+                    parent: int | None = None, reward_version: int | None = None,
+                    base_model: str | None = None, config: dict | None = None,
+                    metrics: dict | None = None, counts: dict | None = None,
+                    reason: str | None = None, job_id: int | None = None) -> dict:
+        with self.write() as db:
+            db["versions"].insert({
+                "kind": kind, "version": version, "status": status, "path": path,
+                "parent": parent, "reward_version": reward_version, "base_model": base_model,
+                "config": dumps(config or {}), "metrics": dumps(metrics or {}),
+                "counts": dumps(counts or {}), "reason": reason, "job_id": job_id,
+                "created_at": now_iso()})
+        self.log_event(f"{kind}_version", None, version=version, status=status, reason=reason)
+        return self.get_version(kind, version)
+
+    # -- status ---------------------------------------------------------------------
+    def counts(self) -> dict:
+        q = self.scalar
+        return {
+            "prompts": q("SELECT COUNT(*) FROM prompts"),
+            "items_ready": q("SELECT COUNT(*) FROM items WHERE status = 'ready'"),
+            "items_open": q(OPEN_ITEMS_SQL),
+            "rankings": q("SELECT COUNT(*) FROM active_rankings WHERE kind = 'rank'"),
+            "skips": q("SELECT COUNT(*) FROM active_rankings WHERE kind = 'skip'"),
+            "flagged": q("SELECT COUNT(*) FROM active_rankings WHERE flagged = 1"),
+            "pairs": q("SELECT COUNT(*) FROM active_pairs WHERE label = 1.0"),
+            "tie_pairs": q("SELECT COUNT(*) FROM active_pairs WHERE label != 1.0"),
+            "annotators": q("SELECT COUNT(DISTINCT annotator) FROM active_rankings"),
+        }
+
+    def status(self) -> dict:
+        policy, reward = self.current_version("policy"), self.current_version("reward")
+        jobs = self.rows("SELECT id, kind, status, progress, message, error, attempts, "
+                         "created_at, started_at, finished_at FROM jobs ORDER BY id DESC LIMIT 50")
+        return {
+            "workspace": str(self.path.parent),
+            "policy_version": policy["version"] if policy else 0,
+            "reward_version": reward["version"] if reward else None,
+            "counts": self.counts(),
+            "versions": {"policy": self.list_versions("policy"),
+                         "reward": self.list_versions("reward")},
+            "jobs": jobs,
+        }
+
+
+# Items that still need a ranking: ready, and fewer finished rankings than the overlap asks.
+OPEN_ITEMS_SQL = """
+    SELECT COUNT(*) FROM items i WHERE i.status = 'ready' AND i.overlap > (
+        SELECT COUNT(*) FROM assignments a WHERE a.item_id = i.id AND a.status = 'done')
+"""
+
+
+def _decode_version(row: dict | None) -> dict | None:
+    if row is None:
+        return None
+    out = dict(row)
+    for k in ("config", "metrics", "counts"):
+        out[k] = loads(out.get(k), {})
+    return out
+
+
+def _statements(script: str):
+    buf = ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            if buf.strip():
+                yield buf.strip()
+            buf = ""
+    if buf.strip():
+        yield buf.strip()
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
+    """Poll `predicate` until it returns truthy or `timeout` seconds pass."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
