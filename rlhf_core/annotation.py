@@ -172,7 +172,7 @@ def submit_ranking(store: Store, *, annotator: str, item_id: int, token: str | N
         n_pairs = _insert_pairs(db, ranking_id, item["prompt_id"], tiers) if tiers else 0
         db.execute("UPDATE assignments SET status = 'done' WHERE item_id = ? AND annotator = ?",
                    [item_id, annotator])
-    store.log_event("ranking", annotator, ranking_id=ranking_id, item_id=item_id, kind=kind,
+    store.log_event("ranking", annotator, ranking_id=ranking_id, item_id=item_id, ranking_kind=kind,
                     flagged=flagged, all_bad=all_bad)
     return {"ranking_id": ranking_id, "duplicate": False, "pairs": n_pairs}
 

@@ -49,7 +49,7 @@ def enqueue(store: Store, kind: str, params: dict | None = None, *, requested_by
             "kind": kind, "params": dumps(params or {}), "status": "queued", "progress": 0.0,
             "requested_by": requested_by, "max_attempts": max_attempts,
             "created_at": now_iso()}).last_pk
-    store.log_event("job_queued", requested_by, job_id=job_id, kind=kind)
+    store.log_event("job_queued", requested_by, job_id=job_id, job_kind=kind)
     return job_id
 
 

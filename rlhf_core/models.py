@@ -123,6 +123,13 @@ def device_settings(cpu: bool = False) -> DeviceSettings:
 
 
 # -- tokenizer and models ---------------------------------------------------------------
+def quiet_transformers() -> None:
+    """Per-tensor loading bars are noise next to our own job progress."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def load_tokenizer(source: str, *, padding_side: str = "left"):
     """Tokenizer with a chat template, left padding, and a pad token distinct from EOS."""
     from transformers import AutoTokenizer
@@ -261,3 +268,28 @@ def hidden_states(model, input_ids, attention_mask) -> torch.Tensor:
 def hidden_size(model) -> int:
     config = model.config if not hasattr(model, "get_base_model") else model.get_base_model().config
     return config.hidden_size
+
+
+def with_classifier_adapters(base, settings: LoraSettings, names=("reward",)):
+    """LoRA adapters on a separate sequence-classification reward base.
+
+    A plain PeftModel (task_type None): PeftModelForCausalLM needs generation hooks a
+    classifier lacks, and SEQ_CLS would make peft save the `score` layer too, while the
+    reward model keeps its scalar head outside the adapter (as on the shared base).
+    """
+    import dataclasses as _dc
+    from peft import get_peft_model
+    names = list(names)
+    config = _dc.replace(lora_config(settings), task_type=None)
+    model = get_peft_model(base, config, adapter_name=names[0])
+    for name in names[1:]:
+        model.add_adapter(name, _dc.replace(lora_config(settings), task_type=None))
+    model.set_adapter(names[0])
+    return model
+
+
+def add_lora_adapter(model, name: str, settings: LoraSettings) -> None:
+    """Add an untrained adapter `name` to a PeftModel, matching the model's task type."""
+    import dataclasses as _dc
+    task_type = next(iter(model.peft_config.values())).task_type
+    model.add_adapter(name, _dc.replace(lora_config(settings), task_type=task_type))

@@ -1,0 +1,279 @@
+"""`rlhf`: thin commands over rlhf_core. Every command takes --workspace DIR
+(default: $RLHF_WORKSPACE, else ./workspace) and has an example in its help."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from rlhf_core.config import EMBEDDED_MODEL, default_workspace
+
+def model_flags(p):
+    p.add_argument("--model", help=f"policy base: {EMBEDDED_MODEL} (default), a Hub id or a "
+                                   "local directory")
+    p.add_argument("--reward-model", dest="reward_model",
+                   help="a separate reward base (Hub id or directory); default: a reward adapter "
+                        "on the policy's base")
+    p.add_argument("--k", type=int, help="responses per prompt (2..8, default 4)")
+    p.add_argument("--max-new-tokens", type=int, dest="max_new_tokens")
+    p.add_argument("--min-ready", type=int, dest="min_ready",
+                   help="unlabeled items the worker keeps ready (default 6)")
+    p.add_argument("--overlap", type=int, help="annotators per item (>1 for agreement studies)")
+    p.add_argument("--auto", action="store_true", default=None,
+                   help="automatic loop: retrain the reward model every N rankings, run PPO "
+                        "when promoted, sample from each new policy")
+    p.add_argument("--retrain-every", type=int, dest="retrain_every")
+
+
+def overrides_from(a) -> dict:
+    get = lambda n: getattr(a, n, None)  # noqa: E731
+    return {"model": get("model"), "reward_model": get("reward_model"),
+            "sampling.k": get("k"), "sampling.max_new_tokens": get("max_new_tokens"),
+            "sampling.min_ready_items": get("min_ready"), "loop.overlap": get("overlap"),
+            "loop.auto": get("auto"), "loop.retrain_every": get("retrain_every")}
+
+
+def open_ws(a):
+    from rlhf_core.workspace import open_workspace
+    return open_workspace(a.workspace, **overrides_from(a))
+
+
+def serve_flags(p):
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("RLHF_PORT", 7860)))
+    p.add_argument("--auth", type=Path, dest="auth_file",
+                   help="JSON or CSV of user,password,role (annotator|researcher): enables login")
+
+
+# -- commands -----------------------------------------------------------------------------
+def cmd_up(a):
+    """Worker in a child process, UI in this one; Ctrl-C stops both."""
+    store, cfg = open_ws(a)
+    from rlhf_core.workspace import seed_prompts_if_empty
+    added = seed_prompts_if_empty(store, cfg)
+    if added:
+        print(f"workspace {cfg.workspace}: imported {added} sample prompts")
+    worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker",
+                               "--workspace", str(cfg.workspace)])
+    try:
+        cmd_serve(a, store=store, cfg=cfg)
+    finally:
+        worker.send_signal(signal.SIGINT)
+        try:
+            worker.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+
+
+def cmd_serve(a, store=None, cfg=None):
+    if store is None:
+        store, cfg = open_ws(a)
+    from app.context import AppContext
+    from app.ui import launch
+    ctx = AppContext.create(store, cfg)
+    print(f"rlhf-loop UI on http://{a.host}:{a.port}  (workspace {cfg.workspace})", flush=True)
+    launch(ctx, host=a.host, port=a.port, auth_file=a.auth_file)
+
+
+def cmd_worker(a):
+    from rlhf_core.worker import run_worker
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        run_worker(Path(a.workspace), stop=stop, cpu=a.cpu, nice=a.nice, threads=a.threads,
+                   overrides=overrides_from(a))
+    except KeyboardInterrupt:
+        stop.set()
+
+
+def cmd_import_prompts(a):
+    from rlhf_core.prompt_io import ImportRejected, read_prompts_with_stats
+    store, cfg = open_ws(a)
+    try:
+        records, stats = read_prompts_with_stats(a.file)
+    except ImportRejected as exc:
+        sys.exit(f"import rejected, nothing was added: {a.file}: {exc}")
+    result = store.add_prompts(records, source=str(a.file),
+                               heldout_fraction=cfg.reward.heldout_fraction)
+    print(f"{result['added']} prompts added, {result['duplicates']} already present, "
+          f"{stats['duplicates_in_file']} duplicates inside the file")
+
+
+def cmd_export(a):
+    from rlhf_core import annotation
+    from rlhf_core.prompt_io import write_hf_dataset, write_jsonl
+    store, _ = open_ws(a)
+    pairs = annotation.export_pairs(store, include_ties=a.include_ties)
+    rankings = annotation.export_rankings(store)
+    out = Path(a.out)
+    if a.format == "jsonl":
+        n = write_jsonl(out, pairs)
+        write_jsonl(out.with_name(out.stem + ".rankings.jsonl"), rankings)
+    else:
+        n = write_hf_dataset(out, pairs, overwrite=a.overwrite)
+        write_jsonl(out.with_name(out.name + ".rankings.jsonl"), rankings)
+    print(f"exported {n} pairs to {out} and {len(rankings)} rankings beside it")
+
+
+def cmd_status(a):
+    store, _ = open_ws(a)
+    status = store.status()
+    if a.json:
+        print(json.dumps(status, indent=2, default=str))
+        return
+    c = status["counts"]
+    print(f"workspace {status['workspace']}\npolicy v{status['policy_version']}  reward "
+          f"{'v%s' % status['reward_version'] if status['reward_version'] else '-'}")
+    print("  ".join(f"{k}={v}" for k, v in c.items()))
+    for j in status["jobs"][:10]:
+        print(f"  job {j['id']:>4} {j['kind']:<13} {j['status']:<9} {j['progress']:>4.0%} "
+              f"{j['message'] or j['error'] or ''}")
+
+
+def _run_job_here(a, kind: str, params: dict):
+    """Queue a job and run it in this process with a tqdm bar (no separate worker needed)."""
+    from tqdm import tqdm
+
+    from rlhf_core import jobs
+    from rlhf_core.runtime import Runtime
+    from rlhf_core.worker import lower_priority, register_handlers
+    store, cfg = open_ws(a)
+    from rlhf_core.workspace import seed_prompts_if_empty
+    seed_prompts_if_empty(store, cfg)
+    register_handlers()
+    lower_priority(0, cfg.torch_threads)
+    job_id = jobs.enqueue(store, kind, params, requested_by="cli")
+    if a.queue_only:
+        print(f"queued job {job_id} ({kind}); a running worker will take it")
+        return
+    runtime = Runtime(store, cfg, cpu=getattr(a, "cpu", False))
+    bar = tqdm(total=100, desc=kind, unit="%")
+    done = threading.Event()
+
+    def follow():
+        last = None
+        while not done.wait(0.5):
+            row = jobs.get_job(store, job_id)
+            if row and row["status"] == "running" and (row["progress"], row["message"]) != last:
+                last = (row["progress"], row["message"])
+                bar.n = int(row["progress"] * 100)
+                bar.set_postfix_str((row["message"] or "")[:60], refresh=False)
+                bar.refresh()
+    t = threading.Thread(target=follow, daemon=True)
+    t.start()
+    row = jobs.run_one(runtime, store, jobs.worker_name(), kinds=[kind])
+    done.set()
+    bar.n = 100 if row and row["status"] == "done" else bar.n
+    bar.close()
+    if row is None or row["status"] != "done":
+        sys.exit(f"{kind} failed: {row and row['error']}")
+    print(json.dumps(row["result"], indent=2, default=str))
+
+
+def cmd_sample(a):
+    params = {"prompts_per_batch": a.prompts} if a.prompts else {}
+    _run_job_here(a, "sample_batch", params)
+
+
+def cmd_train_reward(a):
+    _run_job_here(a, "train_reward", {})
+
+
+def cmd_ppo(a):
+    _run_job_here(a, "ppo_round", {})
+
+
+def cmd_simulate(a):
+    from rlhf_core.simulate import main as simulate_main
+    simulate_main(a)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rlhf", description="Rank LLM responses in a browser while "
+                                "a reward model and PPO learn from them.")
+    sub = p.add_subparsers(dest="command", required=True)
+    specs = [
+        ("up", cmd_up, "start the worker and the ranking UI (the demo command)",
+         "rlhf up --workspace ws", [model_flags, serve_flags]),
+        ("serve", cmd_serve, "start only the ranking UI (a worker runs elsewhere)",
+         "rlhf serve --port 7860 --auth users.json", [model_flags, serve_flags]),
+        ("worker", cmd_worker, "start only the worker that samples and trains",
+         "rlhf worker --workspace ws", [model_flags, _worker_flags]),
+        ("import-prompts", cmd_import_prompts, "import prompts from JSONL, CSV or a datasets dir",
+         "rlhf import-prompts prompts.jsonl", [_file_arg]),
+        ("export", cmd_export, "export preference pairs (TRL prompt/chosen/rejected) and rankings",
+         "rlhf export pairs.jsonl --format jsonl", [_export_args]),
+        ("status", cmd_status, "counts, versions and jobs", "rlhf status --json", [_json_flag]),
+        ("sample", cmd_sample, "sample a labeling batch now, with a progress bar",
+         "rlhf sample --prompts 8", [model_flags, _job_flags, _prompts_flag]),
+        ("train-reward", cmd_train_reward, "train a reward model version now",
+         "rlhf train-reward", [model_flags, _job_flags]),
+        ("ppo", cmd_ppo, "run one PPO round now", "rlhf ppo", [model_flags, _job_flags]),
+        ("simulate", cmd_simulate, "scripted annotators drive the running app over HTTP",
+         "rlhf simulate --oracle shorter --rounds 5", [_simulate_args]),
+    ]
+    for name, fn, help_, example, adders in specs:
+        sp = sub.add_parser(name, help=help_, description=help_, epilog=f"example: {example}",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        sp.add_argument("--workspace", default=str(default_workspace()),
+                        help="workspace folder (default: $RLHF_WORKSPACE or ./workspace)")
+        for add in adders:
+            add(sp)
+        sp.set_defaults(func=fn)
+    return p
+
+
+def _worker_flags(p):
+    p.add_argument("--cpu", action="store_true", help="stay on the CPU even if a GPU is present")
+    p.add_argument("--nice", type=int, default=10, help="priority drop (default 10)")
+    p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+
+
+def _job_flags(p):
+    p.add_argument("--cpu", action="store_true", help="stay on the CPU even if a GPU is present")
+    p.add_argument("--queue-only", action="store_true",
+                   help="only queue the job for a running worker")
+
+
+def _prompts_flag(p):
+    p.add_argument("--prompts", type=int, help="prompts in the batch")
+
+
+def _file_arg(p):
+    p.add_argument("file", type=Path, help="JSONL, CSV, or a datasets save_to_disk directory")
+
+
+def _export_args(p):
+    p.add_argument("out", help="output file (jsonl) or directory (hf)")
+    p.add_argument("--format", choices=["jsonl", "hf"], default="jsonl")
+    p.add_argument("--include-ties", action="store_true", help="also export tie pairs (label 0.5)")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def _json_flag(p):
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _simulate_args(p):
+    try:
+        from rlhf_core.simulate import add_arguments
+    except ImportError:
+        return
+    add_arguments(p)
+
+
+def main(argv=None):
+    logging.basicConfig(level=os.environ.get("RLHF_LOG", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

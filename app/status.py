@@ -1,0 +1,63 @@
+"""The status panel's logic as plain functions: versions, counts, jobs with progress bars,
+and the researcher buttons that queue jobs. No Gradio here."""
+from __future__ import annotations
+
+from app.context import AppContext
+from app.handlers import esc
+from rlhf_core import jobs
+
+# Button label -> job kind the worker knows (rlhf_core.jobs.HANDLERS in the worker process).
+JOB_BUTTONS = {"Sample batch": "sample_batch", "Train reward model": "train_reward",
+               "PPO round": "ppo_round"}
+_STATUS_COLOURS = {"queued": "#888", "running": "#2b7be4", "done": "#2e9e4f",
+                   "failed": "#d33", "cancelled": "#aa8800"}
+
+
+def status_markdown(status: dict) -> str:
+    c = status["counts"]
+    reward = status.get("reward_version")
+    return (f"**Policy** v{status['policy_version']} · **reward model** "
+            f"{'v' + str(reward) if reward is not None else 'none yet'}\n\n"
+            f"| prompts | items ready | open to rank | rankings | skips | flagged | pairs | "
+            f"annotators |\n|---|---|---|---|---|---|---|---|\n"
+            f"| {c['prompts']} | {c['items_ready']} | {c['items_open']} | {c['rankings']} | "
+            f"{c['skips']} | {c['flagged']} | {c['pairs']} | {c['annotators']} |")
+
+
+def jobs_html(job_rows: list[dict]) -> str:
+    """Every job as a row with an HTML progress bar (messages escaped: they may quote errors)."""
+    if not job_rows:
+        return '<div class="rl-jobs rl-empty">No jobs yet.</div>'
+    rows = []
+    for j in job_rows:
+        pct = int(round(100 * float(j.get("progress") or 0)))
+        colour = _STATUS_COLOURS.get(j["status"], "#888")
+        detail = j.get("error") or j.get("message") or ""
+        rows.append(
+            f'<div class="rl-job" data-status="{esc(j["status"])}">'
+            f'<span class="rl-job-name">#{j["id"]} {esc(j["kind"])}</span>'
+            f'<span class="rl-job-status" style="color:{colour}">{esc(j["status"])}</span>'
+            f'<span class="rl-bar"><span style="width:{pct}%;background:{colour}"></span></span>'
+            f'<span class="rl-pct">{pct}%</span>'
+            f'<span class="rl-job-msg">{esc(detail)[:300]}</span></div>')
+    return f'<div class="rl-jobs">{"".join(rows)}</div>'
+
+
+def status_view(ctx: AppContext) -> dict:
+    try:
+        status = ctx.store.status()
+        return {"status_md": status_markdown(status),
+                "jobs_html": jobs_html(jobs.list_jobs(ctx.store, limit=30))}
+    except Exception as exc:  # a locked or migrating DB must not break the page
+        return {"status_md": f"status unavailable: {esc(exc)}"}
+
+
+def start_job(ctx: AppContext, annotator: str | None, kind: str) -> dict:
+    """Queue a job (researchers only); an already queued/running job of that kind is reused."""
+    if kind not in JOB_BUTTONS.values():
+        return {"ok": False, "message": f"unknown job kind {kind!r}"}
+    if not ctx.is_researcher(annotator):
+        return {"ok": False, "message": "only researchers may start jobs"}
+    job_id = jobs.enqueue(ctx.store, kind, requested_by=annotator, unique=True)
+    return {"ok": True, "job_id": job_id, "message": f"job #{job_id} ({kind}) is queued",
+            **status_view(ctx)}

@@ -1,0 +1,57 @@
+"""CSS and the keyboard-shortcut script of the ranking UI (passed to `launch(css=, head=)`)."""
+
+SHORTCUTS_MD = (
+    "**Keyboard:** type the letters best first and press **Enter** (`bacd` = B > A > C > D; "
+    "`b a=c d` or `b(ac)d` ties A and C; the last letter may be left out) · "
+    "**Alt+S** skip · **Alt+U** undo last · **Alt+X** all bad · **Alt+F** flag · "
+    "**Alt+O** note · **Alt+N** next item · **Alt+R** back to the ranking box")
+
+CSS = """
+.rl-prompt { border-left: 4px solid var(--color-accent); padding: 6px 12px; margin-bottom: 4px; }
+.rl-cards { display: grid; gap: 10px; grid-template-columns: repeat(auto-fill, minmax(320px, 1fr)); }
+.rl-card { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 8px 10px;
+           background: var(--background-fill-secondary); }
+.rl-head { display: flex; justify-content: space-between; align-items: center; margin-bottom: 4px;
+           font-size: 0.85em; color: var(--body-text-color-subdued); }
+.rl-label { font-weight: 700; font-size: 1.25em; color: var(--body-text-color);
+            background: var(--color-accent-soft); border-radius: 4px; padding: 0 10px; }
+.rl-text { white-space: pre-wrap; word-break: break-word; font-family: var(--font);
+           font-size: 0.95em; margin: 0; max-height: 24em; overflow: auto; }
+.rl-jobs { display: flex; flex-direction: column; gap: 4px; font-size: 0.9em; }
+.rl-job { display: grid; grid-template-columns: 14em 6em 1fr 3.5em; gap: 8px; align-items: center; }
+.rl-job-msg { grid-column: 1 / -1; color: var(--body-text-color-subdued); font-size: 0.85em; }
+.rl-job-msg:empty { display: none; }
+.rl-bar { height: 10px; border-radius: 5px; background: var(--border-color-primary); overflow: hidden; }
+.rl-bar > span { display: block; height: 100%; }
+#rl-ranking textarea, #rl-ranking input { font-family: var(--font-mono); font-size: 1.3em;
+                                          letter-spacing: 0.1em; }
+#rl-ranks { gap: 6px; }
+#rl-message p { margin: 0; }
+"""
+
+# Alt+<key> shortcuts: click a button, toggle a checkbox, or focus a text field by elem_id.
+# e.code (not e.key) so Alt+S works on layouts where Alt changes the character (macOS).
+HEAD = """
+<script>
+(() => {
+  const MAP = {KeyS: "rl-skip", KeyU: "rl-undo", KeyN: "rl-next", KeyX: "rl-allbad",
+               KeyF: "rl-flag", KeyO: "rl-note", KeyR: "rl-ranking"};
+  document.addEventListener("keydown", (e) => {
+    if (!e.altKey || e.ctrlKey || e.metaKey) return;
+    const id = MAP[e.code];
+    const el = id && document.getElementById(id);
+    if (!el) return;
+    e.preventDefault();
+    const box = el.querySelector("input[type=checkbox]");
+    if (box) { box.click(); return; }
+    const field = el.querySelector("textarea, input");
+    if (field) { field.focus(); return; }
+    (el.tagName === "BUTTON" ? el : el.querySelector("button"))?.click();
+  });
+})();
+</script>
+"""
+
+FOCUS_RANKING_JS = """() => {
+  setTimeout(() => document.querySelector("#rl-ranking textarea, #rl-ranking input")?.focus(), 50);
+}"""

@@ -1,0 +1,137 @@
+"""Sampling labeling batches: K responses per prompt from a policy version.
+
+Runs in the worker only. Every response records the policy version, the
+sampling settings, its token count and why it ended ("stop": the model emitted
+a stop token; "length": it hit max_new_tokens). Duplicate responses to one
+prompt are re-sampled a few times, then collapsed.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from rlhf_core.config import SamplingConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Sample:
+    text: str
+    n_tokens: int  # generated tokens, including the stop token
+    finish_reason: str  # "stop" | "length"
+
+
+def chat_prompts(tokenizer, prompts: list[str]) -> list[str]:
+    """Apply the chat template: each prompt becomes one user turn awaiting the assistant."""
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                          add_generation_prompt=True) for p in prompts]
+
+
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif isinstance(gen_eos, (list, tuple)):
+        ids.update(gen_eos)
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], *, n: int, cfg: SamplingConfig,
+             seed: int, device=None, progress=None) -> list[list[Sample]]:
+    """n samples for each prompt, generated in chunks of `cfg.batch_size` sequences."""
+    device = device or next(model.parameters()).device
+    texts = chat_prompts(tokenizer, prompts)
+    stops = stop_token_ids(tokenizer, model)
+    flat = [(i, t) for i, t in enumerate(texts) for _ in range(n)]
+    out: list[list[Sample]] = [[] for _ in prompts]
+    for start in range(0, len(flat), cfg.batch_size):
+        chunk = flat[start:start + cfg.batch_size]
+        enc = tokenizer([t for _, t in chunk], return_tensors="pt", padding=True,
+                        add_special_tokens=False).to(device)
+        torch.manual_seed(seed + start)  # reproducible per chunk
+        gen = model.generate(**enc, do_sample=True, temperature=cfg.temperature,
+                             top_p=cfg.top_p, top_k=cfg.top_k or None,
+                             max_new_tokens=cfg.max_new_tokens, eos_token_id=stops,
+                             pad_token_id=tokenizer.pad_token_id)
+        new_tokens = gen[:, enc["input_ids"].shape[1]:]  # (b, <=max_new_tokens)
+        for (i, _), row in zip(chunk, new_tokens):
+            out[i].append(_to_sample(tokenizer, row.tolist(), stops))
+        if progress:
+            progress(min(1.0, (start + len(chunk)) / len(flat)))
+    return out
+
+
+def _to_sample(tokenizer, ids: list[int], stops: list[int]) -> Sample:
+    for pos, tok in enumerate(ids):
+        if tok in stops:
+            return Sample(tokenizer.decode(ids[:pos], skip_special_tokens=True).strip(),
+                          pos + 1, "stop")
+    return Sample(tokenizer.decode(ids, skip_special_tokens=True).strip(), len(ids), "length")
+
+
+def dedupe(samples: list[Sample]) -> tuple[list[Sample], int]:
+    """Keep the first of each distinct text (whitespace- and case-insensitive)."""
+    seen, kept = set(), []
+    for s in samples:
+        key = " ".join(s.text.lower().split())
+        if key not in seen:
+            seen.add(key)
+            kept.append(s)
+    return kept, len(samples) - len(kept)
+
+
+def sample_distinct(model, tokenizer, prompts: list[str], *, cfg: SamplingConfig, seed: int,
+                    device=None, progress=None) -> list[list[Sample]]:
+    """K distinct samples per prompt where possible: duplicates are re-sampled, then collapsed."""
+    results = generate(model, tokenizer, prompts, n=cfg.k, cfg=cfg, seed=seed, device=device,
+                       progress=progress)
+    results = [dedupe(r)[0] for r in results]
+    for attempt in range(1, cfg.dedupe_retries + 1):
+        short = [i for i, r in enumerate(results) if len(r) < cfg.k]
+        if not short:
+            break
+        more = generate(model, tokenizer, [prompts[i] for i in short], n=cfg.k, cfg=cfg,
+                        seed=seed + 7919 * attempt, device=device)
+        for i, extra in zip(short, more):
+            results[i] = dedupe(results[i] + extra)[0][:cfg.k]
+    return results
+
+
+def pick_prompts(store, n: int, *, seed: int, split: str | None = None,
+                 exclude_open: bool = True) -> list[dict]:
+    """The least-labeled prompts first (random among equals), skipping ones already waiting."""
+    sql = """SELECT p.id, p.text, p.split,
+                    (SELECT COUNT(*) FROM items i WHERE i.prompt_id = p.id) AS n_items,
+                    (SELECT COUNT(*) FROM items i WHERE i.prompt_id = p.id
+                       AND i.status = 'ready') AS n_open
+             FROM prompts p"""
+    params: list = []
+    if split:
+        sql += " WHERE p.split = ?"
+        params.append(split)
+    rows = store.rows(sql, params)
+    if exclude_open:
+        rows = [r for r in rows if r["n_open"] == 0] or rows
+    rng = random.Random(seed)
+    rng.shuffle(rows)
+    rows.sort(key=lambda r: r["n_items"])
+    return rows[:n]
+
+
+def settings_record(cfg: SamplingConfig, policy_version: int) -> dict:
+    d = asdict(cfg)
+    d["policy_version"] = policy_version
+    return d
+
+
+def timed(fn, *args, **kwargs):
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0

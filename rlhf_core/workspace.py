@@ -1,0 +1,56 @@
+"""A workspace folder: `rlhf.db`, `models/`, `cache/`, and its saved configuration.
+
+The configuration lives in the DB (settings key "config") so the UI process and
+the worker, started separately, agree on the model and the loop's knobs.
+Command-line flags update it; everything else keeps its saved value.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from rlhf_core.config import AppConfig, from_dict, to_dict
+from rlhf_core.store import Store
+
+DB_NAME = "rlhf.db"
+
+
+def open_workspace(path: str | Path, **overrides) -> tuple[Store, AppConfig]:
+    """Open (creating if needed) a workspace and return its store and merged config.
+
+    overrides: top-level AppConfig fields, or "section.field" keys such as
+    "sampling.k"; None values are ignored (flag not given).
+    """
+    path = Path(path).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    store = Store(path / DB_NAME)
+    saved = store.get_setting("config", {})
+    cfg = from_dict(AppConfig, saved) if saved else AppConfig()
+    cfg = apply_overrides(cfg, {k: v for k, v in overrides.items() if v is not None})
+    cfg = dataclasses.replace(cfg, workspace=path)
+    store.set_setting("config", to_dict(cfg))
+    return store, cfg
+
+
+def apply_overrides(cfg: AppConfig, overrides: dict) -> AppConfig:
+    top, sections = {}, {}
+    for key, value in overrides.items():
+        if "." in key:
+            section, field = key.split(".", 1)
+            sections.setdefault(section, {})[field] = value
+        else:
+            top[key] = value
+    for section, fields in sections.items():
+        current = getattr(cfg, section)
+        top[section] = dataclasses.replace(current, **fields)
+    return dataclasses.replace(cfg, **top) if top else cfg
+
+
+def seed_prompts_if_empty(store: Store, cfg: AppConfig) -> int:
+    """A new workspace starts with the shipped sample prompts."""
+    if store.scalar("SELECT COUNT(*) FROM prompts"):
+        return 0
+    from rlhf_core.prompt_io import bundled_prompts_path, read_prompts
+    records = read_prompts(bundled_prompts_path())
+    return store.add_prompts(records, source="bundled",
+                             heldout_fraction=cfg.reward.heldout_fraction)["added"]
