@@ -9,6 +9,8 @@ SHORTCUTS_MD = (
 CSS = """
 .rl-prompt { border-left: 4px solid var(--color-accent); padding: 6px 12px; margin-bottom: 4px; }
 .rl-cards { display: grid; gap: 10px; grid-template-columns: repeat(auto-fill, minmax(320px, 1fr)); }
+.rl-k2, .rl-k4 { grid-template-columns: repeat(2, minmax(0, 1fr)); }
+@media (max-width: 700px) { .rl-cards { grid-template-columns: minmax(0, 1fr); } }
 .rl-card { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 8px 10px;
            background: var(--background-fill-secondary); }
 .rl-head { display: flex; justify-content: space-between; align-items: center; margin-bottom: 4px;

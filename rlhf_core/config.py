@@ -59,6 +59,9 @@ class RewardConfig:
     min_pairs: int = 8
     head_init_std: float = 0.02
     seed: int = 0
+    margin_scale: float = 1.0  # with use_margin: margin = scale * (tier distance - 1)
+    max_grad_norm: float = 1.0
+    eval_batch_size: int = 16
 
 
 @dataclass(frozen=True)

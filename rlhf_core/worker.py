@@ -19,7 +19,7 @@ from rlhf_core.checkpoints import clean_partial
 log = logging.getLogger(__name__)
 
 # Modules whose import registers job handlers (optional ones may not exist yet).
-HANDLER_MODULES = ["rlhf_core.batch_jobs", "rlhf_core.reward_model", "rlhf_core.ppo",
+HANDLER_MODULES = ["rlhf_core.batch_jobs", "rlhf_core.eval_jobs", "rlhf_core.reward_model", "rlhf_core.ppo",
                    "rlhf_core.loop"]
 
 

@@ -1,0 +1,256 @@
+"""The ranking UI: Gradio Blocks over app.handlers (layout first, listeners wired at the bottom).
+
+The UI process never loads a model; it reads items from the store and writes rankings.
+Per-user state lives in the browser (`gr.State` for the form, `gr.BrowserState` for the name
+and the drafts), never in module globals.
+
+Public HTTP API (for scripts and `rlhf simulate`; `gradio_client.Client(url).predict(...,
+api_name="/get_item")`). When auth is on, every endpoint uses the logged-in user
+(`gr.Request.username`) and ignores the `annotator` argument.
+
+- `/get_item(annotator: str) -> dict`: `{"ok", "annotator", "item": {"id", "prompt",
+  "policy_version", "token", "k", "responses": [{"id", "label", "text", "n_tokens",
+  "finish_reason"}]} | None, "message", "progress": {"done", "available"}}`.
+  The same item comes back until it is ranked or skipped.
+- `/submit(annotator: str, item_id: int, token: str, submission_key: str, ranking: str,
+  skip: bool = False, all_bad: bool = False, flag: bool = False, note: str = "",
+  time_spent: float | None = None) -> dict`: `ranking` is keyboard text ("bacd", "b a=c d")
+  or JSON tiers of response ids or labels ('[[12], [10, 11], [13]]'). Returns `{"ok", "stale",
+  "message", "ranking_id", "duplicate", "pairs"}`; a repeated `submission_key` is a no-op
+  (`duplicate: true`); a withdrawn/reassigned item gives `ok: false, stale: true`.
+- `/undo(annotator: str, submission_key: str) -> dict`: supersede the last ranking (its item is
+  served again); `{"ok", "message", "ranking_id", "item_id", "tiers", "duplicate"}`.
+- `/status() -> dict`: `{"policy_version", "reward_version", "counts", "jobs"}`.
+- `/queue_job(annotator: str, kind: str) -> dict`: researchers only; kind is one of
+  `sample_batch`, `train_reward`, `ppo_round` (an already queued one is reused).
+
+The page's own events are also named (`/rank_start`, `/rank_submit`, `/rank_skip`, `/rank_undo`,
+`/rank_next`), but they take browser state; scripts should use the endpoints above.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import gradio as gr
+
+from app import api, handlers
+from app.context import AppContext, load_auth_file
+from app.handlers import MAX_CARDS
+from app.ui_assets import CSS, FOCUS_RANKING_JS, HEAD, SHORTCUTS_MD
+from app.ui_status import build_status_tab, wire_status_tab
+from rlhf_core.annotation import LABELS
+
+
+def build_ui(ctx: AppContext, *, extra_tabs: tuple[Callable[[AppContext], None], ...] = (),
+             poll_s: float = 4.0) -> gr.Blocks:
+    """`extra_tabs`: callables that add a `gr.Tab` (e.g. the dashboard) inside the tab bar."""
+    with gr.Blocks(title="rlhf-loop · rank responses") as demo:
+        c: dict = {}  # component name -> component; handlers' dict keys index into it
+        c["annotator"] = gr.State(None)
+        c["item"] = gr.State(None)
+        c["profile"] = gr.BrowserState({"name": ""}, storage_key="rlhf-loop-profile",
+                                       secret=ctx.browser_secret)
+        c["drafts"] = gr.BrowserState({}, storage_key="rlhf-loop-drafts",
+                                      secret=ctx.browser_secret)
+        with gr.Row(equal_height=True):
+            gr.Markdown("### rlhf-loop · rank the responses, best first")
+            c["progress"] = gr.Markdown(elem_id="rl-progress")
+            if ctx.auth_enabled:
+                gr.Button("Log out", link="/logout", size="sm", scale=0)
+        with gr.Column(visible=False) as c["login_box"]:
+            c["name"] = gr.Textbox(label="Your name (remembered in this browser)", max_lines=1,
+                                   placeholder="e.g. ada", autofocus=True, elem_id="rl-name")
+            c["start_btn"] = gr.Button("Start ranking", variant="primary")
+        with gr.Tabs():
+            with gr.Tab("Rank", id="rank"):
+                _rank_layout(c)
+            with gr.Tab("Status", id="status"):
+                build_status_tab(c)
+            for add_tab in extra_tabs:
+                add_tab(ctx)
+        c["timer"] = gr.Timer(poll_s)
+        _wire(ctx, demo, c)
+        wire_status_tab(ctx, demo, c)
+        _register_api(ctx)
+    return demo
+
+
+def _rank_layout(c: dict) -> None:
+    with gr.Column(visible=False) as c["rank_box"]:
+        c["message"] = gr.Markdown(elem_id="rl-message")
+        c["prompt_html"] = gr.HTML(elem_id="rl-prompt")
+        c["cards_html"] = gr.HTML(elem_id="rl-cards")
+        with gr.Row(elem_id="rl-ranks"):
+            c["radios"] = [gr.Radio([str(i + 1) for i in range(4)], label=f"Rank of {label}",
+                                    visible=False, elem_id=f"rl-rank-{label}", min_width=120)
+                           for label in LABELS[:MAX_CARDS]]
+        with gr.Row(equal_height=True):
+            c["ranking"] = gr.Textbox(label="Ranking, best first (Enter submits)", max_lines=1,
+                                      placeholder="e.g. bacd  or  b a=c d", autofocus=True,
+                                      elem_id="rl-ranking", scale=2)
+            c["preview"] = gr.Markdown(elem_id="rl-preview")
+        with gr.Row(equal_height=True):
+            c["all_bad"] = gr.Checkbox(label="All bad (Alt+X)", elem_id="rl-allbad", scale=0,
+                                       min_width=160)
+            c["flag"] = gr.Checkbox(label="Flag for review (Alt+F)", elem_id="rl-flag", scale=0,
+                                    min_width=200)
+            c["note"] = gr.Textbox(label="Note (optional, Alt+O)", max_lines=2,
+                                   elem_id="rl-note", scale=2)
+        with gr.Row():
+            c["submit_btn"] = gr.Button("Submit (Enter)", variant="primary", elem_id="rl-submit")
+            c["skip_btn"] = gr.Button("Skip (Alt+S)", elem_id="rl-skip")
+            c["undo_btn"] = gr.Button("Undo last (Alt+U)", elem_id="rl-undo")
+            c["next_btn"] = gr.Button("Next item / refresh (Alt+N)", elem_id="rl-next")
+        gr.Markdown(SHORTCUTS_MD, elem_id="rl-shortcuts")
+
+
+# -- handler dict -> component updates -------------------------------------------------
+_PLAIN = ("annotator", "item", "drafts", "profile", "progress", "message", "prompt_html",
+          "cards_html", "ranking", "note", "flag", "all_bad", "preview")
+
+
+def _updates(c: dict, out: dict) -> dict:
+    """Map a handler's dict onto components; keys it leaves out stay unchanged on screen."""
+    level, message = out.get("level"), out.get("message")
+    if message and level == "warning":
+        gr.Warning(message.replace("**", ""))
+    upd = {c[k]: out[k] for k in _PLAIN if k in out}
+    if "ranks" in out:
+        k = out.get("k")
+        for i, radio in enumerate(c["radios"]):
+            value = out["ranks"][i] if i < len(out["ranks"]) else None
+            if k is None:
+                upd[radio] = gr.update(value=value)
+            else:
+                upd[radio] = gr.update(value=value, visible=i < k,
+                                       choices=[str(j + 1) for j in range(max(k, 1))])
+    if out.get("annotator"):
+        upd[c["login_box"]] = gr.update(visible=False)
+        upd[c["rank_box"]] = gr.update(visible=True)
+    elif "annotator" in out:
+        upd[c["login_box"]] = gr.update(visible=True)
+        upd[c["rank_box"]] = gr.update(visible=False)
+    if "researcher" in out:
+        upd.update({b: gr.update(visible=out["researcher"]) for b in c["job_buttons"]})
+    return upd
+
+
+def _form_outputs(c: dict) -> list:
+    return [c[k] for k in _PLAIN] + c["radios"] + [c["login_box"], c["rank_box"]] + c["job_buttons"]
+
+
+def _username(request: gr.Request | None) -> str | None:
+    return getattr(request, "username", None) if request is not None else None
+
+
+def _wire(ctx: AppContext, demo: gr.Blocks, c: dict) -> None:
+    outs = _form_outputs(c)
+    form = [c["ranking"], c["note"], c["flag"], c["all_bad"]]
+
+    def on_start(name, profile, drafts, request: gr.Request):
+        name = name or (profile or {}).get("name")
+        return _updates(c, handlers.start(ctx, name, _username(request), drafts))
+
+    def on_load(profile, drafts, request: gr.Request):
+        out = handlers.start(ctx, (profile or {}).get("name"), _username(request), drafts)
+        out.pop("level", None)  # no toast for a first visit
+        return _updates(c, out)
+
+    def on_submit(annotator, item, drafts, ranking, note, flag, all_bad):
+        return _updates(c, handlers.submit_form(ctx, annotator, item, drafts, ranking=ranking,
+                                                note=note, flag=flag, all_bad=all_bad))
+
+    def on_skip(annotator, item, drafts, ranking, note, flag, all_bad):
+        return _updates(c, handlers.submit_form(ctx, annotator, item, drafts, ranking=ranking,
+                                                note=note, flag=flag, all_bad=all_bad, skip=True))
+
+    def on_undo(annotator, item, drafts):
+        return _updates(c, handlers.undo_form(ctx, annotator, item, drafts))
+
+    def on_next(annotator, drafts):
+        if not annotator:
+            return _updates(c, {"message": "enter your name first", "level": "warning"})
+        return _updates(c, handlers.load_form(ctx, annotator, drafts))
+
+    def on_edit(annotator, item, drafts, ranking, note, flag, all_bad):
+        return _updates(c, handlers.draft_changed(ctx, annotator, item, drafts, ranking, note,
+                                                  flag, all_bad))
+
+    def on_radio(annotator, item, drafts, note, flag, all_bad, *ranks):
+        ranking = handlers.text_from_ranks(list(ranks), item)
+        out = handlers.draft_changed(ctx, annotator, item, drafts, ranking, note, flag, all_bad)
+        out.pop("ranks", None)  # the radios are the source here; do not echo them back
+        return _updates(c, {**out, "ranking": ranking} if out else {})
+
+    def on_tick(annotator, item, drafts):
+        if not annotator or item is not None:
+            return {}  # only a waiting annotator polls for the next batch
+        out = handlers.load_form(ctx, annotator, drafts)
+        return _updates(c, out if not out["waiting"] else {"progress": out["progress"]})
+
+    state_in = [c["annotator"], c["item"], c["drafts"]]
+    focus = dict(fn=None, js=FOCUS_RANKING_JS)
+    demo.load(on_load, [c["profile"], c["drafts"]], outs, api_visibility="private").then(**focus)
+    gr.on([c["start_btn"].click, c["name"].submit], on_start,
+          [c["name"], c["profile"], c["drafts"]], outs, api_name="rank_start").then(**focus)
+    gr.on([c["submit_btn"].click, c["ranking"].submit], on_submit, state_in + form, outs,
+          api_name="rank_submit", concurrency_limit=8).then(**focus)
+    c["skip_btn"].click(on_skip, state_in + form, outs, api_name="rank_skip",
+                        concurrency_limit=8).then(**focus)
+    c["undo_btn"].click(on_undo, state_in, outs, api_name="rank_undo").then(**focus)
+    c["next_btn"].click(on_next, [c["annotator"], c["drafts"]], outs,
+                        api_name="rank_next").then(**focus)
+    gr.on([c["ranking"].input, c["note"].input, c["flag"].input, c["all_bad"].input], on_edit,
+          state_in + form, outs, trigger_mode="always_last", show_progress="hidden",
+          concurrency_limit=None, api_visibility="private")
+    gr.on([r.input for r in c["radios"]], on_radio,
+          state_in + [c["note"], c["flag"], c["all_bad"]] + c["radios"], outs,
+          show_progress="hidden", concurrency_limit=None, api_visibility="private")
+    c["timer"].tick(on_tick, state_in, outs, show_progress="hidden", api_visibility="private")
+
+
+# -- the public HTTP API ---------------------------------------------------------------
+def _register_api(ctx: AppContext) -> None:
+    def get_item(annotator: str, request: gr.Request) -> dict:
+        """The annotator's current item (the same until ranked or skipped), or item=None."""
+        return api.get_item(ctx, annotator, _username(request))
+
+    def submit(annotator: str, item_id: int, token: str, submission_key: str, ranking: str,
+               skip: bool = False, all_bad: bool = False, flag: bool = False, note: str = "",
+               time_spent: float | None = None, request: gr.Request = None) -> dict:
+        """Record a ranking: keyboard text ("bacd") or JSON tiers of response ids or labels."""
+        return api.submit(ctx, annotator, item_id, token, submission_key, ranking, skip,
+                          all_bad, flag, note, time_spent, username=_username(request))
+
+    def undo(annotator: str, submission_key: str, request: gr.Request) -> dict:
+        """Supersede the annotator's last ranking; its item is served again."""
+        return api.undo(ctx, annotator, submission_key, _username(request))
+
+    def status() -> dict:
+        """Policy/reward versions, counts and jobs."""
+        return api.status(ctx)
+
+    def queue_job(annotator: str, kind: str, request: gr.Request) -> dict:
+        """Queue sample_batch / train_reward / ppo_round (researchers only)."""
+        return api.queue_job(ctx, annotator, kind, _username(request))
+
+    for fn in (get_item, submit, undo, status, queue_job):
+        gr.api(fn, api_name=fn.__name__, concurrency_limit=8)
+
+
+def launch(ctx: AppContext, host: str = "127.0.0.1", port: int = 7860,
+           auth_file: str | None = None, prevent_thread_lock: bool = False, **kwargs):
+    """Serve the UI (loopback by default, never shared). Returns the launched Blocks."""
+    if kwargs.pop("share", False):
+        raise ValueError("share=True is not supported: expose the app behind your own proxy")
+    if auth_file:
+        ctx = dataclasses.replace(ctx, users=load_auth_file(auth_file))
+    demo = build_ui(ctx)
+    demo.queue(default_concurrency_limit=4)
+    demo.launch(server_name=host, server_port=port, share=False,
+                auth=ctx.check_password if ctx.auth_enabled else None,
+                auth_message="rlhf-loop: log in to rank" if ctx.auth_enabled else None,
+                prevent_thread_lock=prevent_thread_lock, css=CSS, head=HEAD,
+                show_error=False, **kwargs)
+    return demo

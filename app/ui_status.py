@@ -1,0 +1,41 @@
+"""The Status tab: versions, counts, every job with a progress bar, researcher job buttons."""
+from __future__ import annotations
+
+import gradio as gr
+
+from app import status
+from app.context import AppContext
+
+
+def build_status_tab(c: dict) -> None:
+    c["status_md"] = gr.Markdown("loading…", elem_id="rl-status")
+    with gr.Row():
+        c["job_buttons"] = [gr.Button(label, size="sm", visible=False,
+                                      elem_id="rl-job-" + kind.replace("_", "-"))
+                            for label, kind in status.JOB_BUTTONS.items()]
+    c["job_message"] = gr.Markdown()
+    gr.Markdown("#### Jobs")
+    c["jobs_html"] = gr.HTML(elem_id="rl-jobs")
+
+
+def wire_status_tab(ctx: AppContext, demo: gr.Blocks, c: dict) -> None:
+    outs = [c["status_md"], c["jobs_html"], c["job_message"]]
+
+    def refresh():
+        out = status.status_view(ctx)
+        return {c[k]: v for k, v in out.items() if k in c}
+
+    def make_start(kind: str):
+        def on_click(annotator):
+            out = status.start_job(ctx, annotator, kind)
+            if not out["ok"]:
+                gr.Warning(out["message"])
+            upd = {c["job_message"]: out["message"]}
+            upd.update({c[k]: v for k, v in out.items() if k in ("status_md", "jobs_html")})
+            return upd
+        return on_click
+
+    demo.load(refresh, None, outs, api_visibility="private")
+    c["timer"].tick(refresh, None, outs, show_progress="hidden", api_visibility="private")
+    for button, kind in zip(c["job_buttons"], status.JOB_BUTTONS.values()):
+        button.click(make_start(kind), [c["annotator"]], outs, api_visibility="private")

@@ -1,0 +1,192 @@
+"""PPO rollouts: the `Rollout` experience record, sampling, and the three per-token forwards.
+
+Shapes: `B` sequences, `P` prompt (query) tokens, left-padded, `T` response tokens,
+right-padded with the pad token after the stop token. `mask` is 1.0 on real response tokens
+(up to and including the stop token), 0.0 on padding (DESIGN.md contract).
+
+Sampling is Gumbel-max: argmax(logits / temperature + Gumbel noise) is an exact draw from
+softmax(logits / temperature), i.e. the same distribution as `do_sample=True, top_k=0,
+top_p=1.0`. The noise comes from one seeded generator per sequence, so a sequence's tokens do
+not depend on which other sequences share its batch, or on which rank generates it: a DDP round
+samples what the single-process round samples.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from rlhf_core.advantages import entropy_from_logits
+
+
+@dataclass
+class Rollout:
+    """One round's experience; later fields are filled in by the round's steps."""
+    prompts: list[str]  # B prompt texts
+    responses: list[str]  # B decoded responses (special tokens skipped)
+    query_ids: torch.Tensor  # (B,P) long, left-padded
+    query_mask: torch.Tensor  # (B,P) long
+    response_ids: torch.Tensor  # (B,T) long, pad after the stop token
+    mask: torch.Tensor  # (B,T) float, 1.0 up to and including the stop token
+    has_stop: torch.Tensor  # (B,) bool: the response ended with a stop token
+    scores: torch.Tensor | None = None  # (B,) reward-model score (+ missing-stop penalty)
+    logprobs: torch.Tensor | None = None  # (B,T) policy, at sampling temperature
+    ref_logprobs: torch.Tensor | None = None  # (B,T) reference (adapters disabled)
+    values: torch.Tensor | None = None  # (B,T) critic
+    entropy: torch.Tensor | None = None  # (B,T) policy entropy (nats)
+    rewards: torch.Tensor | None = None  # (B,T) KL-shaped
+    kl: torch.Tensor | None = None  # (B,T) per-token KL estimate
+    advantages: torch.Tensor | None = None  # (B,T) GAE (whitened)
+    returns: torch.Tensor | None = None  # (B,T) advantages + values
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def select(self, idx: torch.Tensor) -> "Rollout":
+        """The rows `idx` (a minibatch); tensors are sliced, lists picked."""
+        picked = {}
+        rows = idx.tolist()
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                picked[f.name] = v[idx]
+            elif isinstance(v, list):
+                picked[f.name] = [v[i] for i in rows]
+        return replace(self, **picked)
+
+    def response_lists(self) -> list[torch.Tensor]:
+        """Per row, the response ids cut after the stop token (1-D, unpadded)."""
+        lengths = self.mask.sum(dim=1).long().tolist()
+        return [self.response_ids[i, :n] for i, n in enumerate(lengths)]
+
+
+# -- tokenizing --------------------------------------------------------------------
+def chat_query_ids(tokenizer, prompt: str, max_tokens: int) -> list[int]:
+    """Prompt -> chat-templated ids ending with the assistant header (last max_tokens kept)."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                         add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids[-max_tokens:]
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s)
+            attn[i, width - len(s):] = 1
+    return ids, attn
+
+
+def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.float32)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1.0
+    return ids, mask
+
+
+def stop_token_ids(tokenizer, model) -> set[int]:
+    """EOS of the tokenizer plus every EOS the model's generation config names."""
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if gen_eos is not None:
+        ids |= set(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
+    ids.discard(None)
+    return ids
+
+
+def cut_after_stop(tokens: list[int], stop_ids: set[int]) -> tuple[list[int], bool]:
+    """Keep tokens up to and including the first stop token."""
+    for i, t in enumerate(tokens):
+        if t in stop_ids:
+            return tokens[:i + 1], True
+    return tokens, False
+
+
+# -- sampling ----------------------------------------------------------------------------
+class GumbelSampler:
+    """A logits processor that turns greedy decoding into seeded sampling at `temperature`."""
+
+    def __init__(self, seeds: list[int], temperature: float, device):
+        self.temperature = temperature
+        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+    def __call__(self, input_ids, scores):  # scores (B,V) -> perturbed (B,V)
+        V = scores.shape[1]
+        u = torch.stack([torch.rand(V, generator=g, device=scores.device)
+                         for g in self.generators])  # (B,V) uniform [0,1)
+        gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))  # (B,V)
+        return scores.float() / self.temperature + gumbel
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], seeds: list[int], *, max_new_tokens: int,
+             temperature: float, max_prompt_tokens: int, batch_size: int, device) -> Rollout:
+    """Sample one response per prompt (repeat prompts for several); `seeds` one per row."""
+    stop_ids = stop_token_ids(tokenizer, model)
+    queries = [chat_query_ids(tokenizer, p, max_prompt_tokens) for p in prompts]
+    responses: list[list[int]] = []
+    has_stop: list[bool] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = queries[start:start + batch_size]
+        ids, attn = left_pad(chunk, tokenizer.pad_token_id)  # (b,P)
+        sampler = GumbelSampler(seeds[start:start + batch_size], temperature, device)
+        out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
+                             do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                             eos_token_id=sorted(stop_ids), pad_token_id=tokenizer.pad_token_id,
+                             logits_processor=[sampler], use_cache=True)
+        for row in out[:, ids.shape[1]:].tolist():  # generated part (b, <=max_new_tokens)
+            cut, stopped = cut_after_stop(row, stop_ids)
+            responses.append(cut)
+            has_stop.append(stopped)
+    query_ids, query_mask = left_pad(queries, tokenizer.pad_token_id)
+    response_ids, mask = right_pad(responses, tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    return Rollout(prompts=list(prompts), responses=texts, query_ids=query_ids.to(device),
+                   query_mask=query_mask.to(device), response_ids=response_ids.to(device),
+                   mask=mask.to(device), has_stop=torch.tensor(has_stop, device=device))
+
+
+# -- forwards over (query + response) ------------------------------------------------------
+def _inputs(batch: Rollout) -> dict:
+    input_ids = torch.cat([batch.query_ids, batch.response_ids], dim=1)  # (B,P+T)
+    attn = torch.cat([batch.query_mask, batch.mask.long()], dim=1)  # (B,P+T)
+    # positions count real tokens only, as generate() does for left-padded prompts
+    position_ids = (attn.cumsum(dim=1) - 1).clamp(min=0)  # (B,P+T)
+    return {"input_ids": input_ids, "attention_mask": attn, "position_ids": position_ids}
+
+
+def policy_logprobs(model, batch: Rollout, temperature: float, *, with_entropy: bool = False):
+    """(logprobs (B,T), entropy (B,T) or None) of the response tokens, at `temperature`."""
+    T = batch.response_ids.shape[1]
+    out = model(**_inputs(batch), logits_to_keep=T + 1, use_cache=False)
+    logits = out.logits[:, :-1].float() / temperature  # (B,T,V): position t predicts token t
+    logp = torch.log_softmax(logits, dim=-1)  # (B,T,V)
+    logprobs = logp.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1)  # (B,T)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = entropy_from_logits(logits)  # (B,T)
+    return logprobs, entropy
+
+
+def critic_values(model, head, batch: Rollout) -> torch.Tensor:
+    """(B,T) values: the head on the hidden state that precedes each response token."""
+    base = model.get_base_model()
+    backbone = getattr(base, base.base_model_prefix)  # the transformer without its LM head
+    hidden = backbone(**_inputs(batch), use_cache=False).last_hidden_state  # (B,P+T,H)
+    P, T = batch.query_ids.shape[1], batch.response_ids.shape[1]
+    return head(hidden[:, P - 1:P - 1 + T])  # (B,T)
+
+
+def autocast(device_settings):
+    """bf16 autocast on cuda (accelerate's choice), nothing on CPU."""
+    if device_settings.mixed_precision == "bf16":
+        return torch.autocast(device_type=device_settings.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -1,0 +1,171 @@
+"""app.handlers / app.api / app.status on a real SQLite store (no Gradio server)."""
+from __future__ import annotations
+
+import pytest
+
+from app import api, handlers, status
+from app.context import AppContext, load_auth_file
+from rlhf_core.annotation import create_batch, load_item, withdraw_item
+from rlhf_core.config import AppConfig, LoopConfig
+
+XSS = "<script>alert(1)</script>"
+
+
+def seed_items(store, n: int = 3, k: int = 4, texts=None, overlap: int = 1) -> list[int]:
+    """n items of k responses each (the first response of every item is the XSS text)."""
+    texts = texts or [XSS, "${1+1} {{x}}", "plain answer", "two\nlines  spaced", "e", "f"]
+    added = store.add_prompts([{"text": f"test prompt {i} <b>x</b>"} for i in range(n)],
+                              source="test")
+    assert added["added"] == n
+    prompt_ids = [r["id"] for r in store.rows("SELECT id FROM prompts ORDER BY id DESC LIMIT ?",
+                                              [n])]
+    create_batch(store, policy_version=0, k=k, overlap=overlap, items=[
+        {"prompt_id": pid, "responses": [{"text": t, "n_tokens": 3, "finish_reason": "stop"}
+                                         for t in texts[:k]]} for pid in prompt_ids])
+    return [r["id"] for r in store.rows("SELECT id FROM items ORDER BY id")]
+
+
+@pytest.fixture
+def ctx(store, tmp_path):
+    return AppContext.from_config(AppConfig(workspace=tmp_path / "ws"), store=store)
+
+
+def test_start_loads_an_item_with_escaped_cards(ctx):
+    seed_items(ctx.store)
+    out = handlers.start(ctx, "  ada  ", None, {})
+    assert out["annotator"] == "ada" and out["item"] and out["k"] == 4
+    assert XSS not in out["cards_html"] and "&lt;script&gt;alert(1)&lt;/script&gt;" in out["cards_html"]
+    assert "${" not in out["cards_html"] and "{{" not in out["cards_html"]
+    assert "<b>x</b>" not in out["prompt_html"]
+    assert handlers.start(ctx, "", None, {})["annotator"] is None  # asks for a name
+    assert handlers.start(ctx, "<img>", None, {})["annotator"] is None
+
+
+def test_submit_keyboard_ranking_records_tiers_and_loads_next(ctx):
+    seed_items(ctx.store)
+    form = handlers.start(ctx, "ada", None, {})
+    state = form["item"]
+    labels = state["labels"]
+    out = handlers.submit_form(ctx, "ada", state, {}, ranking="b a=c")  # D implied last
+    assert out["level"] == "info" and out["item"]["id"] != state["id"]
+    row = ctx.store.one("SELECT * FROM rankings WHERE annotator = 'ada'")
+    import json
+    assert json.loads(row["tiers"]) == [[labels["B"]], [labels["A"], labels["C"]], [labels["D"]]]
+    assert row["submission_key"] == state["submission_key"] and row["time_spent_s"] >= 0
+    # Double-click: the same form (same key) again is a no-op.
+    again = handlers.submit_form(ctx, "ada", state, {}, ranking="b a=c")
+    assert "already saved" in again["message"]
+    assert ctx.store.scalar("SELECT COUNT(*) FROM rankings") == 1
+
+
+def test_bad_ranking_is_refused_and_kept(ctx):
+    seed_items(ctx.store)
+    state = handlers.start(ctx, "ada", None, {})["item"]
+    for text in ("ba", "bbac", "zz", "", "[[1]]"):
+        out = handlers.submit_form(ctx, "ada", state, {}, ranking=text, note="n")
+        assert out["level"] == "warning" and "ranking" not in out and "item" not in out
+        assert out["drafts"].get(str(state["id"]), {}).get("note") == "n" or text == ""
+    assert ctx.store.scalar("SELECT COUNT(*) FROM rankings") == 0
+
+
+def test_skip_flag_all_bad_and_note(ctx):
+    seed_items(ctx.store)
+    state = handlers.start(ctx, "ada", None, {})["item"]
+    handlers.submit_form(ctx, "ada", state, {}, skip=True)
+    state = handlers.load_form(ctx, "ada", {})["item"]
+    handlers.submit_form(ctx, "ada", state, {}, ranking="", all_bad=True, flag=True,
+                         note=" repetitive ")
+    rows = ctx.store.rows("SELECT kind, all_bad, flagged, note, tiers FROM rankings ORDER BY id")
+    assert rows[0]["kind"] == "skip" and rows[0]["tiers"] is None
+    assert rows[1]["all_bad"] == 1 and rows[1]["flagged"] == 1 and rows[1]["note"] == "repetitive"
+    assert ctx.store.counts()["pairs"] == 0  # all-bad rankings stay out of training pairs
+
+
+def test_stale_form_is_refused_with_choices_kept(ctx):
+    seed_items(ctx.store)
+    state = handlers.start(ctx, "ada", None, {})["item"]
+    withdraw_item(ctx.store, state["id"])
+    out = handlers.submit_form(ctx, "ada", state, {}, ranking="bacd", note="keep me", flag=True)
+    assert out["stale"] and "withdrawn" in out["message"]
+    assert "ranking" not in out and "note" not in out  # the screen keeps what was typed
+    assert out["drafts"][str(state["id"])] == {"ranking": "bacd", "note": "keep me",
+                                               "flag": True, "all_bad": False}
+    assert handlers.load_form(ctx, "ada", out["drafts"])["item"]["id"] != state["id"]
+
+
+def test_draft_survives_reload_and_undo_restores_ranking(ctx):
+    seed_items(ctx.store)
+    state = handlers.start(ctx, "ada", None, {})["item"]
+    edit = handlers.draft_changed(ctx, "ada", state, {}, "ba", "", False, False)
+    assert "missing" in edit["preview"] and "ranks" not in edit
+    edit = handlers.draft_changed(ctx, "ada", state, edit["drafts"], "b a=c", "", False, False)
+    assert edit["ranks"] == ["2", "1", "2", "3"]
+    reloaded = handlers.start(ctx, "ada", None, edit["drafts"])  # a page refresh
+    assert reloaded["item"]["id"] == state["id"] and reloaded["ranking"] == "b a=c"
+    assert reloaded["item"]["submission_key"] != state["submission_key"]
+    handlers.submit_form(ctx, "ada", reloaded["item"], edit["drafts"], ranking="b a=c")
+    assert handlers.draft_changed(ctx, "ada", state, {}, "abcd", "", 0, 0) == {}  # stale form
+    undone = handlers.undo_form(ctx, "ada", None, {})
+    assert undone["item"]["id"] == state["id"] and undone["ranking"] == "B > A = C > D"
+    assert ctx.store.counts()["rankings"] == 0
+    assert handlers.undo_form(ctx, "ada", undone["item"], {})["level"] == "warning"
+
+
+def test_radios_and_text_round_trip(ctx):
+    state = {"id": 1, "labels": {"A": 10, "B": 11, "C": 12, "D": 13}}
+    assert handlers.text_from_ranks(["2", "1", "2", None], state) == "B > A = C"
+    assert handlers.ranks_from_text("B > A = C", state) == ["2", "1", "2", "3"]
+    assert handlers.tiers_from_text("[[11], [\"a\", 12], [13]]", state) == [[11], [10, 12], [13]]
+    with pytest.raises(handlers.Refused):
+        handlers.tiers_from_text("[oops", state)
+
+
+def test_api_overlap_and_no_repeat(tmp_path, store):
+    ctx = AppContext.from_config(AppConfig(workspace=tmp_path, loop=LoopConfig()), store=store)
+    seed_items(store, n=2)
+    a, b = api.get_item(ctx, "ada")["item"], api.get_item(ctx, "bob")["item"]
+    assert a["id"] != b["id"] and "policy_version" not in a["responses"][0]
+    assert api.get_item(ctx, "ada")["item"]["id"] == a["id"]  # same item until ranked
+    ok = api.submit(ctx, "ada", a["id"], a["token"], "k-1", "abcd")
+    assert ok["ok"] and not ok["duplicate"]
+    assert api.submit(ctx, "ada", a["id"], a["token"], "k-1", "abcd")["duplicate"]
+    assert api.get_item(ctx, "ada")["item"] is None  # never the same item twice
+    wrong = api.submit(ctx, "ada", b["id"], b["token"], "k-2", "abcd")
+    assert not wrong["ok"] and wrong["stale"]
+    assert not api.submit(ctx, "bob", b["id"], b["token"], "k-3", "[[1]]")["ok"]
+    assert api.undo(ctx, "ada", "u-1")["ok"] and not api.undo(ctx, "bob", "u-2")["ok"]
+    assert api.status(ctx)["counts"]["rankings"] == 0 and "workspace" not in api.status(ctx)
+
+
+def test_roles_and_jobs(tmp_path, store):
+    auth = tmp_path / "users.csv"
+    auth.write_text("user,password,role\nres,pw1,researcher\nann,pw2,annotator\n")
+    ctx = AppContext.from_config(AppConfig(workspace=tmp_path), store=store, auth_file=auth)
+    assert ctx.check_password("res", "pw1") and not ctx.check_password("res", "x")
+    assert not ctx.check_password("nobody", "pw1")
+    assert not status.start_job(ctx, "ann", "ppo_round")["ok"]
+    first = status.start_job(ctx, "res", "ppo_round")
+    assert first["ok"] and status.start_job(ctx, "res", "ppo_round")["job_id"] == first["job_id"]
+    assert not status.start_job(ctx, "res", "rm -rf")["ok"]
+    assert 'data-status="queued"' in status.status_view(ctx)["jobs_html"]
+    # With auth on, the login name wins over a typed one.
+    assert handlers.identify(ctx, "someone-else", "ann") == "ann"
+    with pytest.raises(handlers.Refused):
+        handlers.identify(ctx, "ann", None)
+    assert api.queue_job(ctx, "res", "sample_batch", username="ann")["ok"] is False
+
+
+def test_auth_file_formats(tmp_path):
+    j = tmp_path / "u.json"
+    j.write_text('{"ada": {"password": "p", "role": "researcher"}, "bob": "q"}')
+    assert load_auth_file(j) == {"ada": {"password": "p", "role": "researcher"},
+                                 "bob": {"password": "q", "role": "annotator"}}
+    j.write_text('[{"user": "ada", "password": "p", "role": "boss"}]')
+    with pytest.raises(ValueError, match="role"):
+        load_auth_file(j)
+
+
+def test_jobs_html_escapes_messages():
+    html = status.jobs_html([{"id": 1, "kind": "ppo_round", "status": "failed", "progress": 0.5,
+                              "message": None, "error": "<img src=x onerror=alert(1)>"}])
+    assert "<img" not in html and "width:50%" in html
