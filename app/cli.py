@@ -59,16 +59,12 @@ def cmd_up(a):
     added = seed_prompts_if_empty(store, cfg)
     if added:
         print(f"workspace {cfg.workspace}: imported {added} sample prompts")
-    worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker",
-                               "--workspace", str(cfg.workspace)])
+    from app.launcher import start_worker, stop_worker
+    worker = start_worker(cfg.workspace)
     try:
         cmd_serve(a, store=store, cfg=cfg)
     finally:
-        worker.send_signal(signal.SIGINT)
-        try:
-            worker.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        stop_worker(worker)
 
 
 def cmd_serve(a, store=None, cfg=None):
@@ -76,7 +72,7 @@ def cmd_serve(a, store=None, cfg=None):
         store, cfg = open_ws(a)
     from app.context import AppContext
     from app.ui import launch
-    ctx = AppContext.create(store, cfg)
+    ctx = AppContext.from_config(cfg, store=store, auth_file=a.auth_file)
     print(f"rlhf-loop UI on http://{a.host}:{a.port}  (workspace {cfg.workspace})", flush=True)
     launch(ctx, host=a.host, port=a.port, auth_file=a.auth_file)
 
@@ -190,8 +186,9 @@ def cmd_ppo(a):
 
 
 def cmd_simulate(a):
+    from app.launcher import start_app
     from rlhf_core.simulate import main as simulate_main
-    simulate_main(a)
+    simulate_main(a, start_app)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -90,6 +90,8 @@ class PPOConfig:
     max_approx_kl: float = 1.0  # health gate on a minibatch's approx_kl
     gradient_checkpointing: bool = False
     seed: int = 0
+    max_prompt_tokens: int = 256  # longer chat-templated prompts keep their last tokens
+    generation_batch_size: int = 16  # sequences per generate() call in a rollout
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-""""Is it working?" numbers: win rates, a Bradley-Terry leaderboard, diversity, agreement.
+"""The "Is it working?" numbers: win rates, a Bradley-Terry leaderboard, diversity, agreement.
 
 PURE: stdlib only (no torch, no DB), so the UI process, the simulator and the tests use the
 same functions on plain lists. `rlhf_core.reports` feeds them from the store.
@@ -13,8 +13,6 @@ import itertools
 import math
 import random
 from collections import Counter, defaultdict
-
-Z_95 = 1.959963984540054  # two-sided 95% normal quantile (1.96 in most write-ups)
 
 
 # -- win rates --------------------------------------------------------------------
@@ -107,7 +105,8 @@ def bradley_terry_ratings(outcomes: list[tuple], iters: int = 200, anchor=0,
     P(i beats j) = p_i / (p_i + p_j). MM update: p_i <- W_i / sum_j n_ij / (p_i + p_j), with W_i
     the (tie = half) wins of i and n_ij the games between i and j. Returned as
     1000 + 400 log10(p_i / p_anchor), like Chatbot Arena (400 points = 10:1 odds), so the anchor
-    (the reference policy) is exactly 1000. No outcomes -> {}.
+    (the reference policy) is exactly 1000. `prior` must be > 0 when a version is unbeaten.
+    No outcomes -> {}.
     """
     if not outcomes:
         return {}

@@ -166,8 +166,10 @@ def run_one(runtime, store: Store, worker: str, kinds: list[str] | None = None) 
         finish(store, job["id"], result=result or {}, worker=worker)
     except JobCancelled as exc:
         with store.write() as db:
+            # Only our own run: a worker that lost its lease must not cancel its successor's.
             db.execute("UPDATE jobs SET status = 'cancelled', finished_at = ?, error = ? "
-                       "WHERE id = ? AND status = 'running'", [now_iso(), str(exc), job["id"]])
+                       "WHERE id = ? AND status = 'running' AND worker = ?",
+                       [now_iso(), str(exc), job["id"], worker])
     except Exception as exc:  # a failed job must never take the worker down
         log.error("job %s (%s) failed:\n%s", job["id"], job["kind"], traceback.format_exc())
         finish(store, job["id"], error=f"{type(exc).__name__}: {exc}", worker=worker)

@@ -30,6 +30,13 @@ def ctx(store, tmp_path):
     return AppContext.from_config(AppConfig(workspace=tmp_path / "ws"), store=store)
 
 
+def test_waiting_message_when_nothing_is_ready(ctx):
+    out = handlers.start(ctx, "ada", None, {})
+    assert out["waiting"] and out["item"] is None and "sampling the next batch" in out["message"]
+    seed_items(ctx.store, n=1)
+    assert handlers.load_form(ctx, "ada", {})["item"] is not None  # the timer's next poll
+
+
 def test_start_loads_an_item_with_escaped_cards(ctx):
     seed_items(ctx.store)
     out = handlers.start(ctx, "  ada  ", None, {})

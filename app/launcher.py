@@ -1,0 +1,47 @@
+"""Start the app's two processes: the UI here, the worker as a child process."""
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_worker(workspace: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "app.cli", "worker",
+                             "--workspace", str(workspace), *extra])
+
+
+def stop_worker(worker: subprocess.Popen, timeout: float = 30) -> None:
+    if worker.poll() is not None:
+        return
+    worker.send_signal(signal.SIGTERM)
+    try:
+        worker.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait()
+
+
+def start_app(workspace: Path, port: int | None = None):
+    """UI on a loopback port in this process + a worker child. Returns (url, stop)."""
+    from app.context import AppContext
+    from app.ui import launch
+    from rlhf_core.workspace import open_workspace
+    port = port or free_port()
+    store, cfg = open_workspace(workspace)
+    worker = start_worker(cfg.workspace)
+    ctx = AppContext.from_config(cfg, store=store)
+    demo = launch(ctx, host="127.0.0.1", port=port, prevent_thread_lock=True)
+
+    def stop():
+        stop_worker(worker)
+        demo.close()
+    return f"http://127.0.0.1:{port}/", stop

@@ -1,0 +1,132 @@
+"""A PPO round as a multi-process (DDP) job under `accelerate launch`.
+
+Several GPUs, one machine:
+    accelerate launch --multi_gpu --num_processes 4 -m rlhf_core.ppo_launch --workspace W
+CPU processes (how the tests run it on this machine):
+    accelerate launch --multi_gpu --num_processes 2 -m rlhf_core.ppo_launch --cpu --workspace W
+(`accelerate launch --cpu --num_processes 2` starts a single process unless mpirun is set up:
+accelerate's CPU launcher does not spawn ranks itself; `--multi_gpu` uses torchrun, and our
+`--cpu` makes each rank a gloo CPU process. `torchrun --nproc_per_node 2 -m
+rlhf_core.ppo_launch --cpu ...` works too.)
+
+Each rank samples `prompts_per_round * rollouts_per_prompt / world_size` rollouts; statistics
+and gates are computed over all ranks, gradients all-reduced; rank 0 alone writes metrics and
+publishes the version. `minibatch_size` is the global minibatch (split over ranks).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from rlhf_core.config import EMBEDDED_MODEL, AppConfig, PPOConfig, from_dict, to_dict
+
+
+class AccelerateDist:
+    """The round's collectives over an `accelerate.Accelerator` process group."""
+
+    def __init__(self, accelerator):
+        self.acc = accelerator
+        self.world_size = accelerator.num_processes
+        self.rank = accelerator.process_index
+        self.is_main = accelerator.is_main_process
+
+    def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's rows (rank order); dim 1 padded with 0 to the widest."""
+        if t.dim() > 1:
+            t = self.acc.pad_across_processes(t.contiguous(), dim=1, pad_index=0)
+        return self.acc.gather(t.contiguous())
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        return self.acc.reduce(t.detach().clone(), reduction="sum")
+
+    def all_reduce_grads(self, params) -> None:
+        """Average the gradients over ranks: one flat all-reduce of the (small) LoRA grads."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = self.acc.reduce(flat, reduction="mean")
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset:offset + n].view_as(p).clone()
+            offset += n
+
+    def broadcast(self, obj):
+        from accelerate.utils import broadcast_object_list
+        box = [obj]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        self.acc.wait_for_everyone()
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m rlhf_core.ppo_launch", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workspace", required=True, type=Path)
+    ap.add_argument("--model", default=EMBEDDED_MODEL, help="base model (embedded, dir or Hub id)")
+    ap.add_argument("--cpu", action="store_true", help="CPU processes (gloo) even if cuda exists")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a PPOConfig field, e.g. --set epochs=2 (JSON values)")
+    ap.add_argument("--reward-fn", help="module:function replacing the reward model "
+                    "(reward_fn(prompts, responses, response_ids) -> Tensor(B)); for tests")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    ap.add_argument("--no-sample", action="store_true", help="do not queue a sample_batch job")
+    ap.add_argument("--result-json", type=Path, help="rank 0 writes the round's result here")
+    return ap.parse_args(argv)
+
+
+def ppo_config(overrides: list[str]) -> PPOConfig:
+    names = {f.name for f in dataclasses.fields(PPOConfig)}
+    values = to_dict(PPOConfig())
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        if key not in names:
+            raise SystemExit(f"unknown PPOConfig field {key!r}")
+        try:
+            values[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key] = raw
+    return from_dict(PPOConfig, values)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from accelerate import Accelerator
+
+    from rlhf_core.ppo import ppo_round
+    from rlhf_core.runtime import Runtime
+    from rlhf_core.store import Store
+
+    accelerator = Accelerator(cpu=args.cpu)
+    torch.set_num_threads(args.threads)
+    config = ppo_config(args.set)
+    app = AppConfig(workspace=args.workspace, model=args.model, ppo=config)
+    store = Store(args.workspace / "rlhf.db")
+    runtime = Runtime(store, app, cpu=args.cpu)
+    reward_fn = None
+    if args.reward_fn:
+        module, _, attr = args.reward_fn.partition(":")
+        reward_fn = getattr(importlib.import_module(module), attr)
+    result = ppo_round(runtime, config=config, reward_fn=reward_fn,
+                       dist=AccelerateDist(accelerator), enqueue_sampling=not args.no_sample)
+    if accelerator.is_main_process:
+        text = json.dumps(result, indent=2, default=str)
+        if args.result_json:
+            args.result_json.write_text(text)
+        print(text)
+    accelerator.wait_for_everyone()
+    store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""`rlhf simulate`: scripted annotators drive the real running app over HTTP.
+
+Each round: the annotators rank `--labels-per-round` items through the app's
+public API (`gradio_client`, the same endpoints a script or person uses), then
+the reward model is retrained, a PPO round runs when it was promoted, and the
+oracle judges the new policy against the reference on held-out prompts.
+A per-round table is printed and written as CSV and JSON.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rlhf_core import jobs
+from rlhf_core.evaluation import win_rate
+from rlhf_core.oracles import check_tiers, compare, load_oracle, noisy
+
+log = logging.getLogger(__name__)
+LABELS = "ABCDEFGH"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--oracle", default="shorter",
+                   help="shorter | longer | contains:WORD | language:CODE | module:function")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--labels-per-round", type=int, default=32, dest="labels_per_round")
+    p.add_argument("--annotators", type=int, default=2)
+    p.add_argument("--noise", type=float, default=0.0, help="share of random rankings")
+    p.add_argument("--eval-samples", type=int, default=3, dest="eval_samples",
+                   help="samples per held-out prompt for the oracle's win-rate")
+    p.add_argument("--url", help="drive an app already running here (same workspace); "
+                                 "default: start one on a free loopback port")
+    p.add_argument("--model", help="policy base (default: the embedded model)")
+    p.add_argument("--max-new-tokens", type=int, dest="max_new_tokens")
+    p.add_argument("--out", type=Path, help="table path without extension "
+                                            "(default: WORKSPACE/simulate/run-TIME)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+@dataclass
+class RoundRow:
+    round: int
+    labels: int
+    reward_version: int | None = None
+    reward_status: str = ""
+    heldout_acc: float | None = None
+    fresh_acc: float | None = None
+    policy_version: int = 0
+    win_rate: float | None = None
+    win_lo: float | None = None
+    win_hi: float | None = None
+    comparisons: int = 0
+    kl: float | None = None
+    mean_tokens: float | None = None
+    reference_tokens: float | None = None
+    seconds: float = 0.0
+    notes: list = field(default_factory=list)
+
+
+class Simulation:
+    def __init__(self, store, cfg, client, *, oracle_spec: str, annotators: int, noise: float,
+                 seed: int, eval_samples: int):
+        self.store, self.cfg, self.client = store, cfg, client
+        self.oracle = load_oracle(oracle_spec)
+        self.annotators = [f"sim-{i + 1}" for i in range(annotators)]
+        self.noise, self.seed, self.eval_samples = noise, seed, eval_samples
+        self.labels = 0
+        self._lock = threading.Lock()
+
+    # -- labeling through the HTTP API ---------------------------------------------
+    def label(self, n: int, timeout_s: float = 3600) -> int:
+        """Rank `n` more items, the annotators working concurrently."""
+        target = self.labels + n
+        deadline = time.monotonic() + timeout_s
+        threads = [threading.Thread(target=self._annotate, args=(name, target, deadline, i))
+                   for i, name in enumerate(self.annotators)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return self.labels
+
+    def _annotate(self, name: str, target: int, deadline: float, i: int) -> None:
+        rng = random.Random(f"{self.seed}-{name}-{target}")
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self.labels >= target:
+                    return
+            got = self.client.predict(name, api_name="/get_item")
+            item = got.get("item")
+            if not item:
+                time.sleep(1.0)  # the worker is sampling the next batch
+                continue
+            texts = [r["text"] for r in item["responses"]]
+            tiers = noisy(check_tiers(self.oracle(item["prompt"], texts), len(texts)),
+                          self.noise, rng)
+            ranking = " > ".join("=".join(item["responses"][j]["label"] for j in tier)
+                                 for tier in tiers)
+            res = self.client.predict(name, item["id"], item.get("token") or "",
+                                      uuid.uuid4().hex, ranking, False, False, False, "",
+                                      1.0, api_name="/submit")
+            if res.get("ok"):
+                with self._lock:
+                    self.labels += 1
+            else:
+                log.warning("%s: submit refused: %s", name, res.get("message"))
+
+    # -- model jobs, queued like a researcher's button ------------------------------
+    def run_job(self, kind: str, params: dict | None = None, timeout_s: float = 3600) -> dict:
+        job_id = jobs.enqueue(self.store, kind, params or {}, requested_by="simulate")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            job = jobs.get_job(self.store, job_id)
+            if job["status"] in ("done", "failed", "cancelled"):
+                if job["status"] != "done":
+                    raise RuntimeError(f"{kind} job {job_id} {job['status']}: {job['error']}")
+                return job["result"] or {}
+            time.sleep(1.0)
+        raise TimeoutError(f"{kind} job {job_id} did not finish in {timeout_s:.0f} s")
+
+    def evaluate(self, version: int) -> dict:
+        """The oracle's win-rate of `version` against the reference on held-out prompts."""
+        result = self.run_job("eval_policy", {"policy_version": version, "baseline": 0,
+                                              "samples_per_prompt": self.eval_samples,
+                                              "seed": self.seed + 99})
+        wins = ties = losses = 0
+        for s in result["samples"]:
+            outcome = compare(self.oracle, s["prompt"], s["policy"], s["baseline"])
+            wins += outcome == 1.0
+            ties += outcome == 0.5
+            losses += outcome == 0.0
+        samples = result["samples"]
+        return {**win_rate(wins, ties, losses),
+                "mean_tokens": sum(s["policy_tokens"] for s in samples) / max(1, len(samples)),
+                "reference_tokens": sum(s["baseline_tokens"] for s in samples) / max(1, len(samples))}
+
+    def round(self, r: int, labels_per_round: int) -> RoundRow:
+        t0 = time.monotonic()
+        self.label(labels_per_round)
+        row = RoundRow(round=r, labels=self.labels)
+        reward = self.run_job("train_reward")
+        metrics = reward.get("metrics") or {}
+        row.reward_version, row.reward_status = reward.get("version"), reward.get("status", "")
+        row.heldout_acc = metrics.get("heldout_accuracy")
+        row.fresh_acc = metrics.get("fresh_accuracy")
+        if reward.get("status") == "promoted" or self.store.current_version("reward"):
+            ppo = self.run_job("ppo_round")
+            row.kl = (ppo.get("metrics") or {}).get("kl", ppo.get("kl"))
+        else:
+            row.notes.append(f"reward not promoted: {reward.get('reason')}")
+        row.policy_version = self.store.current_version("policy")["version"]
+        if row.policy_version > 0:
+            ev = self.evaluate(row.policy_version)
+            row.win_rate, row.win_lo, row.win_hi = ev["rate"], ev["lo"], ev["hi"]
+            row.comparisons, row.mean_tokens = ev["n"], ev["mean_tokens"]
+            row.reference_tokens = ev["reference_tokens"]
+        row.seconds = round(time.monotonic() - t0, 1)
+        return row
+
+
+# -- running the app and printing the table -------------------------------------------
+def format_table(rows: list[RoundRow]) -> str:
+    def f(v, spec=".2f"):
+        return "-" if v is None else format(v, spec)
+    head = (f"{'round':>5} {'labels':>6} {'reward':>7} {'heldout':>7} {'fresh':>6} {'policy':>6} "
+            f"{'win-rate [95% CI]':>22} {'n':>4} {'KL':>6} {'tokens':>6} {'ref':>5} {'sec':>6}")
+    lines = [head]
+    for r in rows:
+        win = "-" if r.win_rate is None else f"{r.win_rate:.0%} [{r.win_lo:.0%}, {r.win_hi:.0%}]"
+        rv = f"v{r.reward_version}{'' if r.reward_status == 'promoted' else '*'}" \
+            if r.reward_version else "-"
+        lines.append(f"{r.round:>5} {r.labels:>6} {rv:>7} {f(r.heldout_acc):>7} "
+                     f"{f(r.fresh_acc):>6} {'v%d' % r.policy_version:>6} {win:>22} "
+                     f"{r.comparisons:>4} {f(r.kl):>6} {f(r.mean_tokens, '.1f'):>6} "
+                     f"{f(r.reference_tokens, '.1f'):>5} {r.seconds:>6.0f}")
+    return "\n".join(lines) + "\n(* = candidate not promoted)"
+
+
+def write_table(rows: list[RoundRow], out: Path) -> None:
+    from dataclasses import asdict
+    out.parent.mkdir(parents=True, exist_ok=True)
+    data = [asdict(r) for r in rows]
+    out.with_suffix(".json").write_text(json.dumps(data, indent=2))
+    with open(out.with_suffix(".csv"), "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(data[0]) if data else ["round"])
+        w.writeheader()
+        w.writerows(data)
+
+
+def main(args, start_app) -> list[RoundRow]:
+    """`start_app(workspace) -> (url, stop)` starts UI + worker (the app layer provides it)."""
+    from gradio_client import Client
+
+    from rlhf_core.workspace import open_workspace, seed_prompts_if_empty
+    lpr = args.labels_per_round
+    overrides = {"model": args.model, "sampling.max_new_tokens": args.max_new_tokens,
+                 # keep enough items ready for a round, sampled in big batches
+                 "sampling.min_ready_items": lpr, "sampling.prompts_per_batch": max(8, lpr // 2),
+                 "loop.auto": False}
+    store, cfg = open_workspace(args.workspace, **overrides)
+    seed_prompts_if_empty(store, cfg)
+    stop = None
+    url = args.url
+    if not url:
+        url, stop = start_app(cfg.workspace)
+    out = args.out or cfg.workspace / "simulate" / time.strftime("run-%Y%m%d-%H%M%S")
+    rows: list[RoundRow] = []
+    try:
+        client = Client(url, verbose=False)
+        sim = Simulation(store, cfg, client, oracle_spec=args.oracle, annotators=args.annotators,
+                         noise=args.noise, seed=args.seed, eval_samples=args.eval_samples)
+        for r in range(1, args.rounds + 1):
+            rows.append(sim.round(r, lpr))
+            write_table(rows, out)
+            print(format_table(rows), flush=True)
+    finally:
+        if stop is not None:
+            stop()
+    print(f"table written to {out}.csv and {out}.json")
+    return rows

@@ -1,0 +1,102 @@
+"""Headless Chromium ranks one item with the keyboard alone, through the real page."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from app.context import AppContext
+from app.ui import launch
+from rlhf_core.annotation import load_item
+from rlhf_core.config import AppConfig
+from rlhf_core.store import wait_until
+from tests.test_handlers import XSS, seed_items
+from tests.test_ui_server import free_port
+
+pytestmark = pytest.mark.browser
+CHROMIUM = shutil.which("chromium")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+IMG_XSS = '<img src=x onerror="window.__xss = 1">'
+
+
+@pytest.fixture
+def page_and_ctx(tmp_path):
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    ctx = AppContext.from_config(AppConfig(workspace=tmp_path / "ws"))
+    seed_items(ctx.store, n=3, texts=[XSS, IMG_XSS, "${1+1} {{x}}", "plain\n  answer"])
+    port = free_port()
+    demo = launch(ctx, port=port, prevent_thread_lock=True, quiet=True)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.dialogs = []
+        page.on("dialog", lambda d: (page.dialogs.append(d.message), d.dismiss()))
+        page.goto(f"http://127.0.0.1:{port}/")
+        try:
+            yield page, ctx
+        finally:
+            browser.close()
+            demo.close()
+
+
+def _ranking_value(page) -> str:
+    return page.locator("#rl-ranking input, #rl-ranking textarea").first.input_value()
+
+
+def test_rank_with_keyboard_only(page_and_ctx):
+    page, ctx = page_and_ctx
+    store = ctx.store
+    page.locator("#rl-name input, #rl-name textarea").first.wait_for(timeout=15000)
+    page.keyboard.type("ada")  # the name field has autofocus
+    page.keyboard.press("Enter")
+    page.get_by_text(XSS).first.wait_for(timeout=15000)  # shown as text...
+    page.get_by_text(IMG_XSS).first.wait_for(timeout=5000)
+    page.get_by_text("${1+1} {{x}}").first.wait_for(timeout=5000)
+    page.wait_for_function("document.activeElement && document.activeElement.closest('#rl-ranking')",
+                           timeout=5000)
+    page.keyboard.type("bacd")
+    page.keyboard.press("Enter")
+    assert wait_until(lambda: store.scalar("SELECT COUNT(*) FROM rankings") == 1, 15)
+    row = store.one("SELECT * FROM rankings")
+    labels = {r["label"]: r["id"] for r in load_item(store, row["item_id"])["responses"]}
+    assert row["annotator"] == "ada" and row["kind"] == "rank"
+    assert json.loads(row["tiers"]) == [[labels[x]] for x in "BACD"]
+
+    # Next item: a half-typed draft survives a page refresh.
+    page.wait_for_function("document.querySelector('#rl-cards') && "
+                           f"!document.querySelector('#rl-prompt').innerText.includes('item {row['item_id']}')",
+                           timeout=15000)
+    page.keyboard.type("cb")
+    page.get_by_text("missing").first.wait_for(timeout=10000)
+    page.reload()
+    page.wait_for_function("(() => { const e = document.querySelector('#rl-ranking input, "
+                           "#rl-ranking textarea'); return e && e.value === 'cb'; })()",
+                           timeout=15000)
+    assert page.locator("#rl-name input, #rl-name textarea").first.is_hidden()  # name remembered
+
+    page.keyboard.press("Alt+S")  # skip
+    assert wait_until(lambda: store.scalar("SELECT COUNT(*) FROM rankings WHERE kind='skip'") == 1, 15)
+    page.wait_for_timeout(300)
+    page.keyboard.press("Alt+U")  # undo the skip: its item comes back
+    assert wait_until(lambda: store.scalar("SELECT COUNT(*) FROM rankings WHERE kind='undo'") == 1, 15)
+
+    # The mouse works too: card radios fill the ranking box, the Submit button records it.
+    page.get_by_text("Undid your ranking").first.wait_for(timeout=10000)
+    for label, rank in (("B", "1"), ("A", "2"), ("C", "2")):
+        page.locator(f"#rl-rank-{label}").get_by_text(rank, exact=True).click()
+        page.wait_for_timeout(150)
+    page.wait_for_function("(() => { const e = document.querySelector('#rl-ranking input, "
+                           "#rl-ranking textarea'); return e && e.value === 'B > A = C'; })()",
+                           timeout=10000)
+    page.screenshot(path="/tmp/ui.png", full_page=True)
+    page.locator("#rl-submit").click()
+    assert wait_until(lambda: store.scalar("SELECT COUNT(*) FROM active_rankings "
+                                           "WHERE kind='rank'") == 2, 15)
+    last = store.one("SELECT * FROM rankings ORDER BY id DESC LIMIT 1")
+    labels = {r["label"]: r["id"] for r in load_item(store, last["item_id"])["responses"]}
+    assert json.loads(last["tiers"]) == [[labels["B"]], [labels["A"], labels["C"]], [labels["D"]]]
+    assert page.dialogs == [] and page.evaluate("window.__xss") is None  # nothing executed
