@@ -133,7 +133,8 @@ def _updates(c: dict, out: dict) -> dict:
         upd[c["rank_box"]] = gr.update(visible=False)
     if "researcher" in out:
         upd.update({b: gr.update(visible=out["researcher"]) for b in c["job_buttons"]})
-    return upd
+    # An empty dict would read as one output value; skip one component instead.
+    return upd or {c["preview"]: gr.skip()}
 
 
 def _form_outputs(c: dict) -> list:
@@ -185,7 +186,7 @@ def _wire(ctx: AppContext, demo: gr.Blocks, c: dict) -> None:
 
     def on_tick(annotator, item, drafts):
         if not annotator or item is not None:
-            return {}  # only a waiting annotator polls for the next batch
+            return _updates(c, {})  # only a waiting annotator polls for the next batch
         out = handlers.load_form(ctx, annotator, drafts)
         return _updates(c, out if not out["waiting"] else {"progress": out["progress"]})
 

@@ -1,0 +1,209 @@
+"""PPO rounds on a tiny random Llama with a synthetic reward (no reward model needed)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf_core import jobs
+from rlhf_core.config import AppConfig, PPOConfig
+from rlhf_core.ppo import PPOHealthError, adapter_params, ppo_round
+from rlhf_core.rollout import Rollout, policy_logprobs
+from rlhf_core.runtime import Runtime
+from rlhf_core.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = [f"prompt number {i}: say something about {w}"
+           for i, w in enumerate(["the sea", "dogs", "python", "numbers", "poems", "the fox",
+                                  "hello", "lists", "answers", "the world", "maybe", "code"])]
+TINY = PPOConfig(prompts_per_round=4, rollouts_per_prompt=2, max_new_tokens=8, epochs=2,
+                 minibatch_size=4, lr=3e-3, kl_coef=0.05, generation_batch_size=8)
+
+
+def low_id_reward(prompts, responses, response_ids):
+    """Synthetic reward: the share of response tokens with an id below 100 (~1/3 at random)."""
+    return torch.tensor([(ids < 100).float().mean().item() for ids in response_ids])
+
+
+def nan_reward(prompts, responses, response_ids):
+    return torch.full((len(prompts),), float("nan"))
+
+
+def make_runtime(tiny_model_dir: Path, ws: Path, heldout_fraction: float = 0.25) -> Runtime:
+    store = Store(ws / "rlhf.db")
+    store.add_prompts([{"text": p} for p in PROMPTS], source="test",
+                      heldout_fraction=heldout_fraction)
+    return Runtime(store, AppConfig(workspace=ws, model=str(tiny_model_dir)), cpu=True)
+
+
+@pytest.fixture
+def runtime(tiny_model_dir, tmp_path):
+    rt = make_runtime(tiny_model_dir, tmp_path / "ws")
+    yield rt
+    rt.store.close()
+
+
+def fixed_batch(rt: Runtime) -> Rollout:
+    """A hand-made (query, response) batch for before/after log-prob comparisons."""
+    tok = rt.tokenizer
+    q = torch.tensor([tok("hello world", add_special_tokens=False)["input_ids"][:3]])
+    r = torch.tensor([tok("the quick brown fox", add_special_tokens=False)["input_ids"][:4]])
+    return Rollout(prompts=["x"], responses=["y"], query_ids=q, query_mask=torch.ones_like(q),
+                   response_ids=r, mask=torch.ones(r.shape), has_stop=torch.tensor([True]))
+
+
+def test_round_checklist_ratio_params_reference_and_layout(runtime):
+    model = runtime.model
+    base_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    batch = fixed_batch(runtime)
+    with torch.no_grad(), runtime.reference():
+        ref_before, _ = policy_logprobs(model, batch, 1.0)
+    policy_before = {n: p.detach().clone() for n, p in adapter_params(model, "policy").items()}
+
+    result = ppo_round(runtime, config=TINY, reward_fn=low_id_reward)
+
+    m = result["metrics"]
+    assert result["status"] == "published" and result["version"] == 1 and result["parent"] == 0
+    # dropout off and old log-probs from the same policy: the first minibatch is on-policy
+    assert m["first_ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert m["first_approx_kl"] < 1e-9
+    assert m["ppo_steps"] == TINY.epochs * 2
+    after = adapter_params(model, "policy")
+    assert any(not torch.equal(policy_before[n], p) for n, p in after.items())
+    for n, p in model.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(base_before[n], p), n
+    with torch.no_grad(), runtime.reference():
+        ref_after, _ = policy_logprobs(model, batch, 1.0)
+    assert torch.equal(ref_before, ref_after)
+
+    # published layout, version row, metrics and the queued sampling job
+    path = Path(result["path"])
+    assert path == runtime.workspace / "models" / "policy" / "v0001"
+    for f in ("policy/adapter_model.safetensors", "policy/adapter_config.json",
+              "value/adapter_model.safetensors", "value/score_head.safetensors", "version.json"):
+        assert (path / f).is_file(), f
+    assert not list(path.parent.glob(".tmp-*"))
+    manifest = json.loads((path / "version.json").read_text())
+    assert manifest["parent"] == 0 and manifest["config"]["epochs"] == TINY.epochs
+    row = runtime.store.current_version("policy")
+    assert row["version"] == 1 and row["parent"] == 0 and row["path"] == str(path)
+    assert row["config"]["minibatch_size"] == 4 and "reward_mean" in row["metrics"]
+    names = {r["name"] for r in runtime.store.metric_series("ppo")}
+    for name in ("reward_mean", "reward_std", "kl", "entropy", "clipfrac", "approx_kl",
+                 "vf_loss", "explained_variance", "response_length", "stop_rate",
+                 "time_generate", "time_score", "time_train"):
+        assert name in names, name
+    job = jobs.get_job(runtime.store, result["sample_job"])
+    assert job["kind"] == "sample_batch" and job["params"] == {"policy_version": 1}
+
+
+def test_rollout_uses_train_prompts_and_cuts_after_stop(runtime):
+    from rlhf_core.ppo import Plan, rollout_step
+    train = {r["text"] for r in runtime.store.rows("SELECT text FROM prompts WHERE split='train'")}
+    assert len(train) < len(PROMPTS)  # some prompts are held out
+    config = replace(TINY, prompts_per_round=len(PROMPTS), max_new_tokens=12)
+    runtime.model.set_adapter("policy")
+    from rlhf_core.ppo import SingleProcess
+    rollout = rollout_step(runtime, config, Plan(1, 0, seed=3, kl_coef=0.05), SingleProcess())
+    assert set(rollout.prompts) == train
+    eos = runtime.tokenizer.eos_token_id
+    for ids, m, stopped in zip(rollout.response_ids, rollout.mask, rollout.has_stop):
+        n = int(m.sum())
+        assert torch.all(m[:n] == 1) and torch.all(m[n:] == 0)
+        assert (eos in ids[:n].tolist()) == bool(stopped)
+        if stopped:
+            assert ids[n - 1] == eos and eos not in ids[:n - 1].tolist()
+        else:
+            assert n == 12
+
+
+def test_rounds_raise_mean_reward(runtime):
+    config = replace(TINY, epochs=4, prompts_per_round=8, minibatch_size=8)
+    rewards = []
+    for i in range(5):
+        result = ppo_round(runtime, config=config, reward_fn=low_id_reward,
+                           enqueue_sampling=False)
+        assert result["version"] == i + 1 and result["parent"] == i
+        rewards.append(result["metrics"]["reward_mean"])
+    assert rewards[-1] > rewards[0] + 0.1, rewards
+    assert runtime.store.get_version("policy", 5)["metrics"]["critic_init"] == "continued"
+
+
+def test_nan_reward_aborts_without_publishing(runtime):
+    before_rows = runtime.store.scalar("SELECT COUNT(*) FROM versions")
+    policy_before = {n: p.detach().clone()
+                     for n, p in adapter_params(runtime.model, "policy").items()}
+    with pytest.raises(PPOHealthError, match="non-finite scores") as info:
+        ppo_round(runtime, config=TINY, reward_fn=nan_reward)
+    assert info.value.result["status"] == "aborted"
+    assert runtime.store.scalar("SELECT COUNT(*) FROM versions") == before_rows
+    assert not (runtime.workspace / "models" / "policy").exists() or not any(
+        (runtime.workspace / "models" / "policy").iterdir())
+    assert runtime.store.scalar("SELECT COUNT(*) FROM jobs") == 0
+    for n, p in adapter_params(runtime.model, "policy").items():
+        assert torch.equal(policy_before[n], p)
+    assert runtime.store.one("SELECT * FROM events WHERE kind = 'ppo_aborted'")
+
+
+def test_approx_kl_gate_aborts_and_restores_policy(runtime):
+    config = replace(TINY, lr=0.5, max_approx_kl=1e-6, epochs=3)
+    policy_before = {n: p.detach().clone()
+                     for n, p in adapter_params(runtime.model, "policy").items()}
+    with pytest.raises(PPOHealthError, match="approx_kl"):
+        ppo_round(runtime, config=config, reward_fn=low_id_reward)
+    assert runtime.store.current_version("policy")["version"] == 0
+    for n, p in adapter_params(runtime.model, "policy").items():
+        assert torch.equal(policy_before[n], p)
+
+
+def test_job_handler_reports_health_error(runtime, monkeypatch):
+    import rlhf_core.ppo as ppo
+    real = ppo.ppo_round
+    monkeypatch.setattr(ppo, "ppo_round", lambda rt, **kw: real(rt, reward_fn=nan_reward, **kw))
+    job_id = jobs.enqueue(runtime.store, "ppo_round", {"prompts_per_round": 2, "epochs": 1,
+                                                       "max_new_tokens": 4})
+    job = jobs.run_one(runtime, runtime.store, "test-worker")
+    assert job["id"] == job_id and job["status"] == "failed"
+    assert "PPOHealthError" in job["error"] and "non-finite scores" in job["error"]
+
+
+@pytest.mark.timeout(180)
+def test_multiprocess_round_matches_single_process(tiny_model_dir, tmp_path):
+    """Same prompts, seeds and global minibatch (= the whole rollout): the 2-process DDP round
+    must reproduce the single-process metrics. Tolerance: 1e-3 relative/absolute — both runs
+    do identical math, only float reduction order and batch shapes differ (seen: ~1e-6)."""
+    config = replace(TINY, minibatch_size=8, epochs=2)
+    single = ppo_round(make_runtime(tiny_model_dir, tmp_path / "one"), config=config,
+                       reward_fn=low_id_reward, enqueue_sampling=False)
+    ws = tmp_path / "two"
+    make_runtime(tiny_model_dir, ws).store.close()
+    out = tmp_path / "result.json"
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu",
+           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", "29517",
+           "-m", "rlhf_core.ppo_launch", "--cpu", "--workspace", str(ws),
+           "--model", str(tiny_model_dir), "--reward-fn", "tests.test_ppo:low_id_reward",
+           "--no-sample", "--result-json", str(out)]
+    for k in ("prompts_per_round", "rollouts_per_prompt", "max_new_tokens", "epochs",
+              "minibatch_size", "lr", "generation_batch_size"):
+        cmd += ["--set", f"{k}={getattr(config, k)}"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    multi = json.loads(out.read_text())
+    assert multi["version"] == 1 and multi["metrics"]["n_sequences"] == 8
+    for k in ("reward_mean", "reward_std", "kl", "entropy", "response_length", "stop_rate",
+              "explained_variance", "pg_loss", "vf_loss", "clipfrac", "approx_kl",
+              "first_ratio", "grad_norm"):
+        assert multi["metrics"][k] == pytest.approx(single["metrics"][k], rel=1e-3, abs=1e-3), k
+    from safetensors.torch import load_file
+    a = load_file(str(Path(single["path"]) / "policy" / "adapter_model.safetensors"))
+    b = load_file(str(Path(multi["path"]) / "policy" / "adapter_model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-3
