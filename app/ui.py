@@ -58,6 +58,9 @@ def build_ui(ctx: AppContext, *, extra_tabs: tuple[Callable[[AppContext], None],
             c["progress"] = gr.Markdown(elem_id="rl-progress")
             if ctx.auth_enabled:
                 gr.Button("Log out", link="/logout", size="sm", scale=0)
+            else:
+                c["switch_btn"] = gr.Button("Not you? Change name", size="sm", scale=0,
+                                            min_width=180)
         with gr.Column(visible=False) as c["login_box"]:
             c["name"] = gr.Textbox(label="Your name (remembered in this browser)", max_lines=1,
                                    placeholder="e.g. ada", autofocus=True, elem_id="rl-name")
@@ -190,6 +193,10 @@ def _wire(ctx: AppContext, demo: gr.Blocks, c: dict) -> None:
         out = handlers.load_form(ctx, annotator, drafts)
         return _updates(c, out if not out["waiting"] else {"progress": out["progress"]})
 
+    def on_switch():
+        return _updates(c, {"annotator": None, "item": None, "progress": "",
+                            "profile": {"name": ""}})
+
     state_in = [c["annotator"], c["item"], c["drafts"]]
     focus = dict(fn=None, js=FOCUS_RANKING_JS)
     demo.load(on_load, [c["profile"], c["drafts"]], outs, api_visibility="private").then(**focus)
@@ -205,6 +212,8 @@ def _wire(ctx: AppContext, demo: gr.Blocks, c: dict) -> None:
     gr.on([c["ranking"].input, c["note"].input, c["flag"].input, c["all_bad"].input], on_edit,
           state_in + form, outs, trigger_mode="always_last", show_progress="hidden",
           concurrency_limit=None, api_visibility="private")
+    if "switch_btn" in c:
+        c["switch_btn"].click(on_switch, None, outs, api_visibility="private")
     gr.on([r.input for r in c["radios"]], on_radio,
           state_in + [c["note"], c["flag"], c["all_bad"]] + c["radios"], outs,
           show_progress="hidden", concurrency_limit=None, api_visibility="private")

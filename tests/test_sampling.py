@@ -1,0 +1,263 @@
+"""Batch sampling: tokenizer set-up, generation, dedupe, the sample_batch job, readiness."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf_core import annotation, jobs, models
+from rlhf_core.config import SamplingConfig
+from rlhf_core.sampling import (Sample, _to_sample, chat_prompts, dedupe, generate,
+                                sample_distinct, stop_token_ids)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    tok = models.load_tokenizer(str(tiny_model_dir))
+    model = models.load_causal_lm(str(tiny_model_dir), tok)
+    return model, tok
+
+
+def test_tokenizer_pads_left_with_a_token_that_is_not_eos(tiny, tiny_model_dir):
+    _, tok = tiny
+    assert tok.padding_side == "left"
+    assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
+    # The saved checkpoint pads with EOS; the loader must not keep that.
+    from transformers import AutoTokenizer
+    raw = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    assert raw.pad_token_id == raw.eos_token_id
+    enc = tok(chat_prompts(tok, ["hi", "write a short poem about the sea please"]),
+              return_tensors="pt", padding=True, add_special_tokens=False)
+    assert enc["attention_mask"][0, 0] == 0 and enc["attention_mask"][0, -1] == 1
+    assert enc["input_ids"][0, 0] == tok.pad_token_id
+    assert enc["attention_mask"][1].all()
+
+
+def test_tokenizer_gets_new_pad_when_no_unk(tmp_path, tiny_model_dir):
+    """No usable unk: a dedicated pad token is added and the embeddings grow to match."""
+    from transformers import AutoTokenizer
+    raw = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    raw.unk_token = raw.eos_token
+    raw.save_pretrained(tmp_path)
+    for f in ("config.json", "model.safetensors", "generation_config.json"):
+        (tmp_path / f).write_bytes((Path(tiny_model_dir) / f).read_bytes())
+    tok = models.load_tokenizer(str(tmp_path))
+    assert tok.pad_token == "<|pad|>" and tok.pad_token_id != tok.eos_token_id
+    model = models.load_causal_lm(str(tmp_path), tok)
+    assert model.get_input_embeddings().num_embeddings >= len(tok)
+    assert model.generation_config.pad_token_id == tok.pad_token_id
+
+
+def test_chat_template_applied(tiny):
+    _, tok = tiny
+    (text,) = chat_prompts(tok, ["What is RLHF?"])
+    assert text == "<|im_start|>user\nWhat is RLHF?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_missing_chat_template_is_refused(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+    raw = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    raw.chat_template = None
+    raw.save_pretrained(tmp_path)
+    (tmp_path / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(models.ModelLoadError, match="chat template"):
+        models.load_tokenizer(str(tmp_path))
+
+
+def test_resolve_model_source(tmp_path, tiny_model_dir):
+    assert models.resolve_model_source(str(tiny_model_dir), tmp_path) == str(tiny_model_dir)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(models.ModelLoadError, match="config.json"):
+        models.resolve_model_source(str(tmp_path / "empty"), tmp_path)
+    assert models.resolve_model_source("org/model", tmp_path) == "org/model"
+    with pytest.raises(models.ModelLoadError):
+        models.resolve_model_source("./nowhere/at/all", tmp_path)
+
+
+def test_k_responses_with_lengths_and_finish_reasons(tiny):
+    model, tok = tiny
+    cfg = SamplingConfig(k=3, max_new_tokens=6, batch_size=4)
+    fractions = []
+    out = generate(model, tok, ["hello world", "write a poem"], n=3, cfg=cfg, seed=0,
+                   progress=fractions.append)
+    assert [len(r) for r in out] == [3, 3]
+    for samples in out:
+        for s in samples:
+            assert s.finish_reason in {"stop", "length"}
+            assert 1 <= s.n_tokens <= cfg.max_new_tokens
+            if s.finish_reason == "length":
+                assert s.n_tokens == cfg.max_new_tokens
+    assert fractions[-1] == 1.0 and fractions == sorted(fractions)  # 6 sequences in 2 chunks
+
+
+def test_to_sample_detects_stop_token(tiny):
+    model, tok = tiny
+    stops = stop_token_ids(tok, model)
+    assert tok.eos_token_id in stops and tok.pad_token_id not in stops
+    ids = tok("hello world", add_special_tokens=False)["input_ids"]
+    s = _to_sample(tok, ids + [tok.eos_token_id, tok.pad_token_id, tok.pad_token_id], stops)
+    assert s == Sample("hello world", len(ids) + 1, "stop")
+    s = _to_sample(tok, ids, stops)
+    assert s == Sample("hello world", len(ids), "length")
+
+
+def test_seeded_sampling_is_reproducible(tiny):
+    model, tok = tiny
+    cfg = SamplingConfig(k=2, max_new_tokens=8)
+    run = lambda seed: [[s.text for s in r] for r in  # noqa: E731
+                        generate(model, tok, ["hello", "python code"], n=2, cfg=cfg, seed=seed)]
+    a, b, c = run(5), run(5), run(6)
+    assert a == b
+    assert a != c
+
+
+def test_dedupe_collapses_identical_texts():
+    samples = [Sample("Hello  world", 3, "stop"), Sample("hello world", 3, "stop"),
+               Sample("other", 2, "length"), Sample(" HELLO WORLD ", 4, "stop")]
+    kept, dropped = dedupe(samples)
+    assert [s.text for s in kept] == ["Hello  world", "other"] and dropped == 2
+
+
+def test_sample_distinct_collapses_when_model_repeats_itself(tiny):
+    """A near-greedy model keeps producing the same text: re-sampling gives up, dupes collapse."""
+    model, tok = tiny
+    cfg = SamplingConfig(k=3, max_new_tokens=4, temperature=1e-6, dedupe_retries=1)
+    (samples,) = sample_distinct(model, tok, ["hello world"], cfg=cfg, seed=0)
+    assert len(samples) == 1
+    cfg = SamplingConfig(k=3, max_new_tokens=8, temperature=1.5)
+    (samples,) = sample_distinct(model, tok, ["hello world"], cfg=cfg, seed=0)
+    assert len({" ".join(s.text.lower().split()) for s in samples}) == len(samples) == 3
+
+
+# -- the sample_batch job ------------------------------------------------------------------
+@pytest.fixture
+def workspace(tmp_path, tiny_model_dir):
+    from rlhf_core import batch_jobs  # noqa: F401  (registers sample_batch)
+    from rlhf_core.runtime import Runtime
+    from rlhf_core.workspace import open_workspace
+    store, cfg = open_workspace(tmp_path / "ws", model=str(tiny_model_dir),
+                                **{"sampling.max_new_tokens": 8, "sampling.k": 3})
+    store.add_prompts([{"text": t} for t in ("hello world", "write a short poem",
+                                             "python code please", "count to ten")],
+                      source="test")
+    yield store, cfg, Runtime(store, cfg, cpu=True)
+    store.close()
+
+
+def test_sample_batch_job_creates_items_with_provenance(workspace):
+    store, cfg, runtime = workspace
+    job_id = jobs.enqueue(store, "sample_batch", {"prompts_per_batch": 3, "seed": 1,
+                                                  "ab_fraction": 0.0})
+    row = jobs.run_one(runtime, store, "w")
+    assert row["id"] == job_id and row["status"] == "done", row["error"]
+    res = row["result"]
+    assert res["policy_version"] == 0 and res["ab_items"] == 0 and res["items"] >= 1
+    items = store.rows("SELECT * FROM items")
+    assert len(items) == res["items"] and {i["kind"] for i in items} == {"label"}
+    assert len({i["prompt_id"] for i in items}) == len(items)
+    batch = store.one("SELECT * FROM batches")
+    assert batch["job_id"] == job_id and batch["policy_version"] == 0 and batch["k"] == 3
+    responses = store.rows("SELECT * FROM responses")
+    assert len(responses) == res["responses"]
+    import json
+    for r in responses:
+        assert r["policy_version"] == 0
+        assert r["finish_reason"] in {"stop", "length"} and 1 <= r["n_tokens"] <= 8
+        settings = json.loads(r["settings"])
+        assert settings["max_new_tokens"] == 8 and settings["k"] == 3
+        assert settings["policy_version"] == 0 and "temperature" in settings
+    assert store.metric_series("sampling", "responses")[0]["value"] == res["responses"]
+    item = annotation.next_item(store, "alice")  # rankable straight away
+    assert 2 <= len(item["responses"]) <= 3
+
+
+def test_sample_batch_at_v0_never_makes_ab_items(workspace):
+    store, cfg, runtime = workspace
+    jobs.enqueue(store, "sample_batch", {"prompts_per_batch": 2, "seed": 2, "k": 2,
+                                         "ab_fraction": 1.0})
+    row = jobs.run_one(runtime, store, "w")
+    assert row["status"] == "done", row["error"]
+    assert row["result"]["ab_items"] == 0
+    assert store.scalar("SELECT COUNT(*) FROM items WHERE kind = 'ab'") == 0
+
+
+def test_sample_batch_without_prompts_fails_cleanly(tmp_path, tiny_model_dir):
+    from rlhf_core import batch_jobs  # noqa: F401
+    from rlhf_core.runtime import Runtime
+    from rlhf_core.workspace import open_workspace
+    store, cfg = open_workspace(tmp_path / "empty", model=str(tiny_model_dir))
+    jobs.enqueue(store, "sample_batch", {"prompts_per_batch": 2, "prompt_ids": []})
+    row = jobs.run_one(Runtime(store, cfg, cpu=True), store, "w")
+    assert row["status"] == "failed" and "no prompts" in row["error"]
+
+
+def test_baseline_version_rules(store):
+    from rlhf_core.batch_jobs import baseline_version
+    assert baseline_version(store, "reference", 0) is None
+    assert baseline_version(store, "previous", 0) is None
+    assert baseline_version(store, "reference", 3) == 0
+    assert baseline_version(store, "previous", 3) == 2
+    assert baseline_version(store, "previous", 1) == 0
+    store.add_version("policy", 1, status="published")
+    assert baseline_version(store, "v1", 3) == 1
+    assert baseline_version(store, "v2", 3) == 0  # never published: fall back to the reference
+    assert baseline_version(store, "v3", 3) == 0  # not older than the current version
+    with pytest.raises(ValueError, match="unknown A/B baseline"):
+        baseline_version(store, "best", 3)
+
+
+def test_ensure_ready_queues_one_job_below_min(store):
+    from rlhf_core.batch_jobs import ensure_ready
+    assert ensure_ready(store, 2) is None  # no prompts: nothing to sample
+    store.add_prompts([{"text": f"p{i}"} for i in range(3)], source="t")
+    annotation.create_batch(store, policy_version=0, k=2, items=[
+        {"prompt_id": i, "responses": [{"text": "a"}, {"text": "b"}]} for i in (1, 2, 3)])
+    assert ensure_ready(store, 3) is None  # enough items ready
+    assert store.scalar("SELECT COUNT(*) FROM jobs") == 0
+    job = ensure_ready(store, 4)
+    assert job is not None and ensure_ready(store, 4) == job
+    rows = store.rows("SELECT kind, status FROM jobs")
+    assert rows == [{"kind": "sample_batch", "status": "queued"}]
+
+
+def test_ensure_ready_counts_items_needing_rankings(store):
+    from rlhf_core.batch_jobs import ensure_ready
+    store.add_prompts([{"text": "p"}], source="t")
+    annotation.create_batch(store, policy_version=0, k=2, items=[
+        {"prompt_id": 1, "responses": [{"text": "a"}, {"text": "b"}]}])
+    assert ensure_ready(store, 1) is None
+    item = annotation.next_item(store, "alice")
+    annotation.submit_ranking(store, annotator="alice", item_id=item["id"], token=item["token"],
+                              submission_key="k", tiers=[[r["id"]] for r in item["responses"]])
+    assert ensure_ready(store, 1) is not None  # the only item is fully ranked
+
+
+# -- the embedded model -----------------------------------------------------------------------
+@pytest.mark.slow
+def test_embedded_model_samples_and_cache_loads_fast(embedded_model_dir):
+    cache = Path(embedded_model_dir)
+    assert (cache / "config.json").exists() and (cache / "model.safetensors").exists()
+    assert not list(cache.glob("*.gguf"))
+    assert not [p for p in cache.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left
+    t0 = time.perf_counter()
+    again = models.resolve_model_source("embedded", cache.parent.parent.parent)
+    assert again == str(cache) and time.perf_counter() - t0 < 1.0  # cached: no conversion
+    t0 = time.perf_counter()
+    tok = models.load_tokenizer(again)
+    model = models.load_causal_lm(again, tok)
+    assert time.perf_counter() - t0 < 15
+    assert tok.pad_token_id != tok.eos_token_id and tok.padding_side == "left"
+    cfg = SamplingConfig(k=2, max_new_tokens=16, temperature=0.9)
+    out = sample_distinct(model, tok, ["What is the capital of France?", "Say hello."],
+                          cfg=cfg, seed=0)
+    assert len(out) == 2
+    for samples in out:
+        assert 1 <= len(samples) <= 2
+        for s in samples:
+            assert s.text.strip() and s.finish_reason in {"stop", "length"}
+            assert s.n_tokens <= 16
+    with torch.no_grad():
+        logits = model(**tok(["Hello"], return_tensors="pt")).logits
+    assert torch.isfinite(logits).all()
