@@ -14,7 +14,7 @@ import time
 
 from rlhf_core import annotation, jobs
 from rlhf_core.config import SamplingConfig, from_dict
-from rlhf_core.sampling import Sample, pick_prompts, sample_distinct, settings_record
+from rlhf_core.sampling import Sample, sample_distinct, settings_record
 from rlhf_core.store import Store
 
 log = logging.getLogger(__name__)
@@ -58,9 +58,10 @@ def sample_batch(runtime, params: dict, reporter) -> dict:
         raise ValueError("no prompts in the workspace: import some with `rlhf import-prompts`")
     ab_fraction = float(params.get("ab_fraction", loop.ab_fraction))
     baseline = baseline_version(store, params.get("ab_baseline", loop.ab_baseline), version)
-    n_ab = round(ab_fraction * len(rows)) if baseline is not None else 0
+    eligible = [r for r in rows if r.get("selection") == "random"]  # not uncertainty candidates
+    n_ab = min(len(eligible), round(ab_fraction * len(rows))) if baseline is not None else 0
     rng = random.Random(seed)
-    ab_ids = {r["id"] for r in rng.sample(rows, n_ab)} if n_ab else set()
+    ab_ids = {r["id"] for r in rng.sample(eligible, n_ab)} if n_ab else set()
     reporter.progress(0.02, f"sampling {len(rows)} prompts x {cfg.k} from policy v{version}")
     t0 = time.perf_counter()
     with runtime.lock:
@@ -68,6 +69,7 @@ def sample_batch(runtime, params: dict, reporter) -> dict:
                        lambda f: reporter.progress(0.05 + 0.8 * f, "sampling"))
         ab = _sample_ab(runtime, version, baseline, [r for r in rows if r["id"] in ab_ids],
                         cfg, seed + 1, reporter)
+        main = _keep_uncertain(runtime, main, rows)
     elapsed = time.perf_counter() - t0
     items = main + ab
     n_responses = sum(len(i["responses"]) for i in items)
@@ -90,16 +92,13 @@ def _choose_prompts(runtime, params, cfg, seed) -> list[dict]:
         ids = [int(i) for i in params["prompt_ids"]]
         marks = ",".join("?" * len(ids))
         return runtime.store.rows(f"SELECT id, text, split FROM prompts WHERE id IN ({marks})", ids)
-    try:  # active selection, when the loop module provides it
-        from rlhf_core.selection import choose_prompts
-    except ImportError:
-        choose_prompts = None
-    if choose_prompts is not None:
-        return choose_prompts(runtime, cfg.prompts_per_batch, seed=seed)
-    rows = pick_prompts(runtime.store, cfg.prompts_per_batch, seed=seed)
-    for r in rows:
-        r["selection"] = "random"
-    return rows
+    from rlhf_core.selection import choose_prompts
+    return choose_prompts(runtime, cfg.prompts_per_batch, seed=seed)
+
+
+def _keep_uncertain(runtime, items: list[dict], rows: list[dict]) -> list[dict]:
+    from rlhf_core.selection import keep_uncertain
+    return keep_uncertain(runtime, items, {r["id"]: r["text"] for r in rows})
 
 
 def _sample(runtime, version, rows, cfg, seed, progress) -> list[dict]:
