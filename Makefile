@@ -24,8 +24,9 @@ test: setup
 	bash scripts/ensure_chromium.sh
 	$(PY) -m pytest -q
 
+# BENCH_ARGS: e.g. --quick, --only B1,B4; the TRL venvs (bench/.venv-trl*) are created on first use
 bench: setup
-	$(PY) -m bench.run_all
+	$(PY) -m bench.run_all $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV)

@@ -108,6 +108,7 @@ def cmd_export(a):
     pairs = annotation.export_pairs(store, include_ties=a.include_ties)
     rankings = annotation.export_rankings(store)
     out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     if a.format == "jsonl":
         n = write_jsonl(out, pairs)
         write_jsonl(out.with_name(out.stem + ".rankings.jsonl"), rankings)

@@ -38,6 +38,8 @@ from app import api, handlers
 from app.context import AppContext, load_auth_file
 from app.handlers import MAX_CARDS
 from app.ui_assets import CSS, FOCUS_RANKING_JS, HEAD, SHORTCUTS_MD
+from app.ui_dashboard import build_dashboard_tab
+from app.ui_research import build_research_tab
 from app.ui_status import build_status_tab, wire_status_tab
 from rlhf_core.annotation import LABELS
 
@@ -250,13 +252,16 @@ def _register_api(ctx: AppContext) -> None:
 
 
 def launch(ctx: AppContext, host: str = "127.0.0.1", port: int = 7860,
-           auth_file: str | None = None, prevent_thread_lock: bool = False, **kwargs):
-    """Serve the UI (loopback by default, never shared). Returns the launched Blocks."""
+           auth_file: str | None = None, prevent_thread_lock: bool = False,
+           extra_tabs: tuple[Callable[[AppContext], None], ...] | None = None, **kwargs):
+    """Serve the UI (loopback by default, never shared). Returns the launched Blocks.
+    `extra_tabs` defaults to the Dashboard and Research tabs."""
     if kwargs.pop("share", False):
         raise ValueError("share=True is not supported: expose the app behind your own proxy")
     if auth_file:
         ctx = dataclasses.replace(ctx, users=load_auth_file(auth_file))
-    demo = build_ui(ctx)
+    demo = build_ui(ctx, extra_tabs=(build_dashboard_tab, build_research_tab)
+                    if extra_tabs is None else tuple(extra_tabs))
     demo.queue(default_concurrency_limit=4)
     demo.launch(server_name=host, server_port=port, share=False,
                 auth=ctx.check_password if ctx.auth_enabled else None,

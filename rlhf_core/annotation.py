@@ -83,6 +83,9 @@ def next_item(store: Store, annotator: str, *, ttl_s: float = 1800) -> dict | No
             "ORDER BY a.id DESC LIMIT 1", [annotator]).fetchone()
         if row is None:
             row = _assign_new(db, annotator, ttl_s)
+        else:  # a refresh resumes the item and renews the lease on it
+            db.execute("UPDATE assignments SET expires_at = ? WHERE token = ?",
+                       [time.time() + ttl_s, row[1]])
         if row is None:
             return None
         item_id, token = row
@@ -170,8 +173,9 @@ def submit_ranking(store: Store, *, annotator: str, item_id: int, token: str | N
             "flagged": int(flagged), "note": note or None, "time_spent_s": time_spent_s,
             "created_at": now_iso()}).last_pk
         n_pairs = _insert_pairs(db, ranking_id, item["prompt_id"], tiers) if tiers else 0
-        db.execute("UPDATE assignments SET status = 'done' WHERE item_id = ? AND annotator = ?",
-                   [item_id, annotator])
+        # A skip hands the item back to the pool for others (never to this annotator again).
+        db.execute("UPDATE assignments SET status = ? WHERE item_id = ? AND annotator = ?",
+                   ["expired" if skip else "done", item_id, annotator])
     store.log_event("ranking", annotator, ranking_id=ranking_id, item_id=item_id, ranking_kind=kind,
                     flagged=flagged, all_bad=all_bad)
     return {"ranking_id": ranking_id, "duplicate": False, "pairs": n_pairs}

@@ -58,7 +58,7 @@ def sample_batch(runtime, params: dict, reporter) -> dict:
         raise ValueError("no prompts in the workspace: import some with `rlhf import-prompts`")
     ab_fraction = float(params.get("ab_fraction", loop.ab_fraction))
     baseline = baseline_version(store, params.get("ab_baseline", loop.ab_baseline), version)
-    eligible = [r for r in rows if r.get("selection") == "random"]  # not uncertainty candidates
+    eligible = [r for r in rows if r.get("selection") != "uncertainty-candidate"]
     n_ab = min(len(eligible), round(ab_fraction * len(rows))) if baseline is not None else 0
     rng = random.Random(seed)
     ab_ids = {r["id"] for r in rng.sample(eligible, n_ab)} if n_ab else set()
@@ -91,7 +91,8 @@ def _choose_prompts(runtime, params, cfg, seed) -> list[dict]:
     if params.get("prompt_ids"):
         ids = [int(i) for i in params["prompt_ids"]]
         marks = ",".join("?" * len(ids))
-        return runtime.store.rows(f"SELECT id, text, split FROM prompts WHERE id IN ({marks})", ids)
+        rows = runtime.store.rows(f"SELECT id, text, split FROM prompts WHERE id IN ({marks})", ids)
+        return [{**r, "selection": "by hand"} for r in rows]
     from rlhf_core.selection import choose_prompts
     return choose_prompts(runtime, cfg.prompts_per_batch, seed=seed)
 
@@ -118,13 +119,15 @@ def _sample_ab(runtime, version, baseline, rows, cfg, seed, reporter) -> list[di
         return []
     from dataclasses import replace
     k_new = (cfg.k + 1) // 2
-    new = _sample(runtime, version, rows, replace(cfg, k=k_new), seed, None)
-    old = _sample(runtime, baseline, rows, replace(cfg, k=cfg.k - k_new), seed + 17, None)
+    k_old = cfg.k - k_new
+    # SamplingConfig refuses k < 2: sample at least 2 per side (K=2, 3) and trim below.
+    new = _sample(runtime, version, rows, replace(cfg, k=max(2, k_new)), seed, None)
+    old = _sample(runtime, baseline, rows, replace(cfg, k=max(2, k_old)), seed + 17, None)
     reporter.progress(0.9, "A/B items sampled")
     items = []
     for a, b in zip(new, old):
         a["kind"], a["selection"] = "ab", f"ab:v{version}-vs-v{baseline}"
-        a["responses"] = a["responses"] + b["responses"]
+        a["responses"] = a["responses"][:k_new] + b["responses"][:k_old]
         items.append(a)
     return items
 

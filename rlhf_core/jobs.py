@@ -58,7 +58,10 @@ def claim(store: Store, worker: str, *, kinds: list[str] | None = None,
     """Take the oldest queued job, or one whose worker's lease went stale."""
     now = time.time()
     with store.write() as db:
-        # Stale leases: the worker died. Fail jobs out of attempts, re-queue the rest.
+        # Stale leases: the worker died. A cancel it never saw still holds; fail jobs out of
+        # attempts, re-queue the rest.
+        db.execute("UPDATE jobs SET status = 'cancelled', finished_at = ? WHERE status = 'running' "
+                   "AND lease_expires < ? AND message = 'cancel requested'", [now_iso(), now])
         db.execute("UPDATE jobs SET status = 'failed', finished_at = ?, error = "
                    "'worker died (lease expired) and no attempts are left' "
                    "WHERE status = 'running' AND lease_expires < ? AND attempts >= max_attempts",

@@ -103,7 +103,24 @@ def loop_tick(store: Store) -> list[int]:
         job_id = jobs.enqueue(store, kind, params, requested_by="loop", unique=True)
         log.info("loop queued %s (job %s)", kind, job_id)
         queued.append(job_id)
+    queued += _queue_scoring(store, state)
     return queued
+
+
+def _queue_scoring(store: Store, state: LoopState) -> list[int]:
+    """Score newly ranked responses with the serving reward version (the researcher view).
+    Tried once per (version, ranking count), so a failing scorer is not re-queued every tick."""
+    from rlhf_core.score_jobs import unscored_count
+    if state.reward_version is None or "score_items" in state.active_jobs:
+        return []
+    attempt = [state.reward_version, state.rankings]
+    if store.get_setting("loop.score_attempt") == attempt:
+        return []
+    if not unscored_count(store, state.reward_version):
+        return []
+    store.set_setting("loop.score_attempt", attempt)
+    return [jobs.enqueue(store, "score_items", {"version": state.reward_version},
+                         requested_by="loop", unique=True)]
 
 
 def set_auto(store: Store, on: bool) -> None:

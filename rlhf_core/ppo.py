@@ -144,8 +144,8 @@ def reward_source(runtime, reward_fn, plan: Plan):
     plan.critic_init = "reward" if scorer.shares_base else "fresh"
 
     def from_model(rollout: Rollout):
-        if not scorer.shares_base and hasattr(scorer, "score_texts"):
-            return scorer.score_texts(rollout.prompts, rollout.responses)  # its own tokenizer
+        if hasattr(scorer, "score_texts"):  # encoded exactly as in reward training
+            return scorer.score_texts(rollout.prompts, rollout.responses)
         ids = torch.cat([rollout.query_ids, rollout.response_ids], dim=1)  # (B,P+T)
         attn = torch.cat([rollout.query_mask, rollout.mask.long()], dim=1)  # (B,P+T)
         return scorer.score_ids(ids, attn)

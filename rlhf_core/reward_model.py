@@ -317,19 +317,22 @@ def _train_round(runtime, store: Store, cfg: RewardConfig, reporter, progress, f
         soft_ties=cfg.soft_ties, min_pairs=cfg.min_pairs, seed=cfg.seed + version,
         incremental=incremental)
     bb = backbone(runtime)
-    before = {}
+    before, clock = {}, _Clock()
     if current is not None:
         progress(0.05, f"evaluating the current version v{current['version']}")
         serving = load_reward(runtime)
         before = evaluate(bb, serving.adapter_name, serving.head, data, cfg)
+    clock.lap("eval_current_seconds")
     head = _prepare_candidate(runtime, bb, current if incremental else None, cfg, version)
     try:
         fit_stats = fit(bb, head, data.train, cfg, seed=cfg.seed + version, progress=progress,
                         reporter=reporter, version=version)
+        clock.lap("prepare_and_fit_seconds")
         progress(0.85, "evaluating the candidate")
         after = evaluate(bb, CANDIDATE, head, data, cfg)
+        clock.lap("eval_candidate_seconds")
         status, reason = promotion_gate(after, before, current, cfg.promote_tolerance)
-        metrics = {**_flat(after, ""), **_flat(before, "current_"), **fit_stats}
+        metrics = {**_flat(after, ""), **_flat(before, "current_"), **fit_stats, **clock.laps}
         progress(0.95, f"publishing v{version} ({status})")
         manifest = {"kind": "reward", "version": version, "status": status, "reason": reason,
                     "parent": current["version"] if incremental else None,
@@ -351,6 +354,15 @@ def _train_round(runtime, store: Store, cfg: RewardConfig, reporter, progress, f
     progress(1.0, f"reward v{version} {status}")
     return {"version": version, "status": status, "reason": reason, "metrics": metrics,
             "counts": data.counts, "path": str(path)}
+
+
+class _Clock:
+    def __init__(self):
+        self.laps, self._t = {}, time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name], self._t = now - self._t, now
 
 
 def _flat(groups: dict, prefix: str) -> dict:
@@ -405,6 +417,8 @@ def fit(bb: Backbone, head, pairs: list[PrefPair], cfg: RewardConfig, *, seed: i
     epochs = [reward_data.ranking_steps(pairs, cfg.rankings_per_step, rng)
               for _ in range(cfg.epochs)]
     total = sum(len(e) for e in epochs)
+    if total == 0:
+        raise ValueError(f"nothing to train: {len(pairs)} pairs, {cfg.epochs} epochs")
     params = [p for n, p in model.named_parameters() if f".{CANDIDATE}." in n]
     params += list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 # Modules whose import registers job handlers (optional ones may not exist yet).
 HANDLER_MODULES = ["rlhf_core.batch_jobs", "rlhf_core.eval_jobs", "rlhf_core.reward_model", "rlhf_core.ppo",
-                   "rlhf_core.loop"]
+                   "rlhf_core.loop", "rlhf_core.score_jobs"]
 
 
 def register_handlers() -> list[str]:
@@ -45,7 +45,9 @@ def lower_priority(nice: int, threads: int | None) -> None:
         except OSError:
             log.warning("could not lower the worker's priority")
     if threads is None:
-        threads = max(1, (os.cpu_count() or 2))
+        # Leave a core to the UI on small machines (DESIGN.md: p95 latency doubles otherwise).
+        cores = os.cpu_count() or 2
+        threads = max(1, cores - 1) if cores <= 4 else cores
     torch.set_num_threads(threads)
 
 

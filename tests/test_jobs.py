@@ -207,3 +207,14 @@ def test_list_jobs_newest_first(store):
     ids = [jobs.enqueue(store, k) for k in ("a", "b", "c")]
     assert [j["id"] for j in jobs.list_jobs(store)] == ids[::-1]
     assert [j["id"] for j in store.status()["jobs"]] == ids[::-1]
+
+
+def test_cancel_of_a_dead_workers_job_is_not_lost(store):
+    """The worker died before seeing the cancel: the next claim must not re-run the job."""
+    job_id = jobs.enqueue(store, "x")
+    jobs.claim(store, "died", lease_s=0.05)
+    assert jobs.cancel(store, job_id) is True
+    time.sleep(0.1)
+    assert jobs.claim(store, "w2") is None
+    job = jobs.get_job(store, job_id)
+    assert job["status"] == "cancelled" and job["attempts"] == 1

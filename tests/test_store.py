@@ -200,3 +200,21 @@ def test_metrics_and_versions(store):
     import sqlite3
     with pytest.raises(sqlite3.IntegrityError):  # a version number is never reused
         store.add_version("reward", 1, status="promoted")
+
+
+def test_old_database_is_migrated_forward(tmp_path):
+    """A DB made by an older release (only the first migration) gains the later ones, data kept."""
+    import sqlite3
+    from rlhf_core.store import _statements
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(str(path), isolation_level=None)
+    for stmt in _statements(MIGRATIONS[0]):
+        conn.execute(stmt)
+    conn.execute("PRAGMA user_version=1")
+    conn.execute("INSERT INTO prompts (key, text, split, created_at) VALUES ('k', 'old', 'train', 'x')")
+    conn.close()
+    s = Store(path)
+    assert pragma(s, "user_version") == len(MIGRATIONS)
+    assert s.scalar("SELECT text FROM prompts") == "old"
+    assert [v["version"] for v in s.list_versions("policy")] == [0]
+    s.close()

@@ -1,0 +1,129 @@
+"""B5 loop latency: from the ranking that triggers a round to the first item of the next batch,
+sampled by the new policy, being ready to rank (reward training + PPO + sampling).
+
+The real worker (a child process, niced, `app.launcher.start_worker`) runs the automatic loop
+(`loop.auto`, `retrain_every` = the rankings we submit). The worker has already loaded the
+model and sampled the first batch (v0) before the clock starts. `min_ready_items = 0`, so the
+loop does not re-sample v0 when the first batch is used up. The split comes from the jobs table:
+each job's run time, plus waiting (queue polling, job hand-offs).
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+from bench import common
+
+WORDS = ("garden river music science cooking travel books light water energy friends city "
+         "history weather learning mountain").split()
+
+
+def overrides(quick: bool, retrain_every: int) -> dict:
+    o = {"model": common.embedded_model_dir(), "loop.auto": True,
+         "loop.retrain_every": retrain_every, "sampling.min_ready_items": 0,
+         "sampling.prompts_per_batch": retrain_every, "loop.ab_fraction": 0.0}
+    if quick:
+        o |= {"ppo.prompts_per_round": 8, "ppo.epochs": 2, "ppo.max_new_tokens": 32,
+              "sampling.max_new_tokens": 32}
+    return o
+
+
+def _ts(iso: str | None) -> float | None:
+    return datetime.fromisoformat(iso).timestamp() if iso else None
+
+
+def rank_all(store, who: str, n: int) -> float:
+    """Rank n items (longest response first); returns the time of the last submission."""
+    from rlhf_core import annotation
+    t_last = None
+    for i in range(n):
+        item = annotation.next_item(store, who)
+        if item is None:
+            raise RuntimeError(f"only {i} items to rank, needed {n}")
+        ranked = sorted(item["responses"], key=lambda r: -len(r["text"]))
+        t_last = time.time()
+        annotation.submit_ranking(store, annotator=who, item_id=item["id"], token=item["token"],
+                                  submission_key=f"{who}-{item['id']}",
+                                  tiers=[[r["id"]] for r in ranked])
+    return t_last
+
+
+def wait_for(pred, timeout: float, what: str, poll: float = 0.25):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        v = pred()
+        if v:
+            return v
+        time.sleep(poll)
+    raise TimeoutError(f"waited {timeout} s for {what}")
+
+
+def run(quick: bool = False) -> dict:
+    from app.launcher import start_worker, stop_worker
+    from rlhf_core.workspace import open_workspace
+    retrain_every = 8
+    with tempfile.TemporaryDirectory(prefix="bench-b5-") as tmp:
+        ws = Path(tmp) / "ws"
+        store, cfg = open_workspace(ws, **overrides(quick, retrain_every))
+        rng = random.Random(0)
+        store.add_prompts([{"text": f"Loop prompt {i}: tell me about "
+                            + " and ".join(rng.sample(WORDS, 2))} for i in range(40)],
+                          source="bench", heldout_fraction=0.25)
+        worker = start_worker(cfg.workspace)
+        try:
+            first = wait_for(lambda: store.scalar(
+                "SELECT COUNT(*) FROM items i JOIN batches b ON b.id = i.batch_id "
+                "WHERE b.policy_version = 0"), 1800, "the first (v0) batch")
+            t0 = rank_all(store, "b5", min(retrain_every, first))
+            new = wait_for(lambda: store.one(
+                "SELECT b.policy_version AS v, MIN(i.created_at) AS at FROM items i "
+                "JOIN batches b ON b.id = i.batch_id WHERE b.policy_version > 0 "
+                "GROUP BY b.policy_version ORDER BY b.policy_version LIMIT 1"), 3600,
+                "the first item from the new policy")
+            t_end = _ts(new["at"])
+            rows = store.rows("SELECT id, kind, status, created_at, started_at, finished_at, "
+                              "params FROM jobs ORDER BY id")
+        finally:
+            stop_worker(worker)
+            store.close()
+    split, other = {}, 0.0
+    for j in rows:
+        start, end = _ts(j["started_at"]), _ts(j["finished_at"])
+        if start is None or end is None or start < t0 - 0.5 or start > t_end:
+            continue
+        key = {"train_reward": "reward_training", "ppo_round": "ppo",
+               "sample_batch": "sampling"}.get(j["kind"])
+        if key:
+            split[key] = split.get(key, 0.0) + (end - start)
+        else:
+            other += end - start
+            split.setdefault("other_jobs", [])
+    total = t_end - t0
+    split_r = {k: round(v, 2) for k, v in split.items() if not isinstance(v, list)}
+    split_r["other_jobs_s"] = round(other, 2)
+    split_r["waiting_s"] = round(total - sum(v for v in split_r.values()), 2)
+    kinds = [j["kind"] for j in rows if _ts(j["started_at"]) and t0 - 0.5 <= _ts(j["started_at"])
+             <= t_end]
+    return {"bench": "B5 loop latency", "total_s": round(total, 2), "split": split_r,
+            "jobs_in_window": kinds, "new_policy_version": new["v"],
+            "setting": {k: v for k, v in overrides(quick, retrain_every).items() if k != "model"},
+            "note": "real worker child (nice 10); model already loaded; clock starts at the "
+                    "ranking that triggers the round"}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args(argv)
+    res = run(args.quick)
+    common.write_result("b5_loop", res)
+    print(res)
+    return res
+
+
+if __name__ == "__main__":
+    main()

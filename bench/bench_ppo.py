@@ -1,0 +1,138 @@
+"""Wall time and peak memory of one PPO round on the embedded model (SmolLM2-135M), per phase.
+
+Phases: generate (rollout sampling), score (reward + policy/reference log-probs + values),
+train (PPO epochs). The reward model is a fresh random reward adapter + head on the shared base
+(the cost of scoring is real, the scores are noise), as no reward version exists in a new
+workspace. Writes bench/results/ppo.json.
+
+    .venv/bin/python -m bench.bench_ppo                      # the PPOConfig defaults
+    .venv/bin/python -m bench.bench_ppo --set epochs=1 --set prompts_per_round=4   # smoke
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import embedded_model_dir, machine, peak_rss_mb, set_threads, write_result
+from rlhf_core import models
+from rlhf_core.config import AppConfig, to_dict
+from rlhf_core.ppo import ppo_round
+from rlhf_core.ppo_launch import ppo_config
+from rlhf_core.runtime import Runtime
+from rlhf_core.store import Store
+from rlhf_core.workspace import seed_prompts_if_empty
+
+PHASES = {"generating": "generate", "scoring": "score", "PPO step": "train",
+          "published": "publish"}
+
+
+class RssSampler(threading.Thread):
+    """Samples this process's RSS every 50 ms; keeps the peak of each phase."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.phase, self.peaks, self._stop = "load", {}, threading.Event()
+
+    def run(self):
+        page = 4096
+        while not self._stop.wait(0.05):
+            rss = int(Path("/proc/self/statm").read_text().split()[1]) * page / 2**20
+            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), rss)
+
+    def stop(self):
+        self._stop.set()
+        self.join(timeout=1)
+
+
+class BenchReporter:
+    """A job reporter stand-in: progress messages switch the sampler's phase."""
+    job_id = None
+
+    def __init__(self, store: Store, sampler: RssSampler):
+        self.store, self.sampler = store, sampler
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        for key, phase in PHASES.items():
+            if key in message:
+                self.sampler.phase = phase
+
+    def metrics(self, kind, values, *, step=None, version=None):
+        self.store.log_metrics(kind, values, step=step, version=version)
+
+
+def random_reward_fn(runtime):
+    """Score with a fresh reward adapter + random head: the reward model's real cost."""
+    from rlhf_core import reward_model
+    runtime.ensure_fresh_adapter("reward_bench")
+    head = models.ScalarHead(runtime.hidden_size, seed=0).to(runtime.device.device)
+    bb = reward_model.backbone(runtime)
+    encoder = reward_model.Encoder(runtime.tokenizer, runtime.config.reward.max_length)
+
+    def reward_fn(prompts, responses, response_ids):
+        seqs = [encoder(p, r) for p, r in zip(prompts, responses)]
+        return torch.tensor(reward_model.score_sequences(bb, "reward_bench", head, seqs))
+    return reward_fn
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a PPOConfig field (JSON value)")
+    args = ap.parse_args(argv)
+    threads = set_threads()
+    config = ppo_config(args.set)
+    sampler = RssSampler()
+    sampler.start()
+    with tempfile.TemporaryDirectory(prefix="bench-ppo-") as tmp:
+        t0 = time.perf_counter()
+        model_dir = embedded_model_dir()
+        ws = Path(tmp)
+        store = Store(ws / "rlhf.db")
+        app = AppConfig(workspace=ws, model=model_dir, ppo=config)
+        seed_prompts_if_empty(store, app)
+        runtime = Runtime(store, app)
+        runtime.model  # load now, outside the timed round
+        reward_fn = random_reward_fn(runtime)
+        load_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        result = ppo_round(runtime, config=config, reporter=BenchReporter(store, sampler),
+                           reward_fn=reward_fn, enqueue_sampling=False)
+        round_s = time.perf_counter() - t0
+        store.close()
+    sampler.stop()
+    m = result["metrics"]
+    out = {
+        "model": "embedded:smollm2-135m-instruct", "device": str(runtime.device.device),
+        "threads": threads, "machine": machine(), "config": to_dict(config),
+        "sequences": m["n_sequences"], "minibatch_size": config.minibatch_size,
+        "max_new_tokens": config.max_new_tokens,
+        "mean_response_tokens": round(m["response_length"], 1),
+        "stop_rate": round(m["stop_rate"], 3), "ppo_steps": m["ppo_steps"],
+        "load_s": round(load_s, 1), "round_s": round(round_s, 1),
+        "phase_s": {"generate": round(m["time_generate"], 1), "score": round(m["time_score"], 1),
+                    "train": round(m["time_train"], 1)},
+        "phase_peak_rss_mb": {k: round(v) for k, v in sampler.peaks.items()},
+        "peak_rss_mb": round(peak_rss_mb()),
+        "first_ratio": m["first_ratio"], "approx_kl": m["approx_kl"], "kl": m["kl"],
+    }
+    path = write_result("ppo", out)
+    print(f"PPO round on {out['model']} ({out['device']}, {threads} threads): "
+          f"{out['sequences']} sequences, minibatch {out['minibatch_size']}, "
+          f"max_new_tokens {out['max_new_tokens']} (mean {out['mean_response_tokens']}), "
+          f"{out['ppo_steps']} PPO steps")
+    for phase in ("generate", "score", "train"):
+        print(f"  {phase:9s} {out['phase_s'][phase]:7.1f} s   "
+              f"peak RSS {out['phase_peak_rss_mb'].get(phase, float('nan')):7.0f} MB")
+    print(f"  round     {out['round_s']:7.1f} s   peak RSS {out['peak_rss_mb']:7.0f} MB "
+          f"(load {out['load_s']} s)\n-> {path}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

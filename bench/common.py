@@ -1,0 +1,94 @@
+"""Shared helpers of the benchmark suite: model cache, device, results files, machine info."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "results"
+
+
+def cache_dir() -> Path:
+    """Where the embedded model is converted once (shared by every benchmark and bench_reward)."""
+    return Path(os.environ.get("RLHF_BENCH_CACHE", str(Path(tempfile.gettempdir()) / "rlhf-bench")))
+
+
+def embedded_model_dir() -> str:
+    from rlhf_core.models import resolve_model_source
+    return resolve_model_source("embedded", cache_dir())
+
+
+def device_settings():
+    """accelerate's choice: cuda + bf16 when present, else CPU float32 (rlhf_core.models)."""
+    from rlhf_core.models import device_settings as ds
+    return ds()
+
+
+def set_threads() -> int:
+    import torch
+    n = int(os.environ.get("RLHF_BENCH_THREADS", os.cpu_count() or 2))
+    torch.set_num_threads(n)
+    return n
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = None
+    try:
+        mem = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    import torch
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": mem, "gpu": gpu,
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def percentile(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def median(xs):
+    return statistics.median(xs) if xs else None
+
+
+class Timer:
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.s = time.perf_counter() - self.t0
+        return False
+
+
+def write_result(name: str, result: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,142 @@
+"""Run the benchmark suite: `python -m bench.run_all [--only B1,B4] [--quick]` (or `make bench`).
+
+Each benchmark measures ours against a peer in the same run on the same machine and writes
+bench/results/<name>.json; this prints one table (ratios first) and writes
+bench/results/latest.json with every result plus the machine. A benchmark that fails is
+recorded with its error; the others still run. cuda is used when present (accelerate's choice).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import time
+import traceback
+
+from bench import common
+
+SUITE = {  # id -> (module, results name)
+    "B1": ("bench.b1_sampling", "b1_sampling"),
+    "B2": ("bench.b2_ppo_trl", "b2_ppo_trl"),
+    "B3": ("bench.b3_reward_trl", "b3_reward_trl"),
+    "B4": ("bench.b4_latency", "b4_latency"),
+    "B5": ("bench.b5_loop", "b5_loop"),
+}
+
+
+def _f(x, fmt="{:.2f}"):
+    return "n/a" if x is None else fmt.format(x)
+
+
+def ratio_rows(results: dict) -> list[tuple[str, str, str, str]]:
+    """(benchmark, metric, value, goal) - ratios first, then the absolute context."""
+    rows, ctx = [], []
+    r = results.get("B1")
+    if r and "error" not in r:
+        rows.append(("B1", "sampling responses/s, ours/plain generate (v0 = base)", _f(r["ratio"]),
+                     ">= 0.95"))
+        rows.append(("B1", "same, with a LoRA policy adapter (un-merged)", _f(r["ratio_lora"]),
+                     ">= 0.95"))
+        rows.append(("B1", "batch-1 decode, fraction of memory-bandwidth bound",
+                     _f(r["batch1_fraction_of_bound"]), "-"))
+        ctx.append(("B1", "decode tokens/s at batch 1/4/16/32",
+                    " / ".join(str(r["tokens_per_s"][b]) for b in ("1", "4", "16", "32")), "-"))
+        ctx.append(("B1", "batch-1 bound: copy GB/s / weight MB -> tokens/s",
+                    f"{r['copy_bandwidth_gb_s']} / {r['weight_bytes'] / 1e6:.0f} -> "
+                    f"{r['batch1_bound_tokens_per_s']}", "-"))
+    r = results.get("B2")
+    if r and "error" not in r:
+        rows.append(("B2", f"PPO round speed-up vs TRL {r['trl'].split()[1]}", _f(r["speedup"]),
+                     ">= 2"))
+        s = r["speedup_by_phase"]
+        rows.append(("B2", "  by phase: generate / score / train",
+                     f"{_f(s['time_generate'])} / {_f(s['time_score'])} / {_f(s['time_train'])}",
+                     "-"))
+        rows.append(("B2", "peak RSS, ours/TRL", _f(r["memory_ratio"]), "<= 0.5"))
+        for side in ("ours", "trl"):
+            x = r[side]
+            ctx.append(("B2", f"{side}: round s (gen/score/train), peak RSS MB",
+                        f"{x['wall_s']} ({x['time_generate']}/{x['time_score']}/"
+                        f"{x['time_train']}), {x['peak_rss_mb']:.0f}", "-"))
+    r = results.get("B3")
+    if r and "error" not in r:
+        rows.append(("B3", f"reward training pairs/s, ours/TRL {r['trl'].split()[1]}",
+                     _f(r["ratio"]), ">= 1.2"))
+        ctx.append(("B3", "held-out accuracy ours / TRL",
+                    f"{_f(r['ours']['heldout_accuracy'], '{:.3f}')} / "
+                    f"{_f(r['trl']['heldout_accuracy'], '{:.3f}')}", "equal"))
+    r = results.get("B4")
+    if r and "error" not in r:
+        for phase in ("idle", "ppo"):
+            for n, x in r[phase].items():
+                goal = "p95 <= 150" if (phase == "ppo" and n == "32") else "-"
+                ctx.append(("B4", f"{phase}, {n} annotators: p50/p95/p99 ms, failed, lost",
+                            f"{x['p50_ms']}/{x['p95_ms']}/{x['p99_ms']}, {x['failed']}, "
+                            f"{x['lost']}", goal))
+        g = r.get("gradio_client") or {}
+        ctx.append(("B4", "gradio_client overhead per call (ms, p50)",
+                    _f(g.get("overhead_ms_p50"), "{:.1f}"), "reported apart"))
+        ctx.append(("B4", "share of the busy phase with a PPO round running",
+                    _f(r.get("ppo_running_fraction")), "1.0"))
+    r = results.get("B5")
+    if r and "error" not in r:
+        s = r["split"]
+        ctx.append(("B5", "loop latency s (reward / PPO / sampling / other / waiting)",
+                    f"{r['total_s']} ({s.get('reward_training')} / {s.get('ppo')} / "
+                    f"{s.get('sampling')} / {s.get('other_jobs_s')} / {s.get('waiting_s')})", "-"))
+    for bid, r in results.items():
+        if isinstance(r, dict) and "error" in r:
+            ctx.append((bid, "FAILED", r["error"].splitlines()[-1][:80], "-"))
+    return rows + ctx
+
+
+def table(results: dict) -> str:
+    rows = [("bench", "metric", "value", "goal")] + ratio_rows(results)
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa
+    return "\n".join([line(rows[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+                     + [line(r) for r in rows[1:]])
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", help="comma-separated ids, e.g. B1,B4")
+    ap.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
+    ap.add_argument("--collect", action="store_true",
+                    help="rebuild latest.json and the table from bench/results/<name>.json only")
+    args = ap.parse_args(argv)
+    latest = common.RESULTS / "latest.json"
+    if args.collect:
+        results = {bid: json.loads((common.RESULTS / f"{name}.json").read_text())
+                   for bid, (_, name) in SUITE.items() if (common.RESULTS / f"{name}.json").exists()}
+        out = {"machine": common.machine(), "results": results,
+               "written_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+        common.write_result("latest", out)
+        print(table(results))
+        return out
+    ids = [i.strip().upper() for i in args.only.split(",")] if args.only else list(SUITE)
+    previous = json.loads(latest.read_text())["results"] if latest.exists() else {}
+    results = dict(previous)  # --only keeps the other benchmarks' last results in latest.json
+    for bid in ids:
+        module, name = SUITE[bid]
+        print(f"== {bid} ({module}{' --quick' if args.quick else ''})", flush=True)
+        t0 = time.perf_counter()
+        try:
+            res = importlib.import_module(module).run(quick=args.quick)
+            res["quick"], res["bench_seconds"] = args.quick, round(time.perf_counter() - t0, 1)
+            res["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+            common.write_result(name, res)
+        except Exception:
+            res = {"error": traceback.format_exc(), "quick": args.quick}
+            print(res["error"], flush=True)
+        results[bid] = res
+    out = {"machine": common.machine(), "results": results,
+           "written_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    common.write_result("latest", out)
+    print()
+    print(table(results))
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""Dashboard and researcher view: data functions on a real store, a real Gradio server with
+both tabs, and the score_items job on a tiny model."""
+from __future__ import annotations
+
+import urllib.request
+
+import pytest
+
+from app import dashboard_data as dd
+from app.context import AppContext
+from rlhf_core import annotation, jobs, score_jobs
+from rlhf_core.config import AppConfig
+from rlhf_core.loop import loop_tick, set_auto
+from rlhf_core.store import Store
+
+XSS = "<script>window.__xss=1</script> ${1+1}"
+
+
+def _ranked(store, annotator, key, order, *, flagged=False, note=""):
+    item = annotation.next_item(store, annotator)
+    by_pos = {r["position"]: r["id"] for r in item["responses"]}
+    tiers = [[by_pos[p] for p in tier if p in by_pos] for tier in order]
+    annotation.submit_ranking(store, annotator=annotator, item_id=item["id"], token=item["token"],
+                              submission_key=key, tiers=[t for t in tiers if t],
+                              flagged=flagged, note=note)
+    return item
+
+
+def seed_dashboard(store, *, scores: bool = True) -> None:
+    """Policy v1 and v2 trained from reward v1/v3 (v2 rejected), PPO curves, blind A/B items
+    ranked by two annotators, a flagged item with a note, and reward scores of v3."""
+    store.add_prompts([{"text": f"Explain idea {i} <b>briefly</b>"} for i in range(6)],
+                      source="test", heldout_fraction=0.0)
+    p = [r["id"] for r in store.rows("SELECT id FROM prompts ORDER BY id")]
+    store.add_version("reward", 1, status="promoted", metrics={
+        "heldout_accuracy": 0.62, "fresh_accuracy": 0.58, "heldout_ece": 0.08},
+        counts={"train_pairs": 40, "heldout_pairs": 12})
+    store.add_version("reward", 2, status="rejected", parent=1, reason="held-out 0.55 < 0.62",
+                      metrics={"heldout_accuracy": 0.55, "fresh_accuracy": 0.52})
+    store.add_version("reward", 3, status="promoted", parent=1, metrics={
+        "heldout_accuracy": 0.71, "fresh_accuracy": 0.66, "heldout_ece": 0.05,
+        "heldout_mean_p_chosen": 0.64, "heldout_observed_p_chosen": 0.7},
+        counts={"train_pairs": 90, "heldout_pairs": 20, "fresh_pairs": 10})
+    for v, rv in ((1, 1), (2, 3)):
+        store.add_version("policy", v, status="published", parent=v - 1, reward_version=rv,
+                          counts={"prompts": 16}, metrics={"reward_mean": 0.3 * v})
+        for s in range(8):
+            step = (v - 1) * 8 + s
+            store.log_metrics("ppo", {"entropy": 2.0 - 0.1 * step, "pg_loss": 0.01},
+                              step=step, version=v)
+        store.log_metrics("ppo", {"reward_mean": 0.2 * v, "kl": 0.5 * v,
+                                  "response_length": 20 + 5 * v}, step=(v - 1) * 8, version=v)
+    resp = lambda text, v, n: {"text": text, "policy_version": v, "n_tokens": n,  # noqa: E731
+                               "finish_reason": "stop"}
+    items = [{"prompt_id": p[i], "kind": "ab", "selection": "ab:v2-vs-v0", "responses": [
+        resp(f"Sure, idea {i} is simple", 2, 6), resp(f"Idea {i} means this", 2, 5),
+        resp(XSS if i == 0 else f"the answer {i}", 0, 4), resp(f"no {i}", 0, 2)]}
+        for i in range(3)]
+    items += [{"prompt_id": p[i], "kind": "label", "selection": sel, "responses": [
+        resp(f"label answer {i}", 2, 3), resp(f"other answer {i}", 2, 3)]}
+        for i, sel in ((3, "uncertainty:gap=0.04"), (4, "random"), (5, "random"))]
+    annotation.create_batch(store, policy_version=2, k=4, items=items, overlap=2)
+    for who in ("alice", "bob"):
+        for n in range(3):
+            _ranked(store, who, f"{who}-ab{n}", [[0], [1], [2], [3]] if who == "alice" or n
+                    else [[0], [2], [1], [3]])
+    _ranked(store, "alice", "alice-l1", [[1], [0]], flagged=True, note=f"odd prompt {XSS}")
+    if scores:
+        ids = [r["id"] for r in store.rows("SELECT id FROM responses ORDER BY id")]
+        score_jobs.save_scores(store, 3, {rid: 1.0 - 0.1 * (i % 4) for i, rid in enumerate(ids)})
+
+
+# -- data functions ---------------------------------------------------------------------------
+def test_empty_store_gives_empty_frames_and_notes(store):
+    out = dd.dashboard_data(store)
+    assert out["rankings"].empty and out["ppo_kl"].empty and out["ab_table"].empty
+    assert out["notes"]["ppo"] == "No PPO rounds yet."
+    assert all(out["notes"].values())
+    assert dd.recent_items(store)["items"] == []
+    assert dd.loop_settings(store)["auto"] is False
+
+
+def test_dashboard_data_on_a_seeded_store(store):
+    seed_dashboard(store)
+    out = dd.dashboard_data(store, bootstrap_rounds=10)
+    assert not any(out["notes"].values())
+    assert set(out["rankings"]["series"]) >= {"rankings standing (total)"}
+    assert out["rankings"]["value"].max() == 7  # 6 A/B rankings + the flagged label item
+    acc = out["reward_acc"]
+    assert sorted(acc[acc.series == "held-out accuracy"]["value"]) == [0.55, 0.62, 0.71]
+    assert list(out["reward_table"]["version"]) == ["v3", "v2", "v1"]
+    assert out["reward_table"]["reason"][1] == "held-out 0.55 < 0.62"
+    assert list(out["ppo_kl"]["value"]) == [0.5, 1.0] and len(out["ppo_entropy"]) == 16
+    (row,) = out["ab_table"].to_dict("records")
+    assert row["version"] == "v2" and row["pairs"] == 24 and row["losses"] == 1
+    assert list(out["leaderboard"]["version"]) == ["v2", "v0"]
+    drift = out["drift"]
+    assert drift[(drift.series == "KL from reference")]["value"].tolist() == [0.0, 1.0]
+    assert dd.version_order(drift) == ["v0", "v2"]
+    assert "**3** items" in out["agreement_md"]
+    from app.ui_dashboard import dashboard_updates
+    upd = dashboard_updates(out)
+    assert upd["ab_plot"]["visible"] and upd["ab_plot"]["sort"] == ["v2"]
+    assert upd["ppo_kl"]["x_lim"] == [-0.5, 8.5] and upd["note_ppo"]["visible"] is False
+    assert dashboard_updates(dd.dashboard_data(Store(store.path.parent / "empty.db")))[
+        "note_ppo"]["value"] == "*No PPO rounds yet.*"
+    assert dd.fingerprint(store) == dd.fingerprint(store)
+
+
+def test_recent_items_scores_and_reward_agreement(store):
+    seed_dashboard(store)
+    rec = dd.recent_items(store)
+    assert rec["reward_version"] == 3 and len(rec["items"]) == 7
+    flagged = rec["items"][0]
+    assert flagged["flagged"] and XSS in flagged["note"] and flagged["selection"] == "uncertainty:gap=0.04"
+    # annotator: B > A; scores A=1.0 > B=0.9 -> the reward model disagrees
+    assert [r["label"] for r in flagged["responses"]] == ["B", "A"]
+    assert (flagged["agree"], flagged["pairs"]) == (0, 1)
+    ab = rec["items"][-1]  # alice's first A/B item, ranked A > B > C > D like the scores
+    assert ab["kind"] == "ab" and (ab["agree"], ab["pairs"]) == (6, 6)
+    assert dd.recent_items(store, flagged_only=True)["items"][0]["id"] == flagged["id"]
+    assert dd.recent_items(store, reward_version=1)["items"][0]["pairs"] == 0  # unscored
+    assert ("reward v2 · rejected", "reward:2") in dd.version_choices(store)
+
+
+def test_research_html_escapes_and_version_page(store):
+    from app import ui_research
+    seed_dashboard(store)
+    html = ui_research.items_html(dd.recent_items(store))
+    assert "<script>" not in html and "&lt;script&gt;" in html and "${" not in html
+    assert "uncertainty:gap=0.04" in html and "disagrees" in html
+    page = ui_research.version_html(store, "policy:2")
+    assert "reward v3" in page and "KL from reference" in page
+    page = ui_research.version_html(store, "reward:2")
+    assert "rejected" in page and "held-out 0.55 &lt; 0.62" in page
+    assert "does not exist" in ui_research.version_html(store, "policy:9")
+
+
+def test_researcher_only_gate(tmp_path, store):
+    from app import ui_research
+    ctx = AppContext.from_config(AppConfig(workspace=tmp_path), store=store)
+    assert ui_research.allowed(ctx, None, {"name": "anyone"})  # loopback, no roles set
+    ctx.users = {"ann": {"password": "x", "role": "annotator"},
+                 "res": {"password": "y", "role": "researcher"}}
+    assert not ui_research.allowed(ctx, "ann", {})
+    assert ui_research.allowed(ctx, "res", {})
+    out = ui_research.toggle_auto(ctx, True, "ann", {})
+    assert "only researchers" in out["loop_msg"] and dd.loop_settings(store)["auto"] is False
+    ui_research.toggle_auto(ctx, True, "res", {})
+    assert dd.loop_settings(store)["auto"] is True
+
+
+def test_loop_queues_scoring_once_per_new_rankings(store):
+    seed_dashboard(store, scores=False)
+    set_auto(store, False)
+    assert score_jobs.unscored_count(store, 3) == 14
+    queued = loop_tick(store)
+    kinds = [jobs.get_job(store, j)["kind"] for j in queued]
+    assert kinds.count("score_items") == 1
+    with store.write() as db:
+        db.execute("UPDATE jobs SET status = 'failed'")
+    assert "score_items" not in [jobs.get_job(store, j)["kind"] for j in loop_tick(store)]
+
+
+# -- a real server ------------------------------------------------------------------------------
+def test_server_serves_dashboard_and_research_tabs(tmp_path):
+    from app.ui import launch
+    from tests.test_ui_server import client, free_port
+    ctx = AppContext.from_config(AppConfig(workspace=tmp_path / "ws"))
+    seed_dashboard(ctx.store)
+    port = free_port()
+    demo = launch(ctx, port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        page = urllib.request.urlopen(url + "config", timeout=10).read().decode()
+        assert "Dashboard" in page and "Research" in page
+        status = client(url).predict(api_name="/status")
+        assert status["reward_version"] == 3
+    finally:
+        demo.close()
+
+
+# -- the worker job on a tiny model ---------------------------------------------------------------
+def test_score_items_job_on_a_tiny_model(tmp_path, tiny_model_dir):
+    reward_model = pytest.importorskip("rlhf_core.reward_model",
+                                       reason="the reward model module is not available")
+    from rlhf_core.runtime import Runtime
+    from rlhf_core.workspace import open_workspace
+    store, cfg = open_workspace(tmp_path / "ws", model=str(tiny_model_dir))
+    seed_dashboard(store, scores=False)
+    runtime = Runtime(store, cfg, cpu=True)
+    # A fresh (untrained) reward adapter + head published as v4 and promoted: enough to score.
+    bb = reward_model.backbone(runtime)
+    head = reward_model._prepare_candidate(runtime, bb, None, cfg.reward, 4)
+    manifest = {"kind": "reward", "version": 4, "status": "promoted", "config": {},
+                "metrics": {}, "counts": {}}
+    path = reward_model.publish_candidate(runtime, bb, head, 4, manifest)
+    bb.model.delete_adapter(reward_model.CANDIDATE)
+    store.add_version("reward", 4, status="promoted", path=str(path), parent=3)
+    job_id = jobs.enqueue(store, "score_items", {"limit": 10})
+    done = jobs.run_one(runtime, store, "test-worker", kinds=["score_items"])
+    assert done["id"] == job_id and done["status"] == "done", done.get("error")
+    assert done["result"] == {"version": 4, "scored": 10, "remaining": 4}
+    jobs.enqueue(store, "score_items", {})  # the rest, newest items were scored first
+    assert jobs.run_one(runtime, store, "test-worker")["result"]["remaining"] == 0
+    rows = store.rows("SELECT score FROM response_scores WHERE reward_version = 4")
+    assert len(rows) == 14 and len({r["score"] for r in rows}) > 1
+    assert dd.recent_items(store)["items"][0]["pairs"] == 1
