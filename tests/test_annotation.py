@@ -291,3 +291,23 @@ def test_concurrent_annotators_never_share_an_item(store):
     assert errors == []
     assert len(set(got.values())) == 6
     assert store.counts()["rankings"] == 6
+
+
+def test_skipped_item_goes_back_to_the_pool_for_others(store):
+    make_batch(store, n_items=1)
+    item = annotation.next_item(store, "ann")
+    annotation.submit_ranking(store, annotator="ann", item_id=item["id"], token=item["token"],
+                   submission_key="skip-1", skip=True)
+    assert annotation.next_item(store, "ann") is None  # never the same annotator again
+    other = annotation.next_item(store, "bob")
+    assert other is not None and other["id"] == item["id"]
+
+
+def test_resumed_assignment_renews_its_lease(store):
+    make_batch(store, n_items=1)
+    item = annotation.next_item(store, "ann", ttl_s=1)
+    with store.write() as db:
+        db.execute("UPDATE assignments SET expires_at = 0")
+    again = annotation.next_item(store, "ann", ttl_s=600)
+    assert again["token"] == item["token"]
+    assert annotation.next_item(store, "bob") is None  # the renewed lease keeps it with ann
