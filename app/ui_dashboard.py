@@ -119,7 +119,7 @@ def _axes(name: str, frame) -> dict:
                 "y_lim": [0, max(1.0, hi) + 0.05] if unit else [min(0.0, lo), hi + pad]}
     if name.startswith("ppo_"):
         steps = frame["step"]
-        return {"x_lim": [float(steps.min()) - 0.5, float(steps.max()) + 0.5],
+        return {"x_lim": [float(steps.min()) - 1, float(steps.max()) + 1],
                 "y_lim": [lo - pad, hi + pad]}
     return {}
 
@@ -141,22 +141,22 @@ def _wire(ctx: AppContext, c: dict) -> None:
                c["updated"]: f"updated {datetime.now():%H:%M:%S}"}
         try:
             fp = dd.fingerprint(ctx.store)
-            if force or fp != seen:
+            # Plots are sent only once this session opened the tab: a plot drawn while its
+            # tab is hidden can come out mis-sized.
+            if force or (seen is not None and fp != seen):
                 upd.update({c[k]: v for k, v in dashboard_updates(current(fp)).items()})
                 upd[c["seen"]] = fp
         except Exception as exc:  # a locked or migrating DB must not break the page
             upd[c["updated"]] = f"dashboard unavailable: {esc(exc)}"
         return upd
 
-    def on_load():
+    def on_open():
         return refresh(None, True)
 
     def on_tick(seen):
         return refresh(seen, False)
 
-    # triggers=None with no inputs: runs once when the page loads
-    gr.on(None, on_load, None, outs, api_visibility="private")
-    gr.on([c["tab"].select, c["refresh_btn"].click], on_load, None, outs,
+    gr.on([c["tab"].select, c["refresh_btn"].click], on_open, None, outs,
           api_visibility="private")
     c["timer"].tick(on_tick, [c["seen"]], outs, show_progress="hidden",
                     api_visibility="private")

@@ -27,7 +27,7 @@ CSS = """
 .rs-prompt { white-space: pre-wrap; font-weight: 600; margin: 4px 0; }
 .rs-tag { border-radius: 4px; padding: 0 6px; background: var(--color-accent-soft); }
 .rs-flag { background: #f6d365; color: #222; }
-.rs-ok { background: #c8efd4; color: #14532d; } .rs-bad { background: #f8c9c9; color: #7f1d1d; }
+.rs-ok { background: #c8efd4; color: #14532d; } .rs-part { background: #fde7c2; color: #7c4a03; } .rs-bad { background: #f8c9c9; color: #7f1d1d; }
 .rs-note { white-space: pre-wrap; font-style: italic; margin: 2px 0 4px; }
 table.rs { border-collapse: collapse; width: 100%; font-size: 0.9em; }
 table.rs td, table.rs th { border-bottom: 1px solid var(--border-color-primary); padding: 3px 6px;
@@ -48,9 +48,10 @@ def allowed(ctx: AppContext, username: str | None, profile: dict | None) -> bool
 
 def _table(headers: list[str], rows: list[list], cls: str = "rs") -> str:
     head = "".join(f"<th>{esc(h)}</th>" for h in headers)
+    head = f"<thead><tr>{head}</tr></thead>" if any(headers) else ""
     body = "".join("<tr>" + "".join(cell if isinstance(cell, _Raw) else f"<td>{esc(cell)}</td>"
                                     for cell in row) + "</tr>" for row in rows)
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    return f'<table class="{cls}">{head}<tbody>{body}</tbody></table>'
 
 
 class _Raw(str):
@@ -62,9 +63,10 @@ def _agreement_tag(item: dict, reward_version) -> str:
         return '<span class="rs-tag">no reward model yet</span>'
     if not item["pairs"]:
         return f'<span class="rs-tag">not scored by reward v{reward_version} yet</span>'
-    ok = item["agree"] == item["pairs"]
-    word = "agrees" if ok else "disagrees"
-    return (f'<span class="rs-tag {"rs-ok" if ok else "rs-bad"}">reward v{reward_version} {word}'
+    agree, pairs = item["agree"], item["pairs"]
+    word, cls = (("agrees", "rs-ok") if agree == pairs else ("disagrees", "rs-bad") if not agree
+                 else ("partly agrees", "rs-part"))
+    return (f'<span class="rs-tag {cls}">reward v{reward_version} {word}'
             f': {item["agree"]}/{item["pairs"]} pairs in the annotator\'s order</span>')
 
 

@@ -36,16 +36,16 @@ class RssSampler(threading.Thread):
 
     def __init__(self):
         super().__init__(daemon=True)
-        self.phase, self.peaks, self._stop = "load", {}, threading.Event()
+        self.phase, self.peaks, self._done = "load", {}, threading.Event()
 
     def run(self):
         page = 4096
-        while not self._stop.wait(0.05):
+        while not self._done.wait(0.05):
             rss = int(Path("/proc/self/statm").read_text().split()[1]) * page / 2**20
             self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), rss)
 
     def stop(self):
-        self._stop.set()
+        self._done.set()
         self.join(timeout=1)
 
 

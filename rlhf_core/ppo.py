@@ -438,7 +438,11 @@ def _gate_minibatch(stats: dict, config: PPOConfig, plan: Plan) -> None:
 def _train_mode(model, checkpointing: bool) -> None:
     """Dropout stays off (ratio 1 on the first minibatch); train mode only for checkpointing."""
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):
@@ -447,7 +451,9 @@ def _train_mode(model, checkpointing: bool) -> None:
 
 def _eval_mode(model, checkpointing: bool) -> None:
     if checkpointing:
-        model.gradient_checkpointing_disable()
+        disable = (getattr(model, "activation_checkpointing_disable", None)
+                   or model.gradient_checkpointing_disable)
+        disable()
     model.eval()
 
 

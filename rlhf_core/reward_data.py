@@ -78,7 +78,7 @@ def select_data(pairs: list[PrefPair], *, max_trained: int, replay_ratio: float,
     usable = [p for p in pairs if soft_ties or not p.is_tie]
     train_all = [p for p in usable if p.split == "train"]
     heldout = [p for p in usable if p.split == "heldout"]
-    fresh = [p for p in usable if p.id > max_trained]
+    fresh = [p for p in usable if p.id > max_trained] if max_trained else []  # none: no version
     new = [p for p in train_all if p.id > max_trained] if incremental else train_all
     replay = (replay_sample([p for p in train_all if p.id <= max_trained], len(new) * replay_ratio,
                             seed) if incremental else [])
@@ -174,7 +174,7 @@ def pair_metrics(pairs: list[PrefPair], scores: dict[int, float], *, bins: int =
         lo, hi = 0.5 + 0.5 * b / bins, 0.5 + 0.5 * (b + 1) / bins
         idx = [i for i, c in enumerate(confidence) if lo <= c < hi or (b == bins - 1 and c == hi)]
         if idx:
-            gap = sum(confidence[i] for i in idx) / len(idx) - sum(correct[i] for i in idx) / len(idx)
+            gap = sum(confidence[i] - correct[i] for i in idx) / len(idx)
             ece += len(idx) / len(strict) * abs(gap)
     out["ece"] = ece
     return out

@@ -190,8 +190,13 @@ class RewardScorer:
         return self.backbone.shares_base
 
     def _ready(self):
-        if self.backbone.loaded.get(self.adapter_name) != self.version:  # slot reused since
-            self.head = _load_into(self.backbone, self.version, self.path, self.adapter_name)
+        if self.backbone.loaded.get(self.adapter_name) != self.version:
+            # The serving slot moved on to a newer version: keep scoring as ours, in its own slot.
+            self.adapter_name = f"reward@v{self.version}"
+            if self.backbone.loaded.get(self.adapter_name) == self.version:
+                self.head = self.backbone.heads[self.adapter_name]
+            else:
+                self.head = _load_into(self.backbone, self.version, self.path, self.adapter_name)
 
     @torch.no_grad()
     def score_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -401,7 +406,8 @@ def pair_loss(chosen, rejected, labels, tier_gaps, cfg: RewardConfig) -> torch.T
     if strict.any():
         margin = (cfg.margin_scale * (tier_gaps[strict] - 1).clamp(min=0)
                   if cfg.use_margin else None)  # adjacent tiers: no margin
-        loss = loss + strict.sum() / n * bradley_terry_loss(chosen[strict], rejected[strict], margin)
+        bt = bradley_terry_loss(chosen[strict], rejected[strict], margin)
+        loss = loss + strict.sum() / n * bt
     if (~strict).any():
         loss = loss + (~strict).sum() / n * soft_bradley_terry_loss(
             chosen[~strict], rejected[~strict], labels[~strict])
@@ -433,8 +439,8 @@ def fit(bb: Backbone, head, pairs: list[PrefPair], cfg: RewardConfig, *, seed: i
                 opt.step()
                 step += 1
                 losses.append(loss.item())
-                progress(0.15 + 0.7 * step / total,
-                         f"epoch {epoch + 1}/{cfg.epochs} step {step}/{total} loss {losses[-1]:.3f}")
+                progress(0.15 + 0.7 * step / total, f"epoch {epoch + 1}/{cfg.epochs} "
+                         f"step {step}/{total} loss {losses[-1]:.3f}")
                 if reporter is not None:
                     reporter.metrics("reward_train", {"loss": losses[-1], "accuracy": acc},
                                      step=step, version=version)

@@ -101,7 +101,7 @@ def test_dashboard_data_on_a_seeded_store(store):
     from app.ui_dashboard import dashboard_updates
     upd = dashboard_updates(out)
     assert upd["ab_plot"]["visible"] and upd["ab_plot"]["sort"] == ["v2"]
-    assert upd["ppo_kl"]["x_lim"] == [-0.5, 8.5] and upd["note_ppo"]["visible"] is False
+    assert upd["ppo_kl"]["x_lim"] == [-1, 9] and upd["note_ppo"]["visible"] is False
     assert dashboard_updates(dd.dashboard_data(Store(store.path.parent / "empty.db")))[
         "note_ppo"]["value"] == "*No PPO rounds yet.*"
     assert dd.fingerprint(store) == dd.fingerprint(store)

@@ -242,11 +242,53 @@ def test_multiprocess_round_matches_single_process(ppo_model_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     multi = json.loads(out.read_text())
     assert multi["version"] == 1 and multi["metrics"]["n_sequences"] == 8
-    for k in ("reward_mean", "reward_std", "kl", "entropy", "response_length", "stop_rate",
-              "explained_variance", "pg_loss", "vf_loss", "clipfrac", "approx_kl",
-              "first_ratio", "grad_norm"):
+    keys = ("reward_mean", "reward_std", "kl", "entropy", "response_length", "stop_rate",
+            "explained_variance", "pg_loss", "vf_loss", "clipfrac", "approx_kl",
+            "first_ratio", "grad_norm")
+    print("max |multi - single|:", max(abs(multi["metrics"][k] - single["metrics"][k])
+                                       for k in keys))
+    for k in keys:
         assert multi["metrics"][k] == pytest.approx(single["metrics"][k], rel=1e-3, abs=1e-3), k
     from safetensors.torch import load_file
     a = load_file(str(Path(single["path"]) / "policy" / "adapter_model.safetensors"))
     b = load_file(str(Path(multi["path"]) / "policy" / "adapter_model.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-3
+
+
+def test_gradient_checkpointing_round_stays_on_policy(runtime):
+    config = replace(TINY, gradient_checkpointing=True, epochs=1)
+    result = ppo_round(runtime, config=config, reward_fn=low_id_reward, enqueue_sampling=False)
+    assert result["metrics"]["first_ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert result["metrics"]["first_approx_kl"] < 1e-9
+    assert not runtime.model.training  # back in eval mode for sampling
+
+
+def publish_random_reward(runtime) -> None:
+    """A promoted reward version on the shared base: a random LoRA adapter + head."""
+    from rlhf_core import models
+    from rlhf_core.checkpoints import publish
+    model = runtime.model
+    runtime.ensure_fresh_adapter("rw_src")
+    with torch.no_grad():
+        for p in adapter_params(model, "rw_src").values():
+            p.normal_(0.0, 0.05)
+    head = models.ScalarHead(runtime.hidden_size, init_std=0.5, seed=3)
+
+    def write(tmp: Path) -> None:
+        models.save_adapter(model, "rw_src", tmp)
+        (tmp / "rw_src").rename(tmp / "reward")
+        models.save_head(head, tmp)
+    path = publish(runtime.workspace, "reward", 1, write, {"version": 1, "kind": "reward"})
+    model.delete_adapter("rw_src")
+    model.set_adapter("policy")
+    runtime.store.add_version("reward", 1, status="promoted", path=str(path))
+
+
+def test_round_with_reward_model_initialises_critic_from_it(runtime):
+    publish_random_reward(runtime)
+    result = ppo_round(runtime, config=replace(TINY, epochs=1), enqueue_sampling=False)
+    assert result["reward_version"] == 1
+    assert result["metrics"]["critic_init"] == "reward"
+    row = runtime.store.get_version("policy", 1)
+    assert row["reward_version"] == 1 and row["parent"] == 0
+    assert torch.isfinite(torch.tensor(result["metrics"]["reward_mean"]))

@@ -194,6 +194,8 @@ def test_incremental_update_warm_starts_and_replays(store, tiny_model_dir):
     runtime = make_runtime(store, tiny_model_dir)
     first = reward_model.train_reward(runtime)
     old_pairs = reward_data.load_pairs(store)
+    v1 = reward_model.load_reward(runtime)
+    v1_scores = v1.score_texts(["p", "q"], ["yes sea", "the dog"])
     seed_rankings(store, 12, start=40)
     second = reward_model.train_reward(runtime)
     c = second["counts"]
@@ -206,6 +208,9 @@ def test_incremental_update_warm_starts_and_replays(store, tiny_model_dir):
     assert second["metrics"]["current_fresh_accuracy"] is not None
     assert second["metrics"]["current_fresh_strict_pairs"] == c["fresh_strict"]
     assert accuracy_on(reward_model.load_reward(runtime), old_pairs) >= 0.9
+    # A scorer held from before keeps scoring as v1, without evicting v2 from the serving slot.
+    assert v1.score_texts(["p", "q"], ["yes sea", "the dog"]) == pytest.approx(v1_scores, abs=1e-6)
+    assert runtime.loaded["reward"] == 2 and v1.adapter_name == "reward@v1"
     with pytest.raises(RewardDataError, match="no new training pairs"):
         reward_model.train_reward(runtime)
 
@@ -257,7 +262,8 @@ def test_missing_or_corrupt_version_dir_keeps_previous_serving(store, tiny_model
     for f in ("version.json", "score_head.safetensors"):
         (bad / f).write_bytes((v1 / f).read_bytes())
     (bad / "reward").mkdir()
-    (bad / "reward" / "adapter_config.json").write_text((v1 / "reward/adapter_config.json").read_text())
+    config = (v1 / "reward" / "adapter_config.json").read_text()
+    (bad / "reward" / "adapter_config.json").write_text(config)
     data = (v1 / "reward/adapter_model.safetensors").read_bytes()
     (bad / "reward" / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
     store.add_version("reward", 2, status="promoted", path=str(bad))
