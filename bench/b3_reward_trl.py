@@ -10,7 +10,6 @@ Reported: pairs/s (pair passes / training seconds) and held-out accuracy.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import resource

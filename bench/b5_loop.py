@@ -101,9 +101,8 @@ def run(quick: bool = False) -> dict:
             split[key] = split.get(key, 0.0) + (end - start)
         else:
             other += end - start
-            split.setdefault("other_jobs", [])
     total = t_end - t0
-    split_r = {k: round(v, 2) for k, v in split.items() if not isinstance(v, list)}
+    split_r = {k: round(v, 2) for k, v in split.items()}
     split_r["other_jobs_s"] = round(other, 2)
     split_r["waiting_s"] = round(total - sum(v for v in split_r.values()), 2)
     kinds = [j["kind"] for j in rows if _ts(j["started_at"]) and t0 - 0.5 <= _ts(j["started_at"])

@@ -66,7 +66,9 @@ class RewardConfig:
 
 @dataclass(frozen=True)
 class PPOConfig:
-    prompts_per_round: int = 16
+    # 16 rollouts x 48 tokens, 2 epochs of 2 minibatches: a round of a few minutes on 2 CPU
+    # cores for the embedded 135M model (bench/bench_ppo.py); raise these on a GPU.
+    prompts_per_round: int = 8
     rollouts_per_prompt: int = 2
     max_new_tokens: int = 48
     temperature: float = 1.0
@@ -80,7 +82,7 @@ class PPOConfig:
     vf_coef: float = 0.1
     gamma: float = 1.0
     lam: float = 0.95
-    epochs: int = 4
+    epochs: int = 2
     minibatch_size: int = 8
     lr: float = 1e-4
     max_grad_norm: float = 1.0
