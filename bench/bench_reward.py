@@ -75,7 +75,8 @@ def timed_train(runtime, **kwargs) -> dict:
             "pairs_per_s": round(m["train_pairs_per_s"], 3),
             "train_pairs": res["counts"]["train_pairs"], "new_pairs": res["counts"]["new_pairs"],
             "replay_pairs": res["counts"]["replay_pairs"],
-            "heldout_accuracy": m.get("heldout_accuracy"), "heldout_pairs": m.get("heldout_pairs")}
+            "heldout_accuracy": m.get("heldout_accuracy"), "heldout_pairs": m.get("heldout_pairs"),
+            "eval_s": round(m["eval_current_seconds"] + m["eval_candidate_seconds"], 2)}
 
 
 def main(argv=None) -> dict:
