@@ -4,8 +4,9 @@ Prints pairs/s of reward training and the wall time of an incremental update aft
 pairs, against a baseline run in the same process: a full retrain from scratch on all pairs.
 Writes bench/results/reward.json.
 
-    .venv/bin/python -m bench.bench_reward            # ~15 min on 2 idle CPU cores
-    .venv/bin/python -m bench.bench_reward --initial-rankings 12 --no-baseline   # ~5 min
+    .venv/bin/python -m bench.bench_reward            # ~3 min on 2 idle CPU cores
+    .venv/bin/python -m bench.bench_reward --initial-rankings 12 --no-baseline   # ~1.5 min
+(Beside other jobs it is several times slower: the JSON records the load average.)
 The first version trains `--first-epochs` (1) epoch only: it just has to exist. With the
 default replay_ratio 1.0 an update costs ~2x the new pairs whatever the history, a full
 retrain costs all of it: the baseline is only informative once history >> new pairs.
@@ -135,7 +136,7 @@ def main(argv=None) -> dict:
     print(f"incremental update (+{added} pairs): {result['incremental_wall_s']:.1f} s wall")
     if full:
         print(f"baseline full retrain: {result['full_retrain_wall_s']:.1f} s wall "
-              f"(incremental is {result['speedup_incremental_vs_full']}x faster)")
+              f"(full / incremental = {result['speedup_incremental_vs_full']}x)")
     print(f"load average before/after: {result['loadavg_before']} / {result['loadavg_after']}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
