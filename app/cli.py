@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 from rlhf_core.config import EMBEDDED_MODEL, default_workspace
+from rlhf_core.workspace import parse_settings
 
 def model_flags(p):
     p.add_argument("--model", help=f"policy base: {EMBEDDED_MODEL} (default), a Hub id or a "
@@ -29,6 +30,13 @@ def model_flags(p):
                    help="automatic loop: retrain the reward model every N rankings, run PPO "
                         "when promoted, sample from each new policy")
     p.add_argument("--retrain-every", type=int, dest="retrain_every")
+    set_flag(p)
+
+
+def set_flag(p):
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   dest="settings", help="any config value, e.g. --set ppo.lr=2e-4 "
+                   "--set loop.selection=uncertainty (repeatable; saved in the workspace)")
 
 
 def overrides_from(a) -> dict:
@@ -36,7 +44,8 @@ def overrides_from(a) -> dict:
     return {"model": get("model"), "reward_model": get("reward_model"),
             "sampling.k": get("k"), "sampling.max_new_tokens": get("max_new_tokens"),
             "sampling.min_ready_items": get("min_ready"), "loop.overlap": get("overlap"),
-            "loop.auto": get("auto"), "loop.retrain_every": get("retrain_every")}
+            "loop.auto": get("auto"), "loop.retrain_every": get("retrain_every"),
+            **parse_settings(get("settings") or [])}
 
 
 def open_ws(a):
@@ -270,7 +279,11 @@ def main(argv=None):
     logging.basicConfig(level=os.environ.get("RLHF_LOG", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    args.func(args)
+    from rlhf_core.models import ModelLoadError
+    try:
+        args.func(args)
+    except (ValueError, ModelLoadError) as exc:  # bad input: a clear message, no traceback
+        sys.exit(f"rlhf {args.command}: error: {exc}")
 
 
 if __name__ == "__main__":

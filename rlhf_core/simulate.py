@@ -42,6 +42,8 @@ def add_arguments(p) -> None:
     p.add_argument("--out", type=Path, help="table path without extension "
                                             "(default: WORKSPACE/simulate/run-TIME)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   dest="settings", help="any config value, e.g. --set ppo.lr=2e-4")
 
 
 @dataclass
@@ -72,6 +74,7 @@ class Simulation:
         self.annotators = [f"sim-{i + 1}" for i in range(annotators)]
         self.noise, self.seed, self.eval_samples = noise, seed, eval_samples
         self.labels = 0
+        self._pending = 0
         self._lock = threading.Lock()
 
     # -- labeling through the HTTP API ---------------------------------------------
@@ -90,27 +93,33 @@ class Simulation:
     def _annotate(self, name: str, target: int, deadline: float, i: int) -> None:
         rng = random.Random(f"{self.seed}-{name}-{target}")
         while time.monotonic() < deadline:
-            with self._lock:
-                if self.labels >= target:
+            with self._lock:  # reserve a label slot, so the round ends at exactly `target`
+                if self.labels + self._pending >= target:
                     return
-            got = self.client.predict(name, api_name="/get_item")
-            item = got.get("item")
-            if not item:
-                time.sleep(1.0)  # the worker is sampling the next batch
-                continue
-            texts = [r["text"] for r in item["responses"]]
-            tiers = noisy(check_tiers(self.oracle(item["prompt"], texts), len(texts)),
-                          self.noise, rng)
-            ranking = " > ".join("=".join(item["responses"][j]["label"] for j in tier)
-                                 for tier in tiers)
-            res = self.client.predict(name, item["id"], item.get("token") or "",
-                                      uuid.uuid4().hex, ranking, False, False, False, "",
-                                      1.0, api_name="/submit")
-            if res.get("ok"):
+                self._pending += 1
+            try:
+                done = self._rank_one(name, rng)
+            finally:
                 with self._lock:
-                    self.labels += 1
-            else:
-                log.warning("%s: submit refused: %s", name, res.get("message"))
+                    self._pending -= 1
+                    self.labels += int(done)
+            if not done:
+                time.sleep(1.0)  # nothing ready: the worker is sampling the next batch
+
+    def _rank_one(self, name: str, rng: random.Random) -> bool:
+        item = self.client.predict(name, api_name="/get_item").get("item")
+        if not item:
+            return False
+        texts = [r["text"] for r in item["responses"]]
+        tiers = noisy(check_tiers(self.oracle(item["prompt"], texts), len(texts)),
+                      self.noise, rng)
+        ranking = " > ".join("=".join(item["responses"][j]["label"] for j in tier)
+                             for tier in tiers)
+        res = self.client.predict(name, item["id"], item.get("token") or "", uuid.uuid4().hex,
+                                  ranking, False, False, False, "", 1.0, api_name="/submit")
+        if not res.get("ok"):
+            log.warning("%s: submit refused: %s", name, res.get("message"))
+        return bool(res.get("ok"))
 
     # -- model jobs, queued like a researcher's button ------------------------------
     def run_job(self, kind: str, params: dict | None = None, timeout_s: float = 3600) -> dict:
@@ -198,12 +207,12 @@ def main(args, start_app) -> list[RoundRow]:
     """`start_app(workspace) -> (url, stop)` starts UI + worker (the app layer provides it)."""
     from gradio_client import Client
 
-    from rlhf_core.workspace import open_workspace, seed_prompts_if_empty
+    from rlhf_core.workspace import open_workspace, parse_settings, seed_prompts_if_empty
     lpr = args.labels_per_round
     overrides = {"model": args.model, "sampling.max_new_tokens": args.max_new_tokens,
                  # keep enough items ready for a round, sampled in big batches
                  "sampling.min_ready_items": lpr, "sampling.prompts_per_batch": max(8, lpr // 2),
-                 "loop.auto": False}
+                 "loop.auto": False, **parse_settings(args.settings)}
     store, cfg = open_workspace(args.workspace, **overrides)
     seed_prompts_if_empty(store, cfg)
     stop = None

@@ -7,6 +7,7 @@ Command-line flags update it; everything else keeps its saved value.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 from rlhf_core.config import AppConfig, from_dict, to_dict
@@ -40,10 +41,29 @@ def apply_overrides(cfg: AppConfig, overrides: dict) -> AppConfig:
             sections.setdefault(section, {})[field] = value
         else:
             top[key] = value
-    for section, fields in sections.items():
-        current = getattr(cfg, section)
-        top[section] = dataclasses.replace(current, **fields)
-    return dataclasses.replace(cfg, **top) if top else cfg
+    try:
+        for section, fields in sections.items():
+            current = getattr(cfg, section, None)
+            if not dataclasses.is_dataclass(current):
+                raise TypeError(f"no config section {section!r}")
+            top[section] = dataclasses.replace(current, **fields)
+        return dataclasses.replace(cfg, **top) if top else cfg
+    except TypeError as exc:  # an unknown field name
+        raise ValueError(f"bad setting in {sorted(overrides)}: {exc}") from None
+
+
+def parse_settings(pairs: list[str]) -> dict:
+    """`["ppo.lr=2e-4", "loop.selection=uncertainty"]` -> {"ppo.lr": 0.0002, ...}."""
+    out = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects SECTION.FIELD=VALUE, got {pair!r}")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
 
 
 def seed_prompts_if_empty(store: Store, cfg: AppConfig) -> int:
