@@ -278,6 +278,8 @@ def _simulate_args(p):
 def main(argv=None):
     logging.basicConfig(level=os.environ.get("RLHF_LOG", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "gradio_client", "urllib3"):  # one line per HTTP call otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     from rlhf_core.models import ModelLoadError
     try:
