@@ -21,24 +21,7 @@ from pathlib import Path
 
 from bench import common
 
-PROMPTS = [
-    "Give me three tips for keeping a small vegetable garden healthy.",
-    "Explain what a rainbow is to a ten-year-old.",
-    "Write a short friendly reminder to water the office plants.",
-    "What should I pack for a weekend hiking trip?",
-    "Describe the taste of a fresh lemon in two sentences.",
-    "How do I make a simple cup of tea?",
-    "Suggest a name for a cat that loves boxes.",
-    "Why do leaves change color in autumn?",
-    "List some easy ways to save water at home.",
-    "Write a haiku about a quiet library.",
-    "What is a good way to start learning to draw?",
-    "Explain why the sky looks blue.",
-    "Give a one-paragraph summary of how bread rises.",
-    "How can I remember people's names better?",
-    "Describe a sunrise over the sea.",
-    "What are the benefits of taking short walks?",
-]
+PROMPTS = common.PROMPTS
 
 
 def ppo_config(quick: bool):

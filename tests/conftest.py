@@ -73,3 +73,16 @@ def embedded_model_dir(tmp_path_factory) -> Path:
     cache = os.environ.get("RLHF_TEST_CACHE")
     ws = Path(cache) if cache else tmp_path_factory.mktemp("embedded-ws")
     return Path(resolve_model_source("embedded", ws))
+
+
+def publish_fresh_reward(runtime, version: int, parent: int | None = None):
+    """Publish an untrained reward adapter + random head as a promoted version: enough to score."""
+    from rlhf_core import reward_model
+    bb = reward_model.backbone(runtime)
+    head = reward_model._prepare_candidate(runtime, bb, None, runtime.config.reward, version)
+    manifest = {"kind": "reward", "version": version, "status": "promoted", "config": {},
+                "metrics": {}, "counts": {}}
+    path = reward_model.publish_candidate(runtime, bb, head, version, manifest)
+    bb.model.delete_adapter(reward_model.CANDIDATE)
+    runtime.store.add_version("reward", version, status="promoted", path=str(path), parent=parent)
+    return path

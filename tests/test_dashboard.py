@@ -12,6 +12,7 @@ from rlhf_core import annotation, jobs, score_jobs
 from rlhf_core.config import AppConfig
 from rlhf_core.loop import loop_tick, set_auto
 from rlhf_core.store import Store
+from tests.conftest import publish_fresh_reward
 
 XSS = "<script>window.__xss=1</script> ${1+1}"
 
@@ -182,21 +183,12 @@ def test_server_serves_dashboard_and_research_tabs(tmp_path):
 
 # -- the worker job on a tiny model ---------------------------------------------------------------
 def test_score_items_job_on_a_tiny_model(tmp_path, tiny_model_dir):
-    reward_model = pytest.importorskip("rlhf_core.reward_model",
-                                       reason="the reward model module is not available")
     from rlhf_core.runtime import Runtime
     from rlhf_core.workspace import open_workspace
     store, cfg = open_workspace(tmp_path / "ws", model=str(tiny_model_dir))
     seed_dashboard(store, scores=False)
     runtime = Runtime(store, cfg, cpu=True)
-    # A fresh (untrained) reward adapter + head published as v4 and promoted: enough to score.
-    bb = reward_model.backbone(runtime)
-    head = reward_model._prepare_candidate(runtime, bb, None, cfg.reward, 4)
-    manifest = {"kind": "reward", "version": 4, "status": "promoted", "config": {},
-                "metrics": {}, "counts": {}}
-    path = reward_model.publish_candidate(runtime, bb, head, 4, manifest)
-    bb.model.delete_adapter(reward_model.CANDIDATE)
-    store.add_version("reward", 4, status="promoted", path=str(path), parent=3)
+    publish_fresh_reward(runtime, 4, parent=3)  # untrained, promoted: enough to score
     job_id = jobs.enqueue(store, "score_items", {"limit": 10})
     done = jobs.run_one(runtime, store, "test-worker", kinds=["score_items"])
     assert done["id"] == job_id and done["status"] == "done", done.get("error")

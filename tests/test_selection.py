@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from rlhf_core import batch_jobs, jobs  # noqa: F401  (registers sample_batch)
+from tests.conftest import publish_fresh_reward
 from rlhf_core.selection import CANDIDATE, choose_prompts, keep_uncertain, score_gap
 
 
@@ -16,7 +17,6 @@ def test_score_gap_is_the_distance_between_the_two_best():
 @pytest.fixture
 def runtime_with_reward(tmp_path, tiny_model_dir):
     """A workspace on the tiny model with an (untrained, random-head) reward version 1."""
-    from rlhf_core import reward_model
     from rlhf_core.runtime import Runtime
     from rlhf_core.workspace import open_workspace
     store, cfg = open_workspace(tmp_path / "ws", model=str(tiny_model_dir), torch_threads=1, **{
@@ -24,13 +24,7 @@ def runtime_with_reward(tmp_path, tiny_model_dir):
         "loop.selection": "uncertainty", "loop.random_share": 0.5, "loop.ab_fraction": 0.0})
     store.add_prompts([{"text": f"tell me about topic {i}"} for i in range(20)], source="t")
     runtime = Runtime(store, cfg, cpu=True)
-    bb = reward_model.backbone(runtime)
-    head = reward_model._prepare_candidate(runtime, bb, None, cfg.reward, 1)
-    manifest = {"kind": "reward", "version": 1, "status": "promoted", "config": {},
-                "metrics": {}, "counts": {}}
-    path = reward_model.publish_candidate(runtime, bb, head, 1, manifest)
-    bb.model.delete_adapter(reward_model.CANDIDATE)
-    store.add_version("reward", 1, status="promoted", path=str(path))
+    publish_fresh_reward(runtime, 1)
     return runtime
 
 
