@@ -107,6 +107,7 @@ class LoopConfig:
     random_share: float = 0.5  # with "uncertainty", share still picked at random
     overlap: int = 1  # annotators per item (>1 for agreement studies)
     assignment_ttl_s: int = 1800
+    score_items: bool = True  # score ranked responses for the researcher view (costs worker time)
 
 
 @dataclass(frozen=True)

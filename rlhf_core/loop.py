@@ -103,7 +103,8 @@ def loop_tick(store: Store) -> list[int]:
         job_id = jobs.enqueue(store, kind, params, requested_by="loop", unique=True)
         log.info("loop queued %s (job %s)", kind, job_id)
         queued.append(job_id)
-    queued += _queue_scoring(store, state)
+    if cfg.loop.score_items:
+        queued += _queue_scoring(store, state)
     return queued
 
 

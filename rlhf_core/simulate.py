@@ -103,8 +103,9 @@ class Simulation:
                 with self._lock:
                     self._pending -= 1
                     self.labels += int(done)
-            if not done:
-                time.sleep(1.0)  # nothing ready: the worker is sampling the next batch
+            if not done:  # nothing ready: make sure the worker is sampling, then wait
+                jobs.enqueue(self.store, "sample_batch", {}, requested_by="simulate", unique=True)
+                time.sleep(1.0)
 
     def _rank_one(self, name: str, rng: random.Random) -> bool:
         item = self.client.predict(name, api_name="/get_item").get("item")
@@ -209,10 +210,12 @@ def main(args, start_app) -> list[RoundRow]:
 
     from rlhf_core.workspace import open_workspace, parse_settings, seed_prompts_if_empty
     lpr = args.labels_per_round
+    # The simulator paces the loop itself: one batch of a round's size per policy version
+    # (PPO queues it from the new policy), no pre-sampling from the old policy while the
+    # reward model and PPO train, and no researcher-view scoring.
     overrides = {"model": args.model, "sampling.max_new_tokens": args.max_new_tokens,
-                 # keep enough items ready for a round, sampled in big batches
-                 "sampling.min_ready_items": lpr, "sampling.prompts_per_batch": max(8, lpr // 2),
-                 "loop.auto": False, **parse_settings(args.settings)}
+                 "sampling.min_ready_items": 0, "sampling.prompts_per_batch": lpr,
+                 "loop.auto": False, "loop.score_items": False, **parse_settings(args.settings)}
     store, cfg = open_workspace(args.workspace, **overrides)
     seed_prompts_if_empty(store, cfg)
     stop = None
