@@ -16,6 +16,7 @@ import traceback
 from bench import common
 
 SUITE = {  # id -> (module, results name)
+    "B0": ("bench.b0_startup", "b0_startup"),
     "B1": ("bench.b1_sampling", "b1_sampling"),
     "B2": ("bench.b2_ppo_trl", "b2_ppo_trl"),
     "B3": ("bench.b3_reward_trl", "b3_reward_trl"),
@@ -31,6 +32,10 @@ def _f(x, fmt="{:.2f}"):
 def ratio_rows(results: dict) -> list[tuple[str, str, str, str]]:
     """(benchmark, metric, value, goal) - ratios first, then the absolute context."""
     rows, ctx = [], []
+    r = results.get("B0")
+    if r and "error" not in r:
+        ctx.append(("B0", "rlhf up -> first rankable item, s (cold / warm cache)",
+                    f"{r['cold']['first_item_s']} / {r['warm']['first_item_s']}", "-"))
     r = results.get("B1")
     if r and "error" not in r:
         rows.append(("B1", "sampling responses/s, ours/plain generate (v0 = base)", _f(r["ratio"]),

@@ -1,0 +1,79 @@
+"""B0 start-up: from `rlhf up` on a new workspace to the first rankable item.
+
+What a newcomer waits for after `make run` (once the venv exists): the worker converts the
+embedded GGUF (cold: a new workspace; warm: the converted copy is reused), loads the model
+and samples the first batch; the clock stops when the public API hands out an item.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import common
+
+
+def time_to_first_item(workspace: Path, timeout_s: float = 900) -> dict:
+    from gradio_client import Client
+
+    from app.launcher import free_port
+    port = free_port()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "up", "--workspace", str(workspace),
+                             "--port", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "RLHF_LOG": "WARNING"})
+    try:
+        client, ui_ready = None, None
+        while time.perf_counter() - t0 < timeout_s:
+            try:
+                client = client or Client(f"http://127.0.0.1:{port}/", verbose=False)
+                ui_ready = ui_ready or time.perf_counter() - t0
+                got = client.predict("bench", api_name="/get_item")
+                if got.get("item"):
+                    return {"ui_ready_s": round(ui_ready, 1),
+                            "first_item_s": round(time.perf_counter() - t0, 1),
+                            "k": got["item"]["k"]}
+            except Exception:  # the server is still starting
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"no item within {timeout_s} s")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def run(quick: bool = False) -> dict:
+    root = Path(tempfile.mkdtemp(prefix="rlhf-b0-"))
+    try:
+        cold = time_to_first_item(root / "cold")
+        # Warm: a second new workspace whose converted model is already cached.
+        (root / "warm" / "cache").mkdir(parents=True)
+        shutil.copytree(root / "cold" / "cache" / "base", root / "warm" / "cache" / "base")
+        warm = time_to_first_item(root / "warm")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return {"name": "b0_startup", "cold": cold, "warm": warm, "machine": common.machine(),
+            "note": "rlhf up on a new workspace -> first item from /get_item; cold includes the "
+                    "one-time GGUF conversion"}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    res = run(ap.parse_args(argv).quick)
+    common.write_result("b0_startup", res)
+    print(res)
+    return res
+
+
+if __name__ == "__main__":
+    main()
