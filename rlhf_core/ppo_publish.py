@@ -1,0 +1,76 @@
+"""PPO round, step 6 and output: publish the next policy version; metrics, progress, events."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from rlhf_core import jobs, models
+from rlhf_core.advantages import AdaptiveKLController, FixedKLController
+from rlhf_core.checkpoints import publish
+from rlhf_core.config import PPOConfig, to_dict
+from rlhf_core.ppo_setup import Plan
+
+
+# -- 6. publish ---------------------------------------------------------------------------------------
+def publish_step(runtime, config: PPOConfig, plan: Plan, stats: dict, dist, out,
+                 enqueue_sampling: bool) -> dict:
+    """Rank 0 writes policy/ + value/ (adapter, head) atomically, then the version row."""
+    if config.adaptive_kl:
+        ctl = AdaptiveKLController(plan.kl_coef, config.target_kl, config.kl_horizon)
+        stats["kl_coef_next"] = ctl.update(stats["kl"], stats["n_sequences"])
+    else:
+        stats["kl_coef_next"] = FixedKLController(plan.kl_coef).value
+    stats["critic_init"] = plan.critic_init
+    result = {"status": "published", "version": plan.version, "parent": plan.parent,
+              "reward_version": plan.reward_version, "metrics": stats}
+    if dist.is_main:
+        model, head = runtime.model, runtime.heads["value"]
+
+        def write(tmp: Path) -> None:
+            models.save_adapter(model, "policy", tmp)
+            models.save_adapter(model, "value", tmp)
+            models.save_head(head, tmp / "value", meta={"role": "value", "version": plan.version})
+
+        manifest = {k: result[k] for k in ("version", "parent", "reward_version")}
+        manifest |= {"kind": "policy", "config": to_dict(config), "metrics": stats,
+                     "base_model": runtime.config.model}
+        path = publish(runtime.workspace, "policy", plan.version, write, manifest)
+        runtime.store.add_version("policy", plan.version, status="published", path=str(path),
+                                  parent=plan.parent, reward_version=plan.reward_version,
+                                  base_model=str(runtime.config.model), config=to_dict(config),
+                                  metrics=stats, job_id=out.job_id)
+        result["path"] = str(path)
+        if enqueue_sampling:
+            result["sample_job"] = jobs.enqueue(runtime.store, "sample_batch",
+                                                {"policy_version": plan.version})
+    dist.barrier()  # other ranks return once the version exists
+    runtime.loaded["policy"] = runtime.loaded["value"] = plan.version
+    out.progress(1.0, f"published policy v{plan.version}")
+    return result
+
+
+# -- output ------------------------------------------------------------------------------------------------
+class _Output:
+    """Metrics, progress and events: written by rank 0 only, to the job's reporter or the DB."""
+
+    def __init__(self, store, reporter, dist):
+        self.store, self.reporter, self.is_main = store, reporter, dist.is_main
+        self.job_id = getattr(reporter, "job_id", None)
+        last = store.scalar("SELECT MAX(step) FROM metrics WHERE kind = 'ppo'") if self.is_main else 0
+        self.step0 = (last or 0) + 1 if last is not None else 0  # steps run on across rounds
+
+    def metrics(self, values: dict, *, step: int, version: int) -> None:
+        if not self.is_main:
+            return
+        values = {k: v for k, v in values.items() if isinstance(v, (int, float))}
+        if self.reporter is not None:
+            self.reporter.metrics("ppo", values, step=step, version=version)
+        else:
+            self.store.log_metrics("ppo", values, step=step, version=version)
+
+    def progress(self, fraction: float, message: str) -> None:
+        if self.is_main and self.reporter is not None:
+            self.reporter.progress(fraction, message)
+
+    def event(self, kind: str, **payload) -> None:
+        if self.is_main:
+            self.store.log_event(kind, None, job_id=self.job_id, **payload)

@@ -1,0 +1,123 @@
+"""PPO round, steps 1-3: rollout, scores / reference log-probs / values, advantages.
+
+Each step fills fields of the `Rollout` (rollout.py) for this rank's shard; `rollout_stats`
+gathers the round metrics over all ranks and `check_rollout` is the gate before any update.
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+
+from rlhf_core.advantages import compute_gae, explained_variance, masked_whiten, shape_rewards
+from rlhf_core.config import PPOConfig
+from rlhf_core.ppo_setup import Plan, PPOHealthError, _aborted
+from rlhf_core.rollout import Rollout, autocast, critic_values, generate, policy_logprobs
+
+
+# -- 1. rollout ------------------------------------------------------------------------------
+def choose_prompts(store, n: int, seed: int) -> list[str]:
+    """`n` train prompts (never held-out ones), a seeded sample without replacement."""
+    rows = store.rows("SELECT id, text FROM prompts WHERE split = 'train' ORDER BY id")
+    if not rows:
+        raise ValueError("no train prompts in the workspace: import some first")
+    rng = random.Random(seed)
+    picked = rng.sample(rows, min(n, len(rows)))
+    return [r["text"] for r in picked]
+
+
+def rollout_step(runtime, config: PPOConfig, plan: Plan, dist, prompts=None) -> Rollout:
+    """This rank's shard of prompts x rollouts_per_prompt responses from the policy."""
+    prompts = prompts or choose_prompts(runtime.store, config.prompts_per_round, plan.seed)
+    rows = [p for p in prompts for _ in range(config.rollouts_per_prompt)]
+    if len(rows) % dist.world_size:
+        raise ValueError(f"{len(rows)} rollouts do not split over {dist.world_size} processes")
+    n = len(rows) // dist.world_size
+    lo = dist.rank * n  # contiguous shards: the global row order is rank-major
+    seeds = [plan.seed * 10_007 + g for g in range(lo, lo + n)]  # one noise stream per row
+    model = runtime.model
+    model.set_adapter("policy")
+    with autocast(runtime.device):
+        return generate(model, runtime.tokenizer, rows[lo:lo + n], seeds,
+                        max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                        max_prompt_tokens=config.max_prompt_tokens,
+                        batch_size=config.generation_batch_size, device=runtime.device.device)
+
+
+# -- 2. score, reference log-probs, values -----------------------------------------------------
+@torch.no_grad()
+def score_step(runtime, rollout: Rollout, config: PPOConfig, score_fn) -> None:
+    model, head = runtime.model, runtime.heads["value"]
+    chunks = list(_chunks(len(rollout), config.minibatch_size))
+    parts = {"logprobs": [], "entropy": [], "ref_logprobs": [], "values": []}
+    with autocast(runtime.device):
+        for idx in chunks:
+            batch = rollout.select(idx)
+            model.set_adapter("policy")
+            logprobs, entropy = policy_logprobs(model, batch, config.temperature, with_entropy=True)
+            with runtime.reference():
+                ref_logprobs, _ = policy_logprobs(model, batch, config.temperature)
+            model.set_adapter("value")
+            values = critic_values(model, head, batch)
+            for k, v in zip(parts, (logprobs, entropy, ref_logprobs, values)):
+                parts[k].append(v.float())
+        scores = torch.as_tensor(score_fn(rollout), dtype=torch.float32).to(rollout.mask.device)
+    model.set_adapter("policy")
+    for k, v in parts.items():
+        setattr(rollout, k, torch.where(rollout.mask.bool(), torch.cat(v), 0.0))  # 0 on padding
+    # a response that never stopped is penalised (TRL's missing_eos_penalty)
+    rollout.scores = scores.reshape(-1) + config.missing_eos_penalty * (~rollout.has_stop).float()
+
+
+def _chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield torch.arange(start, min(n, start + size))
+
+
+# -- 3. KL-shaped rewards, GAE, whitening ---------------------------------------------------------
+def advantages_step(rollout: Rollout, config: PPOConfig, plan: Plan, dist) -> None:
+    _gate_finite(rollout, plan)  # before shaping: a nan score must not reach GAE
+    rollout.rewards, rollout.kl = shape_rewards(rollout.scores, rollout.logprobs,
+                                                rollout.ref_logprobs, rollout.mask,
+                                                plan.kl_coef, config.kl_estimator)
+    advantages, rollout.returns = compute_gae(rollout.rewards, rollout.values, rollout.mask,
+                                              config.gamma, config.lam)  # (B,T) each
+    if config.whiten_advantages:  # over every rank's tokens, like one big batch
+        n, T = advantages.shape
+        all_adv = masked_whiten(dist.gather_rows(advantages), dist.gather_rows(rollout.mask))
+        advantages = all_adv[dist.rank * n:(dist.rank + 1) * n, :T]
+    rollout.advantages = advantages
+
+
+def _gate_finite(rollout: Rollout, plan: Plan) -> None:
+    m = rollout.mask.bool()
+    for name in ("scores", "logprobs", "ref_logprobs", "values"):
+        t = getattr(rollout, name)
+        t = t if name == "scores" else t[m]
+        if not torch.isfinite(t).all():
+            raise PPOHealthError(f"non-finite {name} in the rollout",
+                                 _aborted(plan, f"non-finite {name}"))
+
+
+def rollout_stats(rollout: Rollout, plan: Plan, dist) -> dict:
+    """Round metrics over all ranks (gathered), so every rank takes the same gate decisions."""
+    g = dist.gather_rows
+    mask = g(rollout.mask)  # (B,T)
+    scores = g(rollout.scores)  # (B,)
+    kl_seq = g(rollout.kl.sum(dim=1))  # (B,) KL of each sequence
+    lengths = mask.sum(dim=1)  # (B,)
+    entropy = g(rollout.entropy).sum() / mask.sum()
+    ev = explained_variance(g(rollout.values), g(rollout.returns), mask)
+    return {"reward_mean": scores.mean().item(), "reward_std": scores.std().item(),
+            "kl": kl_seq.mean().item(), "kl_coef": plan.kl_coef,
+            "rlhf_reward": (scores - plan.kl_coef * kl_seq).mean().item(),
+            "entropy": entropy.item(), "explained_variance": ev.item(),
+            "response_length": lengths.mean().item(),
+            "stop_rate": g(rollout.has_stop.float()).mean().item(),
+            "n_sequences": int(mask.shape[0])}
+
+
+def check_rollout(stats: dict, config: PPOConfig, plan: Plan) -> None:
+    if stats["kl"] > config.max_kl:
+        reason = f"mean KL per sequence {stats['kl']:.3g} > max_kl {config.max_kl}"
+        raise PPOHealthError(reason, _aborted(plan, reason) | {"metrics": stats})

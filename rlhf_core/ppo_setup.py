@@ -1,0 +1,179 @@
+"""PPO round, step 0 and shared types: the plan, the reward source, the actor and the critic.
+
+`Plan` is what a round fixes up front; `SingleProcess` the collective operations of one process
+(DDP: ppo_launch.AccelerateDist); `PPOHealthError` what every health gate raises. The actor is
+the `policy` LoRA adapter, the critic the `value` adapter plus a scalar head (initialised from
+the reward model when it shares the base). `snapshot_adapters` / `restore_adapters` let an
+aborted round leave the in-memory policy as it found it.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+
+import torch
+
+from rlhf_core import models
+from rlhf_core.config import PPOConfig
+from rlhf_core.rollout import Rollout
+
+log = logging.getLogger(__name__)
+
+
+class PPOHealthError(RuntimeError):
+    """A health gate stopped the round; nothing was published. `.result` says why."""
+
+    def __init__(self, reason: str, result: dict):
+        super().__init__(f"PPO round aborted, nothing published: {reason}")
+        self.reason, self.result = reason, result
+
+
+class SingleProcess:
+    """The collective operations of a round, for one process (DDP: ppo_launch.AccelerateDist)."""
+    world_size, rank, is_main = 1, 0, True
+
+    def gather_rows(self, t):  # (b,...) per rank -> (B,...) all ranks, dim 1 padded with 0
+        return t
+
+    def sum(self, t):
+        return t
+
+    def all_reduce_grads(self, params):
+        pass
+
+    def broadcast(self, obj):
+        return obj
+
+    def barrier(self):
+        pass
+
+
+@dataclasses.dataclass
+class Plan:
+    version: int  # the version this round publishes
+    parent: int  # the policy it starts from (0 = base)
+    seed: int
+    kl_coef: float
+    reward_version: int | None = None
+    critic_init: str = ""
+    scorer: object = dataclasses.field(default=None, repr=False)  # the reward model, if used
+
+
+def _aborted(plan: Plan, reason: str) -> dict:
+    return {"status": "aborted", "reason": reason, "version": plan.version, "parent": plan.parent}
+
+
+# -- 0. plan, reward, actor and critic ----------------------------------------------------
+def plan_round(runtime, config: PPOConfig, dist) -> Plan:
+    store = runtime.store
+    cur = store.current_version("policy")
+    parent = cur["version"] if cur else 0
+    version = dist.broadcast(store.next_version_number("policy"))
+    kl_coef = config.kl_coef
+    if config.adaptive_kl and cur and "kl_coef_next" in (cur.get("metrics") or {}):
+        kl_coef = float(cur["metrics"]["kl_coef_next"])  # the controller continues
+    return Plan(version=version, parent=parent, seed=config.seed * 100_003 + version,
+                kl_coef=kl_coef)
+
+
+def reward_source(runtime, reward_fn, plan: Plan):
+    """A callable (rollout) -> scores (B,): the injected reward_fn, or the reward model."""
+    if reward_fn is not None:
+        def from_fn(rollout: Rollout):
+            return reward_fn(rollout.prompts, rollout.responses, rollout.response_lists())
+        plan.critic_init = "fresh"
+        return from_fn
+    from rlhf_core.reward_model import load_reward
+    scorer = load_reward(runtime)
+    plan.reward_version, plan.scorer = scorer.version, scorer
+    plan.critic_init = "reward" if scorer.shares_base else "fresh"
+
+    def from_model(rollout: Rollout):
+        if hasattr(scorer, "score_texts"):  # encoded exactly as in reward training
+            return scorer.score_texts(rollout.prompts, rollout.responses)
+        ids = torch.cat([rollout.query_ids, rollout.response_ids], dim=1)  # (B,P+T)
+        attn = torch.cat([rollout.query_mask, rollout.mask.long()], dim=1)  # (B,P+T)
+        return scorer.score_ids(ids, attn)
+    from_model.scorer = scorer
+    return from_model
+
+
+def adapter_params(model, name: str) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if f".{name}." in n}
+
+
+def reset_adapter(model, name: str, seed: int) -> None:
+    """Re-initialise a LoRA adapter from `seed` (B = 0: the adapter starts as the identity)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in model.modules():
+            if hasattr(module, "reset_lora_parameters") and name in getattr(module, "lora_A", {}):
+                module.reset_lora_parameters(name, True)
+
+
+def setup_actor_critic(runtime, plan: Plan, config: PPOConfig) -> dict:
+    """Make `policy` hold the parent version and `value` + head the critic; return a snapshot."""
+    model = runtime.model
+    if plan.parent == 0:
+        reset_adapter(model, "policy", plan.seed)  # the base model, as a seeded identity adapter
+        runtime.loaded["policy"] = 0
+    else:
+        runtime.use_policy(plan.parent)  # loads the parent's adapter into `policy` if needed
+    parent_dir = runtime.policy_dir(plan.parent) / "value" if plan.parent else None
+    if runtime.loaded.get("value") == plan.parent and plan.parent and "value" in runtime.heads:
+        plan.critic_init = "continued"
+    elif parent_dir is not None and (parent_dir / "adapter_model.safetensors").exists():
+        runtime.load_adapter_dir("value", parent_dir, version=plan.parent, trainable=True)
+        runtime.heads["value"] = models.load_head(parent_dir, runtime.hidden_size,
+                                                  runtime.device.device)
+        plan.critic_init = "continued"
+    else:
+        init_critic(runtime, plan)
+    model.set_adapter("policy")
+    return snapshot_adapters(runtime)
+
+
+def init_critic(runtime, plan: Plan) -> None:
+    """A new critic: a copy of the reward adapter and head when they share the base, else fresh."""
+    model = runtime.model
+    runtime.ensure_fresh_adapter("value")
+    runtime.loaded["value"] = -1  # not a published critic: the next round re-initialises
+    scorer = plan.scorer
+    if plan.critic_init == "reward" and scorer is not None:
+        src = adapter_params(model, scorer.adapter_name)
+        dst = adapter_params(model, "value")
+        pairs = {n: n.replace(f".{scorer.adapter_name}.", ".value.") for n in src}
+        if set(pairs.values()) == set(dst) and all(
+                src[s].shape == dst[d].shape for s, d in pairs.items()):
+            with torch.no_grad():
+                for s, d in pairs.items():
+                    dst[d].copy_(src[s])
+            runtime.heads["value"] = copy.deepcopy(scorer.head)
+            return
+        log.warning("reward adapter does not match the value adapter's shape: fresh critic")
+    plan.critic_init = "fresh"
+    reset_adapter(model, "value", plan.seed + 1)
+    runtime.heads["value"] = models.ScalarHead(runtime.hidden_size, seed=plan.seed + 1).to(
+        runtime.device.device)
+
+
+def snapshot_adapters(runtime) -> dict:
+    model = runtime.model
+    return {"policy": {n: p.detach().clone() for n, p in adapter_params(model, "policy").items()},
+            "value": {n: p.detach().clone() for n, p in adapter_params(model, "value").items()},
+            "head": copy.deepcopy(runtime.heads["value"].state_dict()),
+            "loaded": dict(runtime.loaded)}
+
+
+def restore_adapters(runtime, saved: dict) -> None:
+    """Undo an aborted round's updates: the in-memory policy keeps serving the parent."""
+    model = runtime.model
+    with torch.no_grad():
+        for role in ("policy", "value"):
+            params = adapter_params(model, role)
+            for n, v in saved[role].items():
+                params[n].copy_(v)
+    runtime.heads["value"].load_state_dict(saved["head"])
+    runtime.loaded.update(saved["loaded"])
+    model.set_adapter("policy")

@@ -1,0 +1,166 @@
+"""Training one reward candidate: prepare (warm start or fresh), fit, evaluate, gate, publish.
+
+The steps `reward_model.train_reward` runs in order; the candidate lives in the CANDIDATE adapter
+of the reward backbone until it is published (or discarded).
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from rlhf_core import checkpoints, models, reward_data
+from rlhf_core.config import RewardConfig
+from rlhf_core.losses import bradley_terry_loss, reward_centering_loss, soft_bradley_terry_loss
+from rlhf_core.reward_data import PrefPair, RewardData
+from rlhf_core.reward_scoring import (ADAPTER_SUBDIR, CANDIDATE, Backbone, Encoder,
+                                      check_version_dir, collate, forward_scores,
+                                      score_sequences, using_adapter)
+
+
+# -- the candidate: warm start or fresh, then fit ------------------------------------------------
+def _prepare_candidate(runtime, bb: Backbone, warm_from: dict | None, cfg: RewardConfig,
+                       version: int) -> models.ScalarHead:
+    """The candidate adapter + head: a copy of `warm_from` (trainable), else fresh and seeded."""
+    if CANDIDATE in bb.model.peft_config:
+        bb.model.delete_adapter(CANDIDATE)
+    hidden = models.hidden_size(bb.model)
+    if warm_from is not None:
+        path = Path(warm_from["path"] or "")
+        head = check_version_dir(path, warm_from["version"], hidden, bb.device)
+        models.load_adapter(bb.model, CANDIDATE, path / ADAPTER_SUBDIR, trainable=True)
+        return head
+    seed = cfg.seed + version
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # LoRA A's init draws from the global generator
+        models.add_lora_adapter(bb.model, CANDIDATE, runtime.config.lora)
+    head = models.ScalarHead(hidden, cfg.head_init_std, seed)
+    if bb.init_head is not None:  # a separate classifier: start from its own score layer
+        with torch.no_grad():
+            head.linear.weight.copy_(bb.init_head["weight"])
+            if "bias" in bb.init_head:
+                head.linear.bias.copy_(bb.init_head["bias"])
+    return head.to(bb.device)
+
+
+def pair_loss(chosen, rejected, labels, tier_gaps, cfg: RewardConfig) -> torch.Tensor:
+    """Mean over a step's pairs of BT (strict, optional tier margin) and soft BT (ties)."""
+    strict = labels == 1.0  # (N,)
+    n = labels.numel()
+    loss = chosen.new_zeros(())
+    if strict.any():
+        margin = (cfg.margin_scale * (tier_gaps[strict] - 1).clamp(min=0)
+                  if cfg.use_margin else None)  # adjacent tiers: no margin
+        bt = bradley_terry_loss(chosen[strict], rejected[strict], margin)
+        loss = loss + strict.sum() / n * bt
+    if (~strict).any():
+        loss = loss + (~strict).sum() / n * soft_bradley_terry_loss(
+            chosen[~strict], rejected[~strict], labels[~strict])
+    if cfg.center_coef:
+        loss = loss + reward_centering_loss(chosen, rejected, cfg.center_coef)
+    return loss
+
+
+def fit(bb: Backbone, head, pairs: list[PrefPair], cfg: RewardConfig, *, seed: int,
+        progress, reporter=None, version: int | None = None) -> dict:
+    """AdamW on the candidate adapter + head; each step holds whole rankings only."""
+    model, rng = bb.model, random.Random(seed)
+    epochs = [reward_data.ranking_steps(pairs, cfg.rankings_per_step, rng)
+              for _ in range(cfg.epochs)]
+    total = sum(len(e) for e in epochs)
+    if total == 0:
+        raise ValueError(f"nothing to train: {len(pairs)} pairs, {cfg.epochs} epochs")
+    params = [p for n, p in model.named_parameters() if f".{CANDIDATE}." in n]
+    params += list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    encoder, step, losses, t0 = Encoder(bb.tokenizer, cfg.max_length), 0, [], time.perf_counter()
+    with using_adapter(model, CANDIDATE, trainable=params):
+        for epoch, steps in enumerate(epochs):
+            for batch in steps:
+                loss, acc = _step(bb, head, batch, cfg, encoder)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                opt.step()
+                step += 1
+                losses.append(loss.item())
+                progress(0.15 + 0.7 * step / total, f"epoch {epoch + 1}/{cfg.epochs} "
+                         f"step {step}/{total} loss {losses[-1]:.3f}")
+                if reporter is not None:
+                    reporter.metrics("reward_train", {"loss": losses[-1], "accuracy": acc},
+                                     step=step, version=version)
+    seconds = time.perf_counter() - t0
+    passes = len(pairs) * cfg.epochs
+    return {"train_loss_first": losses[0], "train_loss_last": losses[-1], "train_steps": step,
+            "train_seconds": seconds, "train_pairs_per_s": passes / seconds if seconds else 0.0}
+
+
+def _step(bb: Backbone, head, pairs: list[PrefPair], cfg: RewardConfig, encoder: Encoder):
+    """Loss of one step; each distinct response is scored once (K responses give K(K-1)/2 pairs)."""
+    texts = {}
+    for p in pairs:
+        texts[p.chosen_id], texts[p.rejected_id] = (p.prompt, p.chosen), (p.prompt, p.rejected)
+    rids = sorted(texts)
+    ids, mask = collate([encoder(*texts[r]) for r in rids], bb.pad_id, bb.device)
+    scores = forward_scores(bb.model, head, ids, mask)  # (U,)
+    pos = {r: i for i, r in enumerate(rids)}
+    chosen = scores[[pos[p.chosen_id] for p in pairs]]  # (N,)
+    rejected = scores[[pos[p.rejected_id] for p in pairs]]  # (N,)
+    labels = torch.tensor([p.label for p in pairs], dtype=scores.dtype, device=scores.device)
+    gaps = torch.tensor([p.tier_gap for p in pairs], dtype=scores.dtype, device=scores.device)
+    loss = pair_loss(chosen, rejected, labels, gaps, cfg)
+    strict = labels == 1.0
+    acc = (chosen[strict] > rejected[strict]).float().mean().item() if strict.any() else None
+    return loss, acc
+
+
+# -- evaluation and the promotion gate ----------------------------------------------------------
+def evaluate(bb: Backbone, adapter: str, head, data: RewardData, cfg: RewardConfig) -> dict:
+    """{"heldout": metrics, "fresh": metrics} (see reward_data.pair_metrics)."""
+    texts = {}
+    for p in data.heldout + data.fresh:
+        texts[p.chosen_id], texts[p.rejected_id] = (p.prompt, p.chosen), (p.prompt, p.rejected)
+    rids = sorted(texts)
+    encoder = Encoder(bb.tokenizer, cfg.max_length)
+    values = score_sequences(bb, adapter, head, [encoder(*texts[r]) for r in rids],
+                             cfg.eval_batch_size)
+    scores = dict(zip(rids, values))
+    return {"heldout": reward_data.pair_metrics(data.heldout, scores),
+            "fresh": reward_data.pair_metrics(data.fresh, scores)}
+
+
+def promotion_gate(after: dict, before: dict, current: dict | None,
+                   tolerance: float) -> tuple[str, str]:
+    """Promote unless held-out accuracy fell more than `tolerance` below the current's
+    (both measured now, on the same held-out pairs)."""
+    acc = after["heldout"].get("accuracy")
+    if current is None:
+        return "promoted", "first reward version" + (f" (held-out accuracy {acc:.3f})"
+                                                     if acc is not None else "")
+    cur = before.get("heldout", {}).get("accuracy")
+    if acc is None or cur is None:
+        return "promoted", "no held-out pairs to compare on: promoted without the accuracy gate"
+    if acc < cur - tolerance:
+        return "rejected", (f"held-out accuracy {acc:.3f} is worse than v{current['version']}'s "
+                            f"{cur:.3f} by more than the tolerance {tolerance}; "
+                            f"v{current['version']} keeps serving")
+    return "promoted", (f"held-out accuracy {acc:.3f} vs v{current['version']}'s {cur:.3f} "
+                        f"(tolerance {tolerance})")
+
+
+def publish_candidate(runtime, bb: Backbone, head, version: int, manifest: dict) -> Path:
+    """vNNNN/: reward/adapter_model.safetensors + adapter_config.json, score_head.safetensors,
+    version.json. A directory without a DB row (a worker died after the rename) is set aside."""
+    final = checkpoints.version_dir(runtime.workspace, "reward", version)
+    if final.exists() and runtime.store.get_version("reward", version) is None:
+        os.replace(final, final.with_name(f".orphan-{final.name}-{int(time.time())}"))
+
+    def write(tmp: Path) -> None:
+        models.save_adapter(bb.model, CANDIDATE, tmp)
+        os.replace(tmp / CANDIDATE, tmp / ADAPTER_SUBDIR)
+        models.save_head(head, tmp, meta={"kind": "reward", "version": version})
+
+    return checkpoints.publish(runtime.workspace, "reward", version, write, manifest)
