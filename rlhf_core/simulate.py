@@ -33,7 +33,7 @@ def add_arguments(p) -> None:
     p.add_argument("--labels-per-round", type=int, default=32, dest="labels_per_round")
     p.add_argument("--annotators", type=int, default=2)
     p.add_argument("--noise", type=float, default=0.0, help="share of random rankings")
-    p.add_argument("--eval-samples", type=int, default=3, dest="eval_samples",
+    p.add_argument("--eval-samples", type=int, default=2, dest="eval_samples",
                    help="samples per held-out prompt for the oracle's win-rate")
     p.add_argument("--url", help="drive an app already running here (same workspace); "
                                  "default: start one on a free loopback port")
