@@ -50,14 +50,14 @@ def _ranking_value(page) -> str:
 def test_rank_with_keyboard_only(page_and_ctx):
     page, ctx = page_and_ctx
     store = ctx.store
-    page.locator("#rl-name input, #rl-name textarea").first.wait_for(timeout=15000)
+    page.locator("#rl-name input, #rl-name textarea").first.wait_for(timeout=30000)
     page.keyboard.type("ada")  # the name field has autofocus
     page.keyboard.press("Enter")
-    page.get_by_text(XSS).first.wait_for(timeout=15000)  # shown as text...
-    page.get_by_text(IMG_XSS).first.wait_for(timeout=5000)
-    page.get_by_text("${1+1} {{x}}").first.wait_for(timeout=5000)
+    page.get_by_text(XSS).first.wait_for(timeout=30000)  # shown as text...
+    page.get_by_text(IMG_XSS).first.wait_for(timeout=20000)
+    page.get_by_text("${1+1} {{x}}").first.wait_for(timeout=20000)
     page.wait_for_function("document.activeElement && document.activeElement.closest('#rl-ranking')",
-                           timeout=5000)
+                           timeout=20000)
     page.keyboard.type("bacd")
     page.keyboard.press("Enter")
     assert wait_until(lambda: store.scalar("SELECT COUNT(*) FROM rankings") == 1, 15)
@@ -69,13 +69,13 @@ def test_rank_with_keyboard_only(page_and_ctx):
     # Next item: a half-typed draft survives a page refresh.
     page.wait_for_function("document.querySelector('#rl-cards') && "
                            f"!document.querySelector('#rl-prompt').innerText.includes('item {row['item_id']}')",
-                           timeout=15000)
+                           timeout=30000)
     page.keyboard.type("cb")
-    page.get_by_text("missing").first.wait_for(timeout=10000)
+    page.get_by_text("missing").first.wait_for(timeout=30000)
     page.reload()
     page.wait_for_function("(() => { const e = document.querySelector('#rl-ranking input, "
                            "#rl-ranking textarea'); return e && e.value === 'cb'; })()",
-                           timeout=15000)
+                           timeout=30000)
     assert page.locator("#rl-name input, #rl-name textarea").first.is_hidden()  # name remembered
 
     page.keyboard.press("Alt+S")  # skip
@@ -85,13 +85,13 @@ def test_rank_with_keyboard_only(page_and_ctx):
     assert wait_until(lambda: store.scalar("SELECT COUNT(*) FROM rankings WHERE kind='undo'") == 1, 15)
 
     # The mouse works too: card radios fill the ranking box, the Submit button records it.
-    page.get_by_text("Undid your ranking").first.wait_for(timeout=10000)
+    page.get_by_text("Undid your ranking").first.wait_for(timeout=30000)
     for label, rank in (("B", "1"), ("A", "2"), ("C", "2")):
         page.locator(f"#rl-rank-{label}").get_by_text(rank, exact=True).click()
         page.wait_for_timeout(150)
     page.wait_for_function("(() => { const e = document.querySelector('#rl-ranking input, "
                            "#rl-ranking textarea'); return e && e.value === 'B > A = C'; })()",
-                           timeout=10000)
+                           timeout=30000)
     page.screenshot(path="/tmp/ui.png", full_page=True)
     page.locator("#rl-submit").click()
     assert wait_until(lambda: store.scalar("SELECT COUNT(*) FROM active_rankings "
