@@ -8,12 +8,13 @@ shown unmarked in an order unrelated to the version.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
 
 from rlhf_core import annotation, jobs
-from rlhf_core.config import SamplingConfig, from_dict
+from rlhf_core.config import SamplingConfig
 from rlhf_core.sampling import Sample, sample_distinct, settings_record
 from rlhf_core.store import Store
 
@@ -24,12 +25,7 @@ def _sampling_config(runtime, params: dict) -> SamplingConfig:
     base = runtime.config.sampling
     overrides = {k: params[k] for k in ("k", "max_new_tokens", "temperature", "top_p", "top_k",
                                         "prompts_per_batch", "seed") if k in params}
-    return from_dict(SamplingConfig, {**_asdict(base), **overrides})
-
-
-def _asdict(cfg):
-    from dataclasses import asdict
-    return asdict(cfg)
+    return dataclasses.replace(base, **overrides)  # validates like any SamplingConfig
 
 
 def baseline_version(store: Store, rule: str, current: int) -> int | None:
@@ -117,12 +113,11 @@ def _sample_ab(runtime, version, baseline, rows, cfg, seed, reporter) -> list[di
     """Blind A/B items: ceil(K/2) responses from `version`, the rest from `baseline`."""
     if not rows:
         return []
-    from dataclasses import replace
     k_new = (cfg.k + 1) // 2
     k_old = cfg.k - k_new
     # SamplingConfig refuses k < 2: sample at least 2 per side (K=2, 3) and trim below.
-    new = _sample(runtime, version, rows, replace(cfg, k=max(2, k_new)), seed, None)
-    old = _sample(runtime, baseline, rows, replace(cfg, k=max(2, k_old)), seed + 17, None)
+    new = _sample(runtime, version, rows, dataclasses.replace(cfg, k=max(2, k_new)), seed, None)
+    old = _sample(runtime, baseline, rows, dataclasses.replace(cfg, k=max(2, k_old)), seed + 17, None)
     reporter.progress(0.9, "A/B items sampled")
     items = []
     for a, b in zip(new, old):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from rlhf_core.advantages import entropy_from_logits
+from rlhf_core.sampling import chat_prompts, stop_token_ids
 
 
 @dataclass
@@ -64,8 +65,7 @@ class Rollout:
 # -- tokenizing --------------------------------------------------------------------
 def chat_query_ids(tokenizer, prompt: str, max_tokens: int) -> list[int]:
     """Prompt -> chat-templated ids ending with the assistant header (last max_tokens kept)."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                         add_generation_prompt=True, tokenize=False)
+    (text,) = chat_prompts(tokenizer, [prompt])
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return ids[-max_tokens:]
 
@@ -89,16 +89,6 @@ def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
         ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
         mask[i, :len(s)] = 1.0
     return ids, mask
-
-
-def stop_token_ids(tokenizer, model) -> set[int]:
-    """EOS of the tokenizer plus every EOS the model's generation config names."""
-    ids = {tokenizer.eos_token_id}
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if gen_eos is not None:
-        ids |= set(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
-    ids.discard(None)
-    return ids
 
 
 def cut_after_stop(tokens: list[int], stop_ids: set[int]) -> tuple[list[int], bool]:
@@ -129,7 +119,7 @@ class GumbelSampler:
 def generate(model, tokenizer, prompts: list[str], seeds: list[int], *, max_new_tokens: int,
              temperature: float, max_prompt_tokens: int, batch_size: int, device) -> Rollout:
     """Sample one response per prompt (repeat prompts for several); `seeds` one per row."""
-    stop_ids = stop_token_ids(tokenizer, model)
+    stop_ids = set(stop_token_ids(tokenizer, model))
     queries = [chat_query_ids(tokenizer, p, max_prompt_tokens) for p in prompts]
     responses: list[list[int]] = []
     has_stop: list[bool] = []

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -129,9 +128,3 @@ def settings_record(cfg: SamplingConfig, policy_version: int) -> dict:
     d = asdict(cfg)
     d["policy_version"] = policy_version
     return d
-
-
-def timed(fn, *args, **kwargs):
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t0

@@ -1,25 +1,19 @@
 """A real Gradio server on loopback driven by gradio_client, as scripts and simulated annotators do."""
 from __future__ import annotations
 
-import socket
 import threading
 import uuid
 
 import pytest
 
 from app.context import AppContext
+from app.launcher import free_port
 from app.ui import launch
 from rlhf_core.annotation import withdraw_item
 from rlhf_core.config import AppConfig
 from tests.test_handlers import XSS, seed_items
 
 gradio_client = pytest.importorskip("gradio_client")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
