@@ -152,7 +152,7 @@ def run(quick: bool = False) -> dict:
     speed = {k: round(t[k] / o[k], 2) for k in ("wall_s", "time_generate", "time_score",
                                                  "time_train")}
     return {
-        "bench": "B2 PPO round vs TRL", "trl": trl_env.versions("ppo"),
+        "bench": "B2 PPO round vs TRL", "trl_version": trl_env.versions("ppo"),
         "setting": {"sequences": len(rows(cfg)), "prompts": cfg.prompts_per_round,
                     "rollouts_per_prompt": cfg.rollouts_per_prompt,
                     "max_new_tokens": cfg.max_new_tokens, "epochs": cfg.epochs,

@@ -105,7 +105,8 @@ def run(quick: bool = False) -> dict:
     ratios = [o["pairs_per_s"] / t["pairs_per_s"] for o, t in zip(ours, trl)]
     med = lambda runs, k: round(common.median([x[k] for x in runs]), 3)  # noqa
     return {
-        "bench": "B3 reward training vs TRL RewardTrainer", "trl": trl_env.versions("reward"),
+        "bench": "B3 reward training vs TRL RewardTrainer",
+        "trl_version": trl_env.versions("reward"),
         "setting": {"train_pairs": len(spec["train"]), "heldout_pairs": len(spec["heldout"]),
                     **spec["config"], "lora": spec["lora"]},
         "ours": {k: med(ours, k) for k in ("pairs_per_s", "train_s", "heldout_accuracy",

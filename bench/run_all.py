@@ -51,7 +51,7 @@ def ratio_rows(results: dict) -> list[tuple[str, str, str, str]]:
                     f"{r['batch1_bound_tokens_per_s']}", "-"))
     r = results.get("B2")
     if r and "error" not in r:
-        rows.append(("B2", f"PPO round speed-up vs TRL {r['trl'].split()[1]}", _f(r["speedup"]),
+        rows.append(("B2", f"PPO round speed-up vs TRL ({r['trl_version']})", _f(r["speedup"]),
                      ">= 2"))
         s = r["speedup_by_phase"]
         rows.append(("B2", "  by phase: generate / score / train",
@@ -65,7 +65,7 @@ def ratio_rows(results: dict) -> list[tuple[str, str, str, str]]:
                         f"{x['time_train']}), {x['peak_rss_mb']:.0f}", "-"))
     r = results.get("B3")
     if r and "error" not in r:
-        rows.append(("B3", f"reward training pairs/s, ours/TRL {r['trl'].split()[1]}",
+        rows.append(("B3", f"reward training pairs/s, ours/TRL ({r['trl_version']})",
                      _f(r["ratio"]), ">= 1.2"))
         ctx.append(("B3", "held-out accuracy ours / TRL",
                     f"{_f(r['ours']['heldout_accuracy'], '{:.3f}')} / "
