@@ -67,15 +67,15 @@ class BenchReporter:
 
 def random_reward_fn(runtime):
     """Score with a fresh reward adapter + random head: the reward model's real cost."""
-    from rlhf_core import reward_model
+    from rlhf_core import reward_scoring
     runtime.ensure_fresh_adapter("reward_bench")
     head = models.ScalarHead(runtime.hidden_size, seed=0).to(runtime.device.device)
-    bb = reward_model.backbone(runtime)
-    encoder = reward_model.Encoder(runtime.tokenizer, runtime.config.reward.max_length)
+    bb = reward_scoring.backbone(runtime)
+    encoder = reward_scoring.Encoder(runtime.tokenizer, runtime.config.reward.max_length)
 
     def reward_fn(prompts, responses, response_ids):
         seqs = [encoder(p, r) for p, r in zip(prompts, responses)]
-        return torch.tensor(reward_model.score_sequences(bb, "reward_bench", head, seqs))
+        return torch.tensor(reward_scoring.score_sequences(bb, "reward_bench", head, seqs))
     return reward_fn
 
 

@@ -23,19 +23,14 @@ import time
 
 from rlhf_core import jobs
 from rlhf_core.config import PPOConfig, from_dict, to_dict
-# The steps live in ppo_setup / ppo_rollout / ppo_train / ppo_publish; they are re-exported here
-# so `from rlhf_core.ppo import ...` keeps working for every name this module used to define.
-from rlhf_core.ppo_publish import _Output, publish_step  # noqa: F401
-from rlhf_core.ppo_rollout import (_chunks, _gate_finite, advantages_step,  # noqa: F401
-                                   check_rollout, choose_prompts, rollout_stats, rollout_step,
+# The round reads top to bottom here; each step lives in ppo_setup / ppo_rollout / ppo_train /
+# ppo_publish.
+from rlhf_core.ppo_publish import _Output, publish_step
+from rlhf_core.ppo_rollout import (advantages_step, check_rollout, rollout_stats, rollout_step,
                                    score_step)
-from rlhf_core.ppo_setup import (Plan, PPOHealthError, SingleProcess, _aborted,  # noqa: F401
-                                 adapter_params, init_critic, plan_round, reset_adapter,
-                                 restore_adapters, reward_source, setup_actor_critic,
-                                 snapshot_adapters)
-from rlhf_core.ppo_train import (_backward_if_finite, _eval_mode, _gate_minibatch,  # noqa: F401
-                                 _train_mode, minibatch_update, train_step)
-
+from rlhf_core.ppo_setup import (PPOHealthError, SingleProcess, plan_round, restore_adapters,
+                                 reward_source, setup_actor_critic)
+from rlhf_core.ppo_train import train_step
 
 def ppo_round(runtime, *, config: PPOConfig | None = None, reporter=None, reward_fn=None,
               prompts: list[str] | None = None, dist=None, enqueue_sampling: bool = True) -> dict:

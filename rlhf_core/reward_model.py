@@ -22,15 +22,9 @@ import time
 from rlhf_core import reward_data
 from rlhf_core.config import RewardConfig, from_dict, to_dict
 from rlhf_core.jobs import handler
-from rlhf_core.reward_data import PrefPair, RewardData, RewardDataError  # noqa: F401 (re-export)
-# The network, serving and candidate steps live in reward_scoring / reward_train; re-exported
-# here so `from rlhf_core.reward_model import ...` keeps working for every name it defined.
-from rlhf_core.reward_scoring import (ADAPTER_SUBDIR, CANDIDATE, INIT_ADAPTER,  # noqa: F401
-                                      SERVING, Backbone, Encoder, RewardScorer, _body,
-                                      _load_into, _pad_id, backbone, check_version_dir, collate,
-                                      forward_scores, load_reward, score_sequences, using_adapter)
-from rlhf_core.reward_train import (_prepare_candidate, _step, evaluate, fit,  # noqa: F401
-                                    pair_loss, promotion_gate, publish_candidate)
+from rlhf_core.reward_scoring import CANDIDATE, backbone, load_reward  # noqa: F401 (load_reward: the API)
+from rlhf_core.reward_train import (_prepare_candidate, evaluate, fit, promotion_gate,
+                                    publish_candidate)
 from rlhf_core.store import Store, now_iso
 
 log = logging.getLogger(__name__)

@@ -77,12 +77,12 @@ def embedded_model_dir(tmp_path_factory) -> Path:
 
 def publish_fresh_reward(runtime, version: int, parent: int | None = None):
     """Publish an untrained reward adapter + random head as a promoted version: enough to score."""
-    from rlhf_core import reward_model
-    bb = reward_model.backbone(runtime)
-    head = reward_model._prepare_candidate(runtime, bb, None, runtime.config.reward, version)
+    from rlhf_core import reward_scoring, reward_train
+    bb = reward_scoring.backbone(runtime)
+    head = reward_train._prepare_candidate(runtime, bb, None, runtime.config.reward, version)
     manifest = {"kind": "reward", "version": version, "status": "promoted", "config": {},
                 "metrics": {}, "counts": {}}
-    path = reward_model.publish_candidate(runtime, bb, head, version, manifest)
-    bb.model.delete_adapter(reward_model.CANDIDATE)
+    path = reward_train.publish_candidate(runtime, bb, head, version, manifest)
+    bb.model.delete_adapter(reward_scoring.CANDIDATE)
     runtime.store.add_version("reward", version, status="promoted", path=str(path), parent=parent)
     return path

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import urllib.request
 
-import pytest
 
 from app import dashboard_data as dd
 from app.context import AppContext

@@ -13,7 +13,9 @@ import torch
 
 from rlhf_core import jobs
 from rlhf_core.config import AppConfig, PPOConfig
-from rlhf_core.ppo import PPOHealthError, adapter_params, ppo_round
+from rlhf_core.ppo import PPOHealthError, ppo_round
+from rlhf_core.ppo_setup import Plan, SingleProcess, adapter_params
+from rlhf_core.ppo_rollout import rollout_step
 from rlhf_core.rollout import Rollout, policy_logprobs
 from rlhf_core.runtime import Runtime
 from rlhf_core.store import Store
@@ -128,12 +130,10 @@ def test_round_checklist_ratio_params_reference_and_layout(runtime):
 
 
 def test_rollout_uses_train_prompts_and_cuts_after_stop(runtime):
-    from rlhf_core.ppo import Plan, rollout_step
     train = {r["text"] for r in runtime.store.rows("SELECT text FROM prompts WHERE split='train'")}
     assert len(train) < len(PROMPTS)  # some prompts are held out
     config = replace(TINY, prompts_per_round=len(PROMPTS), max_new_tokens=12)
     runtime.model.set_adapter("policy")
-    from rlhf_core.ppo import SingleProcess
     rollout = rollout_step(runtime, config, Plan(1, 0, seed=3, kl_coef=0.05), SingleProcess())
     assert set(rollout.prompts) == train
     eos = runtime.tokenizer.eos_token_id
@@ -160,7 +160,6 @@ def direction_reward(runtime):
 def evaluate(runtime, reward_fn) -> float:
     """Mean reward over every train prompt x 4, with fixed sampling noise (common random
     numbers: before/after differ only by the policy, not by the draw)."""
-    from rlhf_core.ppo import Plan, SingleProcess, rollout_step
     config = replace(TINY, prompts_per_round=100, rollouts_per_prompt=4, generation_batch_size=64)
     rollout = rollout_step(runtime, config, Plan(99, 0, seed=424242, kl_coef=0.0), SingleProcess())
     return reward_fn(None, None, rollout.response_lists()).mean().item()

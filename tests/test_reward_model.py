@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_core import annotation, jobs, models, reward_data, reward_model
+from rlhf_core import annotation, jobs, models, reward_data, reward_model, reward_scoring, reward_train
 from rlhf_core.config import AppConfig, RewardConfig
 from rlhf_core.losses import bradley_terry_loss, soft_bradley_terry_loss
 from rlhf_core.reward_data import RewardDataError
@@ -88,12 +88,12 @@ def test_pair_loss_ties_margin_and_centering():
     chosen, rejected = torch.tensor([2.0, 0.5, 1.0]), torch.tensor([0.0, 1.0, 1.5])
     labels, gaps = torch.tensor([1.0, 1.0, 0.5]), torch.tensor([1.0, 3.0, 0.0])
     cfg = RewardConfig(use_margin=True, margin_scale=0.5, center_coef=0.1)
-    got = reward_model.pair_loss(chosen, rejected, labels, gaps, cfg)
+    got = reward_train.pair_loss(chosen, rejected, labels, gaps, cfg)
     bt = bradley_terry_loss(chosen[:2], rejected[:2], torch.tensor([0.0, 1.0]))  # 0.5*(gap-1)
     tie = soft_bradley_terry_loss(chosen[2:], rejected[2:], 0.5)
     center = 0.1 * ((chosen + rejected) ** 2).mean()
     assert torch.allclose(got, 2 / 3 * bt + 1 / 3 * tie + center)
-    plain = reward_model.pair_loss(chosen[:2], rejected[:2], labels[:2], gaps[:2], RewardConfig())
+    plain = reward_train.pair_loss(chosen[:2], rejected[:2], labels[:2], gaps[:2], RewardConfig())
     assert torch.allclose(plain, bradley_terry_loss(chosen[:2], rejected[:2]))
 
 
@@ -176,7 +176,7 @@ def test_score_ids_is_padding_invariant_and_matches_score_texts(store, tiny_mode
     runtime = make_runtime(store, tiny_model_dir)
     reward_model.train_reward(runtime)
     scorer = reward_model.load_reward(runtime)
-    enc = reward_model.Encoder(runtime.tokenizer, 320)
+    enc = reward_scoring.Encoder(runtime.tokenizer, 320)
     seqs = [enc("hello world", "yes the sea"), enc("write a poem", "no")]
     singles = torch.cat([scorer.score_ids(torch.tensor([s]), torch.ones(1, len(s)))
                          for s in seqs])
