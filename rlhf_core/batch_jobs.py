@@ -130,13 +130,3 @@ def _sample_ab(runtime, version, baseline, rows, cfg, seed, reporter) -> list[di
 def _resp(s: Sample, version: int) -> dict:
     return {"text": s.text, "n_tokens": s.n_tokens, "finish_reason": s.finish_reason,
             "policy_version": version}
-
-
-def ensure_ready(store: Store, min_ready: int) -> int | None:
-    """Queue a sample_batch job when fewer than `min_ready` items still need rankings."""
-    from rlhf_core.store import OPEN_ITEMS_SQL
-    if store.scalar("SELECT COUNT(*) FROM prompts") == 0:
-        return None
-    if store.scalar(OPEN_ITEMS_SQL) >= min_ready:
-        return None
-    return jobs.enqueue(store, "sample_batch", {}, requested_by="worker", unique=True)

@@ -51,25 +51,10 @@ def lower_priority(nice: int, threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
-def make_idle(store, cfg):
-    """What the worker does between jobs: the loop policy, or just keeping items ready."""
-    try:
-        from rlhf_core.loop import loop_tick
-    except ImportError:
-        loop_tick = None
-    from rlhf_core.batch_jobs import ensure_ready
-
-    def idle():
-        if loop_tick is not None:
-            loop_tick(store)
-        else:
-            ensure_ready(store, cfg.sampling.min_ready_items)
-    return idle
-
-
 def run_worker(workspace: Path, *, stop: threading.Event | None = None, cpu: bool = False,
                nice: int = 10, threads: int | None = None, poll_s: float = 1.0,
                overrides: dict | None = None) -> None:
+    from rlhf_core.loop import loop_tick
     from rlhf_core.runtime import Runtime
     from rlhf_core.workspace import open_workspace, seed_prompts_if_empty
     store, cfg = open_workspace(workspace, **(overrides or {}))
@@ -82,4 +67,5 @@ def run_worker(workspace: Path, *, stop: threading.Event | None = None, cpu: boo
     log.info("worker handles: %s", ", ".join(kinds))
     runtime = Runtime(store, cfg, cpu=cpu)
     stop = stop or threading.Event()
-    jobs.worker_loop(runtime, store, stop=stop, idle=make_idle(store, cfg), poll_s=poll_s)
+    # Between jobs: the loop policy (keep items ready; in automatic mode, train and PPO).
+    jobs.worker_loop(runtime, store, stop=stop, idle=lambda: loop_tick(store), poll_s=poll_s)

@@ -245,8 +245,21 @@ def test_baseline_version_rules(store):
         baseline_version(store, "best", 3)
 
 
+def ensure_ready(store, min_ready: int):
+    """The loop's keep-items-ready rule with `min_ready`: the sample_batch job it queued, if any."""
+    from rlhf_core.config import to_dict
+    from rlhf_core.loop import loop_tick, read_config
+    from rlhf_core.workspace import apply_overrides
+    cfg = apply_overrides(read_config(store), {"sampling.min_ready_items": min_ready})
+    store.set_setting("config", to_dict(cfg))
+    kinds = {j: store.scalar("SELECT kind FROM jobs WHERE id = ?", [j]) for j in loop_tick(store)}
+    queued = [j for j, k in kinds.items() if k == "sample_batch"]
+    if queued:
+        return queued[0]
+    return store.scalar("SELECT id FROM jobs WHERE kind = 'sample_batch' AND status = 'queued'")
+
+
 def test_ensure_ready_queues_one_job_below_min(store):
-    from rlhf_core.batch_jobs import ensure_ready
     assert ensure_ready(store, 2) is None  # no prompts: nothing to sample
     store.add_prompts([{"text": f"p{i}"} for i in range(3)], source="t")
     annotation.create_batch(store, policy_version=0, k=2, items=[
@@ -260,7 +273,6 @@ def test_ensure_ready_queues_one_job_below_min(store):
 
 
 def test_ensure_ready_counts_items_needing_rankings(store):
-    from rlhf_core.batch_jobs import ensure_ready
     store.add_prompts([{"text": "p"}], source="t")
     annotation.create_batch(store, policy_version=0, k=2, items=[
         {"prompt_id": 1, "responses": [{"text": "a"}, {"text": "b"}]}])
