@@ -57,7 +57,9 @@ def ours_batch(model, tok, prompts, cfg, seed, *, adapter: bool, dev):
 
 @torch.no_grad()
 def peer_batch(model, tok, prompts, cfg, seed, dev):
-    """The plain loop a user would write: chat template, generate K per prompt, decode."""
+    """The plain loop a user would write: chat template, generate K per prompt, decode.
+    Same rows per call and the same seed per call as our sampler, so with the same weights
+    both draw the same responses (checked in `responses_per_s`): the ratio is pure overhead."""
     per_call = max(1, cfg.batch_size // cfg.k)  # same sequences per generate() call
     out = []
     for start in range(0, len(prompts), per_call):
@@ -65,7 +67,7 @@ def peer_batch(model, tok, prompts, cfg, seed, dev):
         texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                          add_generation_prompt=True) for p in chunk]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(dev.device)
-        torch.manual_seed(seed + start)
+        torch.manual_seed(seed + start * cfg.k)  # our sampler's seed for the same rows
         gen = model.generate(**enc, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
                              max_new_tokens=cfg.max_new_tokens, num_return_sequences=cfg.k,
                              pad_token_id=tok.pad_token_id)
@@ -90,23 +92,31 @@ def timed(fn, dev):
 def responses_per_s(model_ours, peer, tok, cfg, prompts, rounds, dev) -> dict:
     rows = {"ours_v0": [], "ours_lora": [], "peer": []}
     counts = {k: 0 for k in rows}
+    same, compared = 0, 0
     for r in range(rounds):
         seed = 1000 + r
         order = ["peer", "ours_v0", "ours_lora"] if r % 2 == 0 else ["ours_lora", "ours_v0", "peer"]
+        texts = {}
         for side in order:
             if side == "peer":
                 out, s = timed(lambda: peer_batch(peer, tok, prompts, cfg, seed, dev), dev)
+                texts[side] = [[t.strip() for t in x] for x in out]
             else:
                 out, s = timed(lambda: ours_batch(model_ours, tok, prompts, cfg, seed,
                                                   adapter=side == "ours_lora", dev=dev), dev)
+                texts[side] = [[x.text for x in xs] for xs in out]
             n = sum(len(x) for x in out)
             counts[side] += n
             rows[side].append(n / s)
+        # same weights, rows and seeds: the base model's draws should be the same responses
+        same += sum(a == b for a, b in zip(texts["ours_v0"], texts["peer"]))
+        compared += len(prompts)
     res = {k: round(common.median(v), 3) for k, v in rows.items()}
     res["ratio_v0"] = round(common.median([a / b for a, b in zip(rows["ours_v0"], rows["peer"])]), 3)
     res["ratio_lora"] = round(common.median([a / b for a, b in zip(rows["ours_lora"],
                                                                      rows["peer"])]), 3)
     res["rounds"], res["responses"] = rounds, counts
+    res["v0_identical_draws"] = round(same / compared, 3)  # share of prompts, all K equal
     return res
 
 

@@ -103,7 +103,10 @@ def run(quick: bool = False) -> dict:
                 else:
                     trl.append(_sub([str(trl_py), "-m", "bench.b3_trl_side", str(spec_path)]))
     ratios = [o["pairs_per_s"] / t["pairs_per_s"] for o, t in zip(ours, trl)]
-    med = lambda runs, k: round(common.median([x[k] for x in runs]), 3)  # noqa
+
+    def med(runs, k):
+        xs = [x[k] for x in runs if x.get(k) is not None]
+        return round(common.median(xs), 3) if xs else None
     return {
         "bench": "B3 reward training vs TRL RewardTrainer",
         "trl_version": trl_env.versions("reward"),

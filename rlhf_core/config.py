@@ -96,6 +96,10 @@ class PPOConfig:
     seed: int = 0
     max_prompt_tokens: int = 256  # longer chat-templated prompts keep their last tokens
     generation_batch_size: int = 16  # sequences per generate() call in a rollout
+    # the rollout's old log-probs come from the sampling step's own logits (one policy forward
+    # less per round); recomputed anyway under bf16, where incremental decoding and a full
+    # forward round differently enough to move the first PPO ratio away from 1
+    logprobs_from_sampling: bool = True
 
 
 @dataclass(frozen=True)

@@ -37,34 +37,45 @@ def rollout_step(runtime, config: PPOConfig, plan: Plan, dist, prompts=None) -> 
     seeds = [plan.seed * 10_007 + g for g in range(lo, lo + n)]  # one noise stream per row
     model = runtime.model
     model.set_adapter("policy")
+    record = config.logprobs_from_sampling and runtime.device.mixed_precision != "bf16"
     with autocast(runtime.device):
         return generate(model, runtime.tokenizer, rows[lo:lo + n], seeds,
                         max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                         max_prompt_tokens=config.max_prompt_tokens,
-                        batch_size=config.generation_batch_size, device=runtime.device.device)
+                        batch_size=config.generation_batch_size, device=runtime.device.device,
+                        record_logprobs=record)
 
 
 # -- 2. score, reference log-probs, values -----------------------------------------------------
 @torch.no_grad()
 def score_step(runtime, rollout: Rollout, config: PPOConfig, score_fn) -> None:
+    """Reference log-probs, values and scores; the policy's log-probs only when the rollout
+    did not record them while sampling."""
     model, head = runtime.model, runtime.heads["value"]
     chunks = list(_chunks(len(rollout), config.minibatch_size))
-    parts = {"logprobs": [], "entropy": [], "ref_logprobs": [], "values": []}
+    recorded = rollout.logprobs is not None
+    parts = {"ref_logprobs": [], "values": []} | ({} if recorded else
+                                                  {"logprobs": [], "entropy": []})
     with autocast(runtime.device):
         for idx in chunks:
             batch = rollout.select(idx)
-            model.set_adapter("policy")
-            logprobs, entropy = policy_logprobs(model, batch, config.temperature, with_entropy=True)
+            if not recorded:
+                model.set_adapter("policy")
+                logprobs, entropy = policy_logprobs(model, batch, config.temperature,
+                                                    with_entropy=True)
+                parts["logprobs"].append(logprobs.float())
+                parts["entropy"].append(entropy.float())
             with runtime.reference():
                 ref_logprobs, _ = policy_logprobs(model, batch, config.temperature)
             model.set_adapter("value")
-            values = critic_values(model, head, batch)
-            for k, v in zip(parts, (logprobs, entropy, ref_logprobs, values)):
-                parts[k].append(v.float())
+            parts["ref_logprobs"].append(ref_logprobs.float())
+            parts["values"].append(critic_values(model, head, batch).float())
         scores = torch.as_tensor(score_fn(rollout), dtype=torch.float32).to(rollout.mask.device)
     model.set_adapter("policy")
     for k, v in parts.items():
-        setattr(rollout, k, torch.where(rollout.mask.bool(), torch.cat(v), 0.0))  # 0 on padding
+        setattr(rollout, k, torch.cat(v))
+    for k in ("logprobs", "entropy", "ref_logprobs", "values"):  # 0 on padding
+        setattr(rollout, k, torch.where(rollout.mask.bool(), getattr(rollout, k).float(), 0.0))
     # a response that never stopped is penalised (TRL's missing_eos_penalty)
     rollout.scores = scores.reshape(-1) + config.missing_eos_penalty * (~rollout.has_stop).float()
 

@@ -101,32 +101,56 @@ def cut_after_stop(tokens: list[int], stop_ids: set[int]) -> tuple[list[int], bo
 
 # -- sampling ----------------------------------------------------------------------------
 class GumbelSampler:
-    """A logits processor that turns greedy decoding into seeded sampling at `temperature`."""
+    """A logits processor that turns greedy decoding into seeded sampling at `temperature`.
 
-    def __init__(self, seeds: list[int], temperature: float, device):
+    With `record=True` it also keeps, per step, the log-prob (at `temperature`) and entropy of
+    the token it makes greedy decoding pick: the rollout's old log-probs without a second
+    forward pass of the policy."""
+
+    def __init__(self, seeds: list[int], temperature: float, device, record: bool = False):
         self.temperature = temperature
         self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+        self.record = record
+        self.logprobs: list[torch.Tensor] = []  # per step (B,)
+        self.entropy: list[torch.Tensor] = []  # per step (B,)
 
     def __call__(self, input_ids, scores):  # scores (B,V) -> perturbed (B,V)
         V = scores.shape[1]
         u = torch.stack([torch.rand(V, generator=g, device=scores.device)
                          for g in self.generators])  # (B,V) uniform [0,1)
         gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))  # (B,V)
-        return scores.float() / self.temperature + gumbel
+        logits = scores.float() / self.temperature  # (B,V)
+        perturbed = logits + gumbel
+        if self.record:
+            chosen = perturbed.argmax(dim=-1, keepdim=True)  # (B,1): greedy's pick
+            logp = torch.log_softmax(logits, dim=-1)  # (B,V)
+            self.logprobs.append(logp.gather(-1, chosen).squeeze(-1))
+            self.entropy.append(entropy_from_logits(logits))
+        return perturbed
+
+    def recorded(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,width) log-probs and entropies of the first `width` sampled tokens."""
+        return (torch.stack(self.logprobs, dim=1)[:, :width],
+                torch.stack(self.entropy, dim=1)[:, :width])
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], seeds: list[int], *, max_new_tokens: int,
-             temperature: float, max_prompt_tokens: int, batch_size: int, device) -> Rollout:
-    """Sample one response per prompt (repeat prompts for several); `seeds` one per row."""
+             temperature: float, max_prompt_tokens: int, batch_size: int, device,
+             record_logprobs: bool = False) -> Rollout:
+    """Sample one response per prompt (repeat prompts for several); `seeds` one per row.
+
+    `record_logprobs`: fill `logprobs` and `entropy` from the sampling step's own logits."""
     stop_ids = set(stop_token_ids(tokenizer, model))
     queries = [chat_query_ids(tokenizer, p, max_prompt_tokens) for p in prompts]
     responses: list[list[int]] = []
     has_stop: list[bool] = []
+    recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
     for start in range(0, len(prompts), batch_size):
         chunk = queries[start:start + batch_size]
         ids, attn = left_pad(chunk, tokenizer.pad_token_id)  # (b,P)
-        sampler = GumbelSampler(seeds[start:start + batch_size], temperature, device)
+        sampler = GumbelSampler(seeds[start:start + batch_size], temperature, device,
+                                record=record_logprobs)
         out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
                              do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
                              eos_token_id=sorted(stop_ids), pad_token_id=tokenizer.pad_token_id,
@@ -135,12 +159,20 @@ def generate(model, tokenizer, prompts: list[str], seeds: list[int], *, max_new_
             cut, stopped = cut_after_stop(row, stop_ids)
             responses.append(cut)
             has_stop.append(stopped)
+        if record_logprobs:
+            recorded.append(sampler.recorded(out.shape[1] - ids.shape[1]))
     query_ids, query_mask = left_pad(queries, tokenizer.pad_token_id)
     response_ids, mask = right_pad(responses, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    return Rollout(prompts=list(prompts), responses=texts, query_ids=query_ids.to(device),
-                   query_mask=query_mask.to(device), response_ids=response_ids.to(device),
-                   mask=mask.to(device), has_stop=torch.tensor(has_stop, device=device))
+    rollout = Rollout(prompts=list(prompts), responses=texts, query_ids=query_ids.to(device),
+                      query_mask=query_mask.to(device), response_ids=response_ids.to(device),
+                      mask=mask.to(device), has_stop=torch.tensor(has_stop, device=device))
+    if record_logprobs:  # chunks generate different lengths: pad each to the rollout's width
+        T = mask.shape[1]
+        pad = lambda t: torch.nn.functional.pad(t[:, :T], (0, T - min(T, t.shape[1])))  # noqa
+        rollout.logprobs = torch.cat([pad(lp) for lp, _ in recorded]).to(device)
+        rollout.entropy = torch.cat([pad(e) for _, e in recorded]).to(device)
+    return rollout
 
 
 # -- forwards over (query + response) ------------------------------------------------------

@@ -147,6 +147,38 @@ def test_rollout_uses_train_prompts_and_cuts_after_stop(runtime):
             assert n == 12
 
 
+def test_logprobs_recorded_while_sampling_equal_a_full_forward(runtime):
+    """The sampler's own log-probs / entropies (old log-probs without a policy pass) match a
+    recompute over query + response, at temperature != 1 and over generate() chunks that stop
+    at different lengths (each chunk's record is padded to the rollout's width)."""
+    config = replace(TINY, prompts_per_round=6, max_new_tokens=10, temperature=0.7,
+                     generation_batch_size=3)
+    plan = Plan(1, 0, seed=5, kl_coef=0.05)
+    runtime.model.set_adapter("policy")
+    # the random model almost never stops: make EOS nearly as likely as its favourite token
+    top = torch.bincount(rollout_step(runtime, config, plan, SingleProcess())
+                         .response_ids.flatten()).argmax()
+    lm_head = runtime.model.get_output_embeddings().weight
+    with torch.no_grad():
+        lm_head[runtime.tokenizer.eos_token_id] = 0.9 * lm_head[top]
+    with torch.no_grad():  # a policy that is not the reference: B != 0
+        for p in adapter_params(runtime.model, "policy").values():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    rec = rollout_step(runtime, config, plan, SingleProcess())
+    plain = rollout_step(runtime, replace(config, logprobs_from_sampling=False), plan,
+                         SingleProcess())
+    assert plain.logprobs is None and rec.logprobs.shape == rec.mask.shape
+    assert torch.equal(rec.response_ids, plain.response_ids)  # recording does not change draws
+    m = rec.mask.bool()
+    lengths = rec.mask.sum(dim=1)
+    assert rec.has_stop.any() and lengths.min() < lengths.max()  # chunks of different lengths
+    with torch.no_grad():
+        full, entropy = policy_logprobs(runtime.model, rec, 0.7, with_entropy=True)
+    assert torch.allclose(rec.logprobs[m], full[m], atol=1e-5)
+    assert torch.allclose(rec.entropy[m], entropy[m], atol=1e-5)
+    assert (rec.logprobs[m] < 0).all()
+
+
 def direction_reward(runtime):
     """Reward = share of response tokens whose embedding points along a fixed random direction
     (half the vocabulary): one direction in hidden space, so LoRA can learn it."""
