@@ -22,6 +22,19 @@ import sqlite_utils
 
 BUSY_TIMEOUT_MS = 15000
 
+# Writers in one process queue on a lock per database file instead of in SQLite's busy
+# handler, which polls with sleeps of up to 100 ms: measured with 16 threads ranking at once,
+# p99 of a next-item + submit cycle was 241 ms (max 838 ms) through the busy handler. Other
+# processes (the worker) still meet the busy timeout, which is rare: they write seldom.
+_WRITE_LOCKS: dict[str, threading.RLock] = {}
+_WRITE_LOCKS_GUARD = threading.Lock()
+
+
+def _write_lock(path: Path) -> threading.RLock:
+    key = str(path.resolve())
+    with _WRITE_LOCKS_GUARD:
+        return _WRITE_LOCKS.setdefault(key, threading.RLock())
+
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
@@ -125,6 +138,7 @@ class Store:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
+        self._write_lock = _write_lock(self.path)
         self._migrate()
 
     # -- connections and transactions -------------------------------------
@@ -150,14 +164,19 @@ class Store:
             with db.atomic():
                 yield db
             return
-        db.conn.execute("BEGIN IMMEDIATE")
+        if not self._write_lock.acquire(timeout=BUSY_TIMEOUT_MS / 1000):
+            raise sqlite3.OperationalError("database is locked (another writer in this process)")
         try:
-            yield db
-        except BaseException:
-            db.rollback()
-            raise
-        else:
-            db.conn.execute("COMMIT")
+            db.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.rollback()
+                raise
+            else:
+                db.conn.execute("COMMIT")
+        finally:
+            self._write_lock.release()
 
     def close(self):
         db = getattr(self._local, "db", None)

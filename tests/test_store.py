@@ -134,6 +134,41 @@ def test_two_threads_write_concurrently(store):
     assert store.scalar("SELECT COUNT(*) FROM events WHERE kind = 't'") == 20
 
 
+def test_writers_in_one_process_queue_on_a_shared_lock(store, monkeypatch):
+    """Two Store objects on one file share one write lock (threads queue on it, not in
+    SQLite's sleeping busy handler); a writer that cannot get it in time gets a clear error
+    and writes nothing, and the holder's transaction still commits."""
+    import rlhf_core.store as store_mod
+    other = Store(store.path)
+    assert other._write_lock is store._write_lock
+    monkeypatch.setattr(store_mod, "BUSY_TIMEOUT_MS", 200)
+    inside, release, errors = threading.Event(), threading.Event(), []
+
+    def holder():
+        with store.write() as db:
+            db.execute("INSERT INTO settings (key, value) VALUES ('held', '1')")
+            inside.set()
+            release.wait(10)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    assert inside.wait(10)
+    assert not store._write_lock.acquire(timeout=0)  # held while the transaction is open
+    try:
+        with other.write() as db:
+            db.execute("INSERT INTO settings (key, value) VALUES ('late', '1')")
+    except Exception as exc:
+        errors.append(exc)
+    release.set()
+    t.join(10)
+    assert len(errors) == 1 and "database is locked" in str(errors[0])
+    assert store.get_setting("held") == 1 and store.get_setting("late") is None
+    with other.write() as db:  # free again: the next writer goes straight in
+        db.execute("INSERT INTO settings (key, value) VALUES ('late', '2')")
+    assert store.get_setting("late") == 2
+    other.close()
+
+
 def test_two_processes_write_concurrently(store):
     code = ("import sys; from rlhf_core.store import Store\n"
             "s = Store(sys.argv[1])\n"
