@@ -72,8 +72,10 @@ def score_step(runtime, rollout: Rollout, config: PPOConfig, score_fn) -> None:
             parts["values"].append(critic_values(model, head, batch).float())
         scores = torch.as_tensor(score_fn(rollout), dtype=torch.float32).to(rollout.mask.device)
     model.set_adapter("policy")
+    T = rollout.mask.shape[1]  # chunks come trimmed to their own width (Rollout.select)
     for k, v in parts.items():
-        setattr(rollout, k, torch.cat(v))
+        setattr(rollout, k, torch.cat([torch.nn.functional.pad(x, (0, T - x.shape[1]))
+                                       for x in v]))
     for k in ("logprobs", "entropy", "ref_logprobs", "values"):  # 0 on padding
         setattr(rollout, k, torch.where(rollout.mask.bool(), getattr(rollout, k).float(), 0.0))
     # a response that never stopped is penalised (TRL's missing_eos_penalty)

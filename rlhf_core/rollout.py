@@ -45,13 +45,23 @@ class Rollout:
         return len(self.prompts)
 
     def select(self, idx: torch.Tensor) -> "Rollout":
-        """The rows `idx` (a minibatch); tensors are sliced, lists picked."""
+        """The rows `idx` (a minibatch); tensors are sliced, lists picked. Columns that are
+        padding in every picked row are dropped (leading query columns, trailing response
+        columns), so a minibatch of short prompts and responses computes on its own width."""
         picked = {}
         rows = idx.tolist()
+        q_mask, mask = self.query_mask[idx], self.mask[idx]  # (b,P), (b,T)
+        p0 = int(q_mask.any(dim=0).long().argmax()) if q_mask.any() else 0  # first used column
+        t1 = int(mask.any(dim=0).nonzero().max()) + 1 if mask.any() else 1  # past the last one
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, torch.Tensor):
-                picked[f.name] = v[idx]
+                v = v[idx]
+                if f.name in ("query_ids", "query_mask"):
+                    v = v[:, p0:]
+                elif v.dim() == 2:  # every other (B,T) field is per response token
+                    v = v[:, :t1]
+                picked[f.name] = v
             elif isinstance(v, list):
                 picked[f.name] = [v[i] for i in rows]
         return replace(self, **picked)

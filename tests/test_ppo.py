@@ -16,7 +16,7 @@ from rlhf_core.config import AppConfig, PPOConfig
 from rlhf_core.ppo import PPOHealthError, ppo_round
 from rlhf_core.ppo_setup import Plan, SingleProcess, adapter_params
 from rlhf_core.ppo_rollout import rollout_step
-from rlhf_core.rollout import Rollout, policy_logprobs
+from rlhf_core.rollout import Rollout, left_pad, policy_logprobs, right_pad
 from rlhf_core.runtime import Runtime
 from rlhf_core.store import Store
 
@@ -145,6 +145,28 @@ def test_rollout_uses_train_prompts_and_cuts_after_stop(runtime):
             assert ids[n - 1] == eos and eos not in ids[:n - 1].tolist()
         else:
             assert n == 12
+
+
+def test_select_drops_padding_columns_without_changing_the_math(runtime):
+    """A minibatch of short rows computes on its own width: leading query and trailing
+    response columns that are padding in every picked row are dropped, and the per-token
+    log-probs of the picked rows equal those computed inside the full-width batch."""
+    pad = runtime.tokenizer.pad_token_id
+    q_ids, q_mask = left_pad([[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]], pad)  # P = 6
+    r_ids, mask = right_pad([[20, 21, 22, 23, 24], [25, 26], [27]], pad)  # T = 5
+    full = Rollout(prompts=["a", "b", "c"], responses=["x", "y", "z"], query_ids=q_ids,
+                   query_mask=q_mask, response_ids=r_ids, mask=mask,
+                   has_stop=torch.tensor([True, False, True]), values=torch.randn(3, 5))
+    part = full.select(torch.tensor([2, 1]))
+    assert part.query_ids.shape == (2, 3) and part.response_ids.shape == (2, 2)
+    assert part.values.shape == (2, 2) and torch.equal(part.values, full.values[[2, 1], :2])
+    assert part.prompts == ["c", "b"] and part.has_stop.tolist() == [True, False]
+    assert full.select(torch.tensor([0])).query_ids.shape == (1, 6)  # nothing to drop
+    with torch.no_grad():
+        lp_full, _ = policy_logprobs(runtime.model, full, 1.0)
+        lp_part, _ = policy_logprobs(runtime.model, part, 1.0)
+    m = part.mask.bool()
+    assert torch.allclose(lp_part[m], lp_full[[2, 1], :2][m], atol=1e-5)
 
 
 def test_logprobs_recorded_while_sampling_equal_a_full_forward(runtime):
