@@ -69,6 +69,7 @@ def peer_batch(model, tok, prompts, cfg, seed, dev):
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(dev.device)
         torch.manual_seed(seed + start * cfg.k)  # our sampler's seed for the same rows
         gen = model.generate(**enc, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
+                             top_k=cfg.top_k,  # 0 = off; left out, transformers would use 50
                              max_new_tokens=cfg.max_new_tokens, num_return_sequences=cfg.k,
                              pad_token_id=tok.pad_token_id)
         dec = tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -42,6 +42,8 @@ def ratio_rows(results: dict) -> list[tuple[str, str, str, str]]:
                      ">= 0.95"))
         rows.append(("B1", "same, with a LoRA policy adapter (un-merged)", _f(r["ratio_lora"]),
                      ">= 0.95"))
+        ctx.append(("B1", "v0: prompts whose K draws equal the peer's (same seeds)",
+                    _f(r["responses_per_s"].get("v0_identical_draws")), "1.0"))
         rows.append(("B1", "batch-1 decode, fraction of memory-bandwidth bound",
                      _f(r["batch1_fraction_of_bound"]), "-"))
         ctx.append(("B1", "decode tokens/s at batch 1/4/16/32",

@@ -53,9 +53,15 @@ def enqueue(store: Store, kind: str, params: dict | None = None, *, requested_by
     return job_id
 
 
+# Scoring ranked responses for the researcher view is not on the path from a ranking to the
+# next policy's batch: it runs when no other job is queued (measured in bench B5: it ran
+# between the PPO round and the sampling of the new policy's batch).
+BACKGROUND_KINDS = ("score_items",)
+
+
 def claim(store: Store, worker: str, *, kinds: list[str] | None = None,
           lease_s: float = LEASE_S) -> dict | None:
-    """Take the oldest queued job, or one whose worker's lease went stale."""
+    """Take the oldest queued job (background kinds last), or one whose lease went stale."""
     now = time.time()
     with store.write() as db:
         # Stale leases: the worker died. A cancel it never saw still holds; fail jobs out of
@@ -73,7 +79,9 @@ def claim(store: Store, worker: str, *, kinds: list[str] | None = None,
         if kinds:
             sql += f" AND kind IN ({','.join('?' * len(kinds))})"
             params += kinds
-        row = db.execute(sql + " ORDER BY id LIMIT 1", params).fetchone()
+        # background jobs wait behind any queued job of the loop's path to the next batch
+        order = f" ORDER BY kind IN ({','.join('?' * len(BACKGROUND_KINDS))}), id LIMIT 1"
+        row = db.execute(sql + order, params + list(BACKGROUND_KINDS)).fetchone()
         if row is None:
             return None
         job_id = row[0]

@@ -45,6 +45,17 @@ def test_claim_order_and_kinds_filter(store):
     assert jobs.claim(store, "w")["id"] == a
 
 
+def test_background_scoring_waits_behind_loop_jobs(store):
+    """score_items (the researcher view) queued first still runs after the loop's jobs."""
+    scoring = jobs.enqueue(store, "score_items", {"version": 1})
+    ppo = jobs.enqueue(store, "ppo_round")
+    assert jobs.claim(store, "w")["id"] == ppo
+    sample = jobs.enqueue(store, "sample_batch")  # queued by the round, after the scoring
+    assert jobs.claim(store, "w")["id"] == sample
+    assert jobs.claim(store, "w")["id"] == scoring  # nothing else queued: now it runs
+    assert jobs.claim(store, "w") is None
+
+
 def test_unique_enqueue(store):
     first = jobs.enqueue(store, "sample_batch", unique=True)
     assert jobs.enqueue(store, "sample_batch", unique=True) == first
