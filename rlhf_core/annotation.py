@@ -37,11 +37,21 @@ def create_batch(store: Store, *, policy_version: int, k: int, items: list[dict]
     items: [{"prompt_id", "responses": [{"text", "n_tokens", "finish_reason",
     "policy_version"?, "settings"?}], "kind"?: "label"|"ab", "selection"?: str}]
     """
-    at = now_iso()
     with store.write() as db:
         batch_id = db["batches"].insert({
             "policy_version": policy_version, "job_id": job_id, "k": k,
-            "settings": dumps(settings or {}), "created_at": at}).last_pk
+            "settings": dumps(settings or {}), "created_at": now_iso()}).last_pk
+        add_items(store, batch_id, items, policy_version=policy_version, settings=settings,
+                  overlap=overlap)
+    return batch_id
+
+
+def add_items(store: Store, batch_id: int, items: list[dict], *, policy_version: int,
+              settings: dict | None = None, overlap: int = 1) -> int:
+    """Append items (the `create_batch` layout) to a batch atomically; returns how many were
+    rankable (an item whose samples all collapsed into one is left out)."""
+    at, added = now_iso(), 0
+    with store.write() as db:
         for item in items:
             if len(item["responses"]) < 2:
                 continue  # nothing to rank: all samples collapsed into one
@@ -55,7 +65,8 @@ def create_batch(store: Store, *, policy_version: int, k: int, items: list[dict]
                 "n_tokens": r.get("n_tokens"), "finish_reason": r.get("finish_reason"),
                 "settings": dumps(r.get("settings") or settings or {}), "created_at": at}
                 for pos, r in enumerate(item["responses"])])
-    return batch_id
+            added += 1
+    return added
 
 
 def retire_items(store: Store, *, older_than_policy: int, status: str = "retired") -> int:

@@ -1,7 +1,8 @@
 """The `sample_batch` job: the current policy writes the next labeling batch.
 
-Steps: pick prompts (read only) -> generate (no transaction open) -> insert the
-batch, its items and responses in one transaction -> retire older items if the
+Steps: pick prompts (read only) -> generate one generate() call's worth of prompts at a
+time (no transaction open), appending each part's items to the batch atomically, so the
+first item is rankable long before the batch is complete -> retire older items if the
 loop's rule says so. A share of items (`ab_fraction`) are blind A/B items: half
 of their responses come from a baseline version (the reference by default),
 shown unmarked in an order unrelated to the version.
@@ -16,6 +17,7 @@ import time
 from rlhf_core import annotation, jobs
 from rlhf_core.config import SamplingConfig
 from rlhf_core.sampling import Sample, sample_distinct, settings_record
+from rlhf_core.selection import CANDIDATE
 from rlhf_core.store import Store
 
 log = logging.getLogger(__name__)
@@ -24,7 +26,7 @@ log = logging.getLogger(__name__)
 def _sampling_config(runtime, params: dict) -> SamplingConfig:
     base = runtime.config.sampling
     overrides = {k: params[k] for k in ("k", "max_new_tokens", "temperature", "top_p", "top_k",
-                                        "prompts_per_batch", "seed") if k in params}
+                                        "prompts_per_batch", "batch_size", "seed") if k in params}
     return dataclasses.replace(base, **overrides)  # validates like any SamplingConfig
 
 
@@ -54,33 +56,68 @@ def sample_batch(runtime, params: dict, reporter) -> dict:
         raise ValueError("no prompts in the workspace: import some with `rlhf import-prompts`")
     ab_fraction = float(params.get("ab_fraction", loop.ab_fraction))
     baseline = baseline_version(store, params.get("ab_baseline", loop.ab_baseline), version)
-    eligible = [r for r in rows if r.get("selection") != "uncertainty-candidate"]
+    eligible = [r for r in rows if r.get("selection") != CANDIDATE]
     n_ab = min(len(eligible), round(ab_fraction * len(rows))) if baseline is not None else 0
     rng = random.Random(seed)
     ab_ids = {r["id"] for r in rng.sample(eligible, n_ab)} if n_ab else set()
     reporter.progress(0.02, f"sampling {len(rows)} prompts x {cfg.k} from policy v{version}")
+    settings = settings_record(cfg, version)
+    out = _BatchWriter(store, version, cfg.k, settings, reporter.job_id, loop.overlap)
+    plain = [r for r in rows if r["id"] not in ab_ids and r.get("selection") != CANDIDATE]
+    candidates = [r for r in rows if r["id"] not in ab_ids and r.get("selection") == CANDIDATE]
+    per_call = max(1, cfg.batch_size // cfg.k)  # prompts per generate() call
     t0 = time.perf_counter()
     with runtime.lock:
-        main = _sample(runtime, version, [r for r in rows if r["id"] not in ab_ids], cfg, seed,
-                       lambda f: reporter.progress(0.05 + 0.8 * f, "sampling"))
-        ab = _sample_ab(runtime, version, baseline, [r for r in rows if r["id"] in ab_ids],
-                        cfg, seed + 1, reporter)
-        main = _keep_uncertain(runtime, main, rows)
+        # plain items stream in: the first is rankable after one generate() call, not after
+        # the whole batch (the loop's ranking -> next item latency, bench B5)
+        for start in range(0, len(plain), per_call):
+            part = plain[start:start + per_call]
+            out.add(_sample(runtime, version, part, cfg, seed + start * cfg.k, None))
+            reporter.progress(0.05 + 0.8 * (start + len(part)) / len(rows), "sampling")
+        if candidates:  # uncertainty selection needs every candidate's scores first
+            out.add(_keep_uncertain(runtime, _sample(runtime, version, candidates, cfg,
+                                                     seed + len(plain) * cfg.k, None), rows))
+        out.add(_sample_ab(runtime, version, baseline, [r for r in rows if r["id"] in ab_ids],
+                           cfg, seed + 1, reporter))
     elapsed = time.perf_counter() - t0
-    items = main + ab
-    n_responses = sum(len(i["responses"]) for i in items)
-    batch_id = annotation.create_batch(
-        store, policy_version=version, k=cfg.k, items=items,
-        settings=settings_record(cfg, version), job_id=reporter.job_id, overlap=loop.overlap)
+    batch_id = out.batch_id if out.batch_id is not None else out.start()  # an empty batch
     retired = 0
     if loop.retire_rule == "retire":
         retired = annotation.retire_items(store, older_than_policy=version)
-    reporter.metrics("sampling", {"responses_per_s": n_responses / max(elapsed, 1e-9),
-                                  "responses": n_responses, "seconds": elapsed},
+    reporter.metrics("sampling", {"responses_per_s": out.responses / max(elapsed, 1e-9),
+                                  "responses": out.responses, "seconds": elapsed},
                      version=version)
-    return {"batch_id": batch_id, "items": len(items), "responses": n_responses,
-            "ab_items": len(ab), "policy_version": version, "seconds": round(elapsed, 2),
-            "responses_per_s": round(n_responses / max(elapsed, 1e-9), 3), "retired": retired}
+    return {"batch_id": batch_id, "items": out.items, "responses": out.responses,
+            "ab_items": out.ab_items, "policy_version": version, "seconds": round(elapsed, 2),
+            "responses_per_s": round(out.responses / max(elapsed, 1e-9), 3), "retired": retired}
+
+
+class _BatchWriter:
+    """One batch row, created with the job's first items; later items are appended. Each
+    append is atomic: a job that fails half way leaves whole, rankable items behind."""
+
+    def __init__(self, store, version, k, settings, job_id, overlap):
+        self.store, self.version, self.k, self.settings = store, version, k, settings
+        self.job_id, self.overlap = job_id, overlap
+        self.batch_id, self.items, self.responses, self.ab_items = None, 0, 0, 0
+
+    def start(self) -> int:
+        self.batch_id = annotation.create_batch(
+            self.store, policy_version=self.version, k=self.k, items=[],
+            settings=self.settings, job_id=self.job_id, overlap=self.overlap)
+        return self.batch_id
+
+    def add(self, items: list[dict]) -> None:
+        if not items:
+            return
+        if self.batch_id is None:
+            self.start()
+        self.items += annotation.add_items(self.store, self.batch_id, items,
+                                           policy_version=self.version,
+                                           settings=self.settings, overlap=self.overlap)
+        rankable = [i for i in items if len(i["responses"]) >= 2]  # what add_items kept
+        self.responses += sum(len(i["responses"]) for i in rankable)
+        self.ab_items += sum(i.get("kind") == "ab" for i in rankable)
 
 
 def _choose_prompts(runtime, params, cfg, seed) -> list[dict]:

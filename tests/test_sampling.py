@@ -182,6 +182,28 @@ def test_sample_batch_job_creates_items_with_provenance(workspace):
     assert 2 <= len(item["responses"]) <= 3
 
 
+def test_sample_batch_items_are_rankable_before_the_batch_is_done(workspace):
+    """Items stream in, one generate() call's worth of prompts at a time (batch_size 6 / k 3
+    = 2 prompts): while the job still reports progress, the first items can be ranked."""
+    from rlhf_core.batch_jobs import sample_batch
+    store, cfg, runtime = workspace
+    seen = []
+
+    class Watch:  # the job's reporter: at each progress report, what could an annotator get?
+        job_id = None
+
+        def progress(self, fraction, message=""):
+            seen.append(store.scalar("SELECT COUNT(*) FROM items WHERE status = 'ready'"))
+
+        def metrics(self, *a, **kw):
+            pass
+    res = sample_batch(runtime, {"prompts_per_batch": 4, "seed": 1, "ab_fraction": 0.0,
+                                 "batch_size": 6}, Watch())
+    assert res["items"] == 4 and store.scalar("SELECT COUNT(*) FROM batches") == 1
+    assert seen[0] == 0 and seen[1:] == [2, 4]  # 2 items rankable half way through
+    assert annotation.next_item(store, "alice")["batch_id"] == res["batch_id"]
+
+
 def test_sample_batch_at_v0_never_makes_ab_items(workspace):
     store, cfg, runtime = workspace
     jobs.enqueue(store, "sample_batch", {"prompts_per_batch": 2, "seed": 2, "k": 2,
