@@ -34,6 +34,8 @@ def setup(ws: Path, quick: bool) -> dict:
     from rlhf_core.workspace import open_workspace
     store, cfg = open_workspace(ws, model=common.embedded_model_dir())
     add_rankings(store, n_rankings(quick), start=0, seed=0)
+    # more held-out rankings (never trained on): accuracy is compared on ~150 pairs, not ~30
+    add_rankings(store, 6 if quick else 20, start=n_rankings(quick), seed=0, heldout_fraction=1.0)
     rc = cfg.reward
     data = reward_data.select_data(reward_data.load_pairs(store), max_trained=0,
                                    replay_ratio=rc.replay_ratio, soft_ties=rc.soft_ties,

@@ -40,13 +40,14 @@ MARKER = "thank you"
 RESULTS = Path(__file__).resolve().parent / "results" / "reward.json"
 
 
-def add_rankings(store: Store, n: int, *, start: int, seed: int) -> int:
+def add_rankings(store: Store, n: int, *, start: int, seed: int,
+                 heldout_fraction: float = 0.2) -> int:
     """n prompts, one K=4 item each, ranked by marker count. Returns pairs added."""
     rng = random.Random(seed + start)
     before = store.scalar("SELECT COUNT(*) FROM pairs")
     recs = [{"text": f"Question {i}: tell me something about "
              + " ".join(rng.choice(WORDS) for _ in range(6))} for i in range(start, start + n)]
-    store.add_prompts(recs, source="bench", heldout_fraction=0.2)
+    store.add_prompts(recs, source="bench", heldout_fraction=heldout_fraction)
     ids = [store.scalar("SELECT id FROM prompts WHERE text = ?", [r["text"]]) for r in recs]
     items = []
     for pid in ids:

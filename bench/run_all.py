@@ -29,6 +29,20 @@ def _f(x, fmt="{:.2f}"):
     return "n/a" if x is None else fmt.format(x)
 
 
+def _acc(acc, n) -> str:
+    if acc is None or not n:
+        return "n/a"
+    from rlhf_core.evaluation import wilson_interval
+    lo, hi = wilson_interval(acc * n, n)
+    return f"{acc:.3f} [{lo:.2f}, {hi:.2f}]"
+
+
+def _trl(version: str) -> str:
+    """'torch trl transformers peft' (trl_env's stamp) -> 'trl X'."""
+    parts = version.split()
+    return f"trl {parts[1]}" if len(parts) == 4 else version
+
+
 def ratio_rows(results: dict) -> list[tuple[str, str, str, str]]:
     """(benchmark, metric, value, goal) - ratios first, then the absolute context."""
     rows, ctx = [], []
@@ -53,7 +67,7 @@ def ratio_rows(results: dict) -> list[tuple[str, str, str, str]]:
                     f"{r['batch1_bound_tokens_per_s']}", "-"))
     r = results.get("B2")
     if r and "error" not in r:
-        rows.append(("B2", f"PPO round speed-up vs TRL ({r['trl_version']})", _f(r["speedup"]),
+        rows.append(("B2", f"PPO round speed-up vs TRL ({_trl(r['trl_version'])})", _f(r["speedup"]),
                      ">= 2"))
         s = r["speedup_by_phase"]
         rows.append(("B2", "  by phase: generate / score / train",
@@ -67,11 +81,12 @@ def ratio_rows(results: dict) -> list[tuple[str, str, str, str]]:
                         f"{x['time_train']}), {x['peak_rss_mb']:.0f}", "-"))
     r = results.get("B3")
     if r and "error" not in r:
-        rows.append(("B3", f"reward training pairs/s, ours/TRL ({r['trl_version']})",
+        rows.append(("B3", f"reward training pairs/s, ours/TRL ({_trl(r['trl_version'])})",
                      _f(r["ratio"]), ">= 1.2"))
-        ctx.append(("B3", "held-out accuracy ours / TRL",
-                    f"{_f(r['ours']['heldout_accuracy'], '{:.3f}')} / "
-                    f"{_f(r['trl']['heldout_accuracy'], '{:.3f}')}", "equal"))
+        n = r["setting"]["heldout_pairs"]
+        ctx.append(("B3", f"held-out accuracy ours / TRL ({n} pairs, 95% Wilson)",
+                    f"{_acc(r['ours']['heldout_accuracy'], n)} / "
+                    f"{_acc(r['trl']['heldout_accuracy'], n)}", "equal"))
     r = results.get("B4")
     if r and "error" not in r:
         for phase in ("idle", "ppo"):
