@@ -24,12 +24,18 @@ api_name="/get_item")`). When auth is on, every endpoint uses the logged-in user
 - `/queue_job(annotator: str, kind: str) -> dict`: researchers only; kind is one of
   `sample_batch`, `train_reward`, `ppo_round` (an already queued one is reused).
 
+Raw HTTP (`POST /gradio_api/call/<name>` then `GET /gradio_api/call/<name>/<event_id>`): send
+one `"session_hash"` per client with every call, as gradio_client does. Without it Gradio builds
+a new session (a copy of every component's config of this large page) for each call: measured
+in bench B4, that was a third of the UI process's CPU under load.
+
 The page's own events are also named (`/rank_start`, `/rank_submit`, `/rank_skip`, `/rank_undo`,
 `/rank_next`), but they take browser state; scripts should use the endpoints above.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Callable
 
 import gradio as gr
@@ -262,6 +268,12 @@ def launch(ctx: AppContext, host: str = "127.0.0.1", port: int = 7860,
         ctx = dataclasses.replace(ctx, users=load_auth_file(auth_file))
     demo = build_ui(ctx, extra_tabs=(build_dashboard_tab, build_research_tab)
                     if extra_tabs is None else tuple(extra_tabs))
+    # Gradio summarises its per-event analytics (for its /monitoring page, which we do not use)
+    # with pandas over the last 10,000 events after EVERY event; under 32 annotators that grew
+    # into the UI process's largest CPU cost and its latency tail (bench B4). Summarise every
+    # 1,000 events over at most 1,000. Read when the queue is created; a user's value wins.
+    os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "1000")
+    os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "1000")
     demo.queue(default_concurrency_limit=4)
     demo.launch(server_name=host, server_port=port, share=False,
                 auth=ctx.check_password if ctx.auth_enabled else None,

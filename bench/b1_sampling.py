@@ -123,9 +123,11 @@ def responses_per_s(model_ours, peer, tok, cfg, prompts, rounds, dev) -> dict:
 
 @torch.no_grad()
 def tokens_per_s(model, tok, batch_sizes, new_tokens, reps, dev) -> dict:
-    """Forced-length decoding (min_new_tokens = max_new_tokens) through our sampler's model."""
+    """Forced-length decoding (min_new_tokens = max_new_tokens), best of `reps` per batch size.
+    Our PeftModel decodes with its `policy` adapter active; a plain model as it is."""
     out = {}
-    model.set_adapter("policy")
+    if getattr(model, "peft_config", None):  # a PeftModel (a plain model has no adapters)
+        model.set_adapter("policy")
     for b in batch_sizes:
         texts = [tok.apply_chat_template([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
                                          tokenize=False, add_generation_prompt=True)
@@ -177,7 +179,7 @@ def run(quick: bool = False) -> dict:
     rps = responses_per_s(ours, peer, tok, cfg, prompts, 2 if quick else 4, dev)
     batch_sizes = [1, 4, 16, 32]
     tps = tokens_per_s(ours, tok, batch_sizes, 64 if not quick else 32, 1 if quick else 2, dev)
-    tps_base = tokens_per_s_plain(peer, tok, [1], 64 if not quick else 32, 1 if quick else 2, dev)
+    tps_base = tokens_per_s(peer, tok, [1], 64 if not quick else 32, 1 if quick else 2, dev)
     bw = copy_bandwidth(dev)
     wbytes = weight_bytes(peer)
     bound = bw * 1e9 / wbytes
@@ -197,23 +199,6 @@ def run(quick: bool = False) -> dict:
         "batch1_plain_fraction_of_bound": round(tps_base["1"] / bound, 3),
         "goal": "ours >= 0.95x peer responses/s",
     }
-
-
-@torch.no_grad()
-def tokens_per_s_plain(model, tok, batch_sizes, new_tokens, reps, dev) -> dict:
-    out = {}
-    for b in batch_sizes:
-        texts = [tok.apply_chat_template([{"role": "user", "content": PROMPTS[i]}], tokenize=False,
-                                         add_generation_prompt=True) for i in range(b)]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(dev.device)
-        rates = []
-        for _ in range(reps):
-            _, s = timed(lambda: model.generate(**enc, do_sample=True, max_new_tokens=new_tokens,
-                                                min_new_tokens=new_tokens,
-                                                pad_token_id=tok.pad_token_id), dev)
-            rates.append(b * new_tokens / s)
-        out[str(b)] = round(max(rates), 1)
-    return out
 
 
 def main(argv=None) -> dict:

@@ -6,8 +6,9 @@ worker as a child process, niced). Simulated annotators run in a separate client
 `/gradio_api/call/<api_name>` routes: POST {"data": [...]} -> {"event_id"}, then GET
 `/gradio_api/call/<api_name>/<event_id>` -> an SSE stream ending in `event: complete`.
 One sample = submit(ranking) + get_item(next item), measured from the submit POST to the next
-item's payload. Each annotator thinks between items (a compressed load, far above a real team's
-one action per 10-60 s). Levels 1, 8, 32 run twice: worker idle, then while a PPO round runs.
+item's payload. Each annotator thinks between items, faster than people do (see LEVELS); a
+"32-stress" level at ten times a real team's rate shows where the UI process saturates. Every
+level runs twice: worker idle, then while a PPO round runs.
 Every acknowledged submission is checked in the DB afterwards.
 """
 from __future__ import annotations
@@ -27,13 +28,21 @@ from pathlib import Path
 from bench import common
 
 # (annotators, submissions per annotator, think time range in seconds)
-LEVELS = {1: (60, (0.1, 0.3)), 8: (20, (0.5, 1.5)), 32: (10, (1.0, 3.0))}
-QUICK_LEVELS = {1: (20, (0.1, 0.3)), 8: (8, (0.5, 1.5)), 32: (4, (1.0, 3.0))}
+# label -> (annotators, submissions per annotator, think time range in seconds). A person
+# needs 10-60 s to rank K=4 responses; the levels still think faster than that: "32" is 32
+# people at 4-12 s (~3 rankings/s). "32-stress" (1-3 s, ~300 people's rate) finds where one
+# Gradio process on this machine saturates; it is reported beside the goal, not as it.
+LEVELS = {"1": (1, 60, (0.1, 0.3)), "8": (8, 20, (1.0, 3.0)), "32": (32, 10, (4.0, 12.0)),
+          "32-stress": (32, 10, (1.0, 3.0))}
+QUICK_LEVELS = {"1": (1, 20, (0.1, 0.3)), "8": (8, 8, (1.0, 3.0)), "32": (32, 4, (4.0, 12.0)),
+                "32-stress": (32, 4, (1.0, 3.0))}
 
 
 # -- the client process ---------------------------------------------------------------------
-async def call(client, base: str, name: str, data: list) -> dict:
-    r = await client.post(f"{base}gradio_api/call/{name}", json={"data": data})
+async def call(client, base: str, name: str, data: list, session: str) -> dict:
+    """One raw API call. `session`: one session_hash per client, as gradio_client sends."""
+    r = await client.post(f"{base}gradio_api/call/{name}",
+                          json={"data": data, "session_hash": session})
     r.raise_for_status()
     event_id = r.json()["event_id"]
     event = None
@@ -51,7 +60,8 @@ async def call(client, base: str, name: str, data: list) -> dict:
 
 
 async def annotator(client, base, who, n, think, rng, out):
-    item = (await call(client, base, "get_item", [who]))["item"]
+    session = f"bench-{who}"
+    item = (await call(client, base, "get_item", [who], session))["item"]
     for i in range(n):
         if item is None:
             out["no_item"] += 1
@@ -62,12 +72,12 @@ async def annotator(client, base, who, n, think, rng, out):
         t0 = time.perf_counter()
         try:
             res = await call(client, base, "submit", [who, item["id"], item["token"], key, ranking,
-                                                      False, False, False, "", 1.0])
+                                                      False, False, False, "", 1.0], session)
             if res.get("ok"):
                 out["acked"].append(key)
             else:
                 out["failed"].append(res.get("message"))
-            nxt = await call(client, base, "get_item", [who])
+            nxt = await call(client, base, "get_item", [who], session)
         except Exception as exc:  # counted, never hidden
             out["failed"].append(f"{type(exc).__name__}: {exc}")
             continue
@@ -97,7 +107,7 @@ def client_overhead(base: str, calls: int) -> dict:
     async def raw_once():
         async with httpx.AsyncClient(timeout=30) as c:
             t0 = time.perf_counter()
-            await call(c, base, "get_item", ["overhead-probe"])
+            await call(c, base, "get_item", ["overhead-probe"], "bench-overhead-probe")
             return (time.perf_counter() - t0) * 1000
     for _ in range(calls):
         raw.append(asyncio.run(raw_once()))
@@ -112,8 +122,8 @@ def client_overhead(base: str, calls: int) -> dict:
 def client_main(args) -> None:
     base, levels = args.url, json.loads(args.levels)
     res = {}
-    for n, (per, think) in levels.items():
-        res[n] = asyncio.run(run_level(base, int(n), per, think, f"{args.tag}-n{n}", args.seed))
+    for label, (n, per, think) in levels.items():
+        res[label] = asyncio.run(run_level(base, n, per, think, f"{args.tag}-{label}", args.seed))
     if args.overhead:
         res["overhead"] = client_overhead(base, args.overhead)
     print("RESULT " + json.dumps(res), flush=True)
@@ -239,7 +249,7 @@ def run(quick: bool = False) -> dict:
     from rlhf_core import jobs
     from rlhf_core.store import Store
     levels = QUICK_LEVELS if quick else LEVELS
-    need = 2 * sum(n * (per + 2) for n, (per, _) in levels.items()) + 200
+    need = 2 * sum(n * (per + 2) for n, per, _ in levels.values()) + 200
     with tempfile.TemporaryDirectory(prefix="bench-b4-") as tmp:
         ws = Path(tmp) / "ws"
         prepare_workspace(ws, need)
@@ -258,9 +268,9 @@ def run(quick: bool = False) -> dict:
                 busy = keeper.measure(lambda: run_client(url, levels, "ppo"))
             ppo_jobs = [jobs.get_job(store, j) for j in sorted(keeper.jobs)]
             result = {
-                "bench": "B4 annotation latency", "levels": {str(k): {"submissions_each": v[0],
-                                                                      "think_s": v[1]}
-                                                             for k, v in levels.items()},
+                "bench": "B4 annotation latency",
+                "levels": {k: {"annotators": v[0], "submissions_each": v[1], "think_s": v[2]}
+                           for k, v in levels.items()},
                 "idle": summarize(idle, store), "ppo": summarize(busy, store),
                 "ppo_running_fraction": round(keeper.running / max(keeper.samples, 1), 3),
                 "ppo_jobs": [{"id": j["id"], "status": j["status"], "error": j["error"]}

@@ -92,7 +92,9 @@ def ratio_rows(results: dict) -> list[tuple[str, str, str, str]]:
         for phase in ("idle", "ppo"):
             for n, x in r[phase].items():
                 goal = "p95 <= 150" if (phase == "ppo" and n == "32") else "-"
-                ctx.append(("B4", f"{phase}, {n} annotators: p50/p95/p99 ms, failed, lost",
+                think = r.get("levels", {}).get(n, {}).get("think_s")
+                who = f"{n} annotators" + (f" (think {think[0]:g}-{think[1]:g} s)" if think else "")
+                ctx.append(("B4", f"{phase}, {who}: p50/p95/p99 ms, failed, lost",
                             f"{x['p50_ms']}/{x['p95_ms']}/{x['p99_ms']}, {x['failed']}, "
                             f"{x['lost']}", goal))
         g = r.get("gradio_client") or {}

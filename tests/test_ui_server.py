@@ -119,3 +119,34 @@ def test_auth_uses_the_logged_in_user(tmp_path):
         assert not c.predict("ann", "ppo_round", api_name="/queue_job")["ok"]  # not a researcher
     finally:
         demo.close()
+
+
+def test_raw_http_calls_with_a_session_hash_share_one_session(tmp_path, monkeypatch):
+    """The documented raw-HTTP use: one session_hash per client keeps one Gradio session
+    (without it every call builds a new one); the analytics summary is batched."""
+    import json
+
+    import httpx
+    monkeypatch.delenv("GRADIO_ANALYTICS_CACHE_FREQUENCY", raising=False)
+    ctx = AppContext.from_config(AppConfig(workspace=tmp_path / "ws"))
+    seed_items(ctx.store, n=2)
+    port = free_port()
+    demo = launch(ctx, port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        assert demo._queue.ANAYLTICS_CACHE_FREQUENCY == 1000
+        base = f"http://127.0.0.1:{port}/gradio_api/call/get_item"
+
+        def get_item(session: str | None) -> dict:
+            body = {"data": ["raw"]} | ({"session_hash": session} if session else {})
+            event = httpx.post(base, json=body, timeout=30).json()["event_id"]
+            lines = httpx.get(f"{base}/{event}", timeout=30).text.splitlines()
+            return json.loads([x for x in lines if x.startswith("data:")][-1][5:])[0]
+
+        before = len(demo.state_holder.session_data)
+        items = {get_item("raw-client")["item"]["id"] for _ in range(4)}
+        assert len(items) == 1  # the same open item each time
+        assert len(demo.state_holder.session_data) == before + 1
+        get_item(None), get_item(None)
+        assert len(demo.state_holder.session_data) == before + 3  # one per hashless call
+    finally:
+        demo.close()
