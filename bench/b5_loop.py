@@ -75,10 +75,15 @@ def run(quick: bool = False) -> dict:
                           source="bench", heldout_fraction=0.25)
         worker = start_worker(cfg.workspace)
         try:
-            first = wait_for(lambda: store.scalar(
-                "SELECT COUNT(*) FROM items i JOIN batches b ON b.id = i.batch_id "
-                "WHERE b.policy_version = 0"), 1800, "the first (v0) batch")
-            t0 = rank_all(store, "b5", min(retrain_every, first))
+            # items stream in: wait for the whole v0 batch (its job done), then count them
+            wait_for(lambda: store.scalar(
+                "SELECT COUNT(*) FROM jobs WHERE kind = 'sample_batch' AND status = 'done'"),
+                1800, "the first (v0) batch")
+            first = store.scalar("SELECT COUNT(*) FROM items i JOIN batches b ON "
+                                 "b.id = i.batch_id WHERE b.policy_version = 0")
+            if first < retrain_every:
+                raise RuntimeError(f"the v0 batch has {first} items, {retrain_every} needed")
+            t0 = rank_all(store, "b5", retrain_every)
             new = wait_for(lambda: store.one(
                 "SELECT b.policy_version AS v, MIN(i.created_at) AS at FROM items i "
                 "JOIN batches b ON b.id = i.batch_id WHERE b.policy_version > 0 "
@@ -93,8 +98,10 @@ def run(quick: bool = False) -> dict:
     split, other = {}, 0.0
     for j in rows:
         start, end = _ts(j["started_at"]), _ts(j["finished_at"])
-        if start is None or end is None or start < t0 - 0.5 or start > t_end:
+        if start is None or start < t0 - 0.5 or start > t_end:
             continue
+        # the new batch streams in: its job is still sampling when its first item is ready
+        end = t_end if end is None else min(end, t_end)
         key = {"train_reward": "reward_training", "ppo_round": "ppo",
                "sample_batch": "sampling"}.get(j["kind"])
         if key:
