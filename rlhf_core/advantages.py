@@ -2,15 +2,30 @@
 
 Shapes: `B` sequences, `T` response tokens. `mask` is 1.0 on real response tokens (up to and
 including the EOS/stop token) and 0.0 on the padding after it. Nothing here imports anything but
-torch and its pure sibling `losses` (home of `masked_mean`), so every function can be checked on
-hand-made tensors.
+torch (DESIGN.md: advantages and losses are both pure), so every function can be checked on
+hand-made tensors. `losses` keeps its own copy of the two masking helpers below for the same
+reason; tests/test_advantages.py checks that both copies agree.
 """
 
 import torch
 
-from rlhf_core.losses import _zero_padding, masked_mean  # masked_mean is re-exported here
-
 WHITEN_EPS = 1e-8
+
+
+def _zero_padding(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # `where`, not `x * mask`: padding may hold inf/nan (e.g. logprobs of pad tokens) and
+    # 0 * inf = nan would poison every masked sum.
+    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of `x` over entries where `mask` is non-zero (all of them, or along `dim`).
+
+    An all-zero mask gives nan (0/0) rather than raising, so no GPU sync is forced here.
+    """
+    mask = mask.to(x.dtype)
+    total = (_zero_padding(x, mask) * mask).sum(dim=dim)  # () or x.shape without `dim`
+    return total / mask.sum(dim=dim)
 
 
 def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:

@@ -18,6 +18,7 @@ __all__ = [
 ]
 
 
+# The masking helpers of rlhf_core.advantages, repeated: both modules import only torch.
 def _zero_padding(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     # `where`, not `x * mask`: padding may hold inf/nan (e.g. logprobs of pad tokens) and
     # 0 * inf = nan would poison every masked sum.

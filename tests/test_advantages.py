@@ -41,6 +41,19 @@ def gae_loop(rewards, values, lengths, gamma, lam):
 # ---- masked statistics -------------------------------------------------------------------
 
 
+def test_masking_helpers_of_advantages_and_losses_agree():
+    """Both pure modules keep their own copy (torch-only imports): the copies must agree,
+    including inf/nan on padding and a reduction along a dim."""
+    from rlhf_core import losses
+    from rlhf_core import advantages as adv
+    x = torch.tensor([[1.0, float("inf"), 3.0], [float("nan"), 2.0, -4.0]], dtype=DTYPE)
+    mask = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]], dtype=DTYPE)
+    for dim in (None, 0, 1):
+        torch.testing.assert_close(adv.masked_mean(x, mask, dim=dim),
+                                   losses.masked_mean(x, mask, dim=dim))
+    torch.testing.assert_close(adv._zero_padding(x, mask), losses._zero_padding(x, mask))
+
+
 def test_masked_mean_and_var_ignore_padding():
     x = torch.tensor([[1.0, 2.0, 1e6], [3.0, float("nan"), float("inf")]], dtype=DTYPE)
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]], dtype=DTYPE)

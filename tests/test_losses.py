@@ -160,6 +160,6 @@ def test_reward_centering_loss():
     assert reward_centering_loss(chosen, rejected, 0.01).item() == pytest.approx(0.045)
 
 
-def test_masked_mean_is_reexported():
+def test_masked_mean_ignores_padding():
     x = torch.tensor([[2.0, 4.0, 99.0]])
     assert masked_mean(x, torch.tensor([[1.0, 1.0, 0.0]])).item() == pytest.approx(3.0)
