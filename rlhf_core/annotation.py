@@ -47,10 +47,10 @@ def create_batch(store: Store, *, policy_version: int, k: int, items: list[dict]
 
 
 def add_items(store: Store, batch_id: int, items: list[dict], *, policy_version: int,
-              settings: dict | None = None, overlap: int = 1) -> int:
-    """Append items (the `create_batch` layout) to a batch atomically; returns how many were
-    rankable (an item whose samples all collapsed into one is left out)."""
-    at, added = now_iso(), 0
+              settings: dict | None = None, overlap: int = 1) -> list[dict]:
+    """Append items (the `create_batch` layout) to a batch atomically; returns the items
+    written (an item whose samples all collapsed into one has nothing to rank: left out)."""
+    at, added = now_iso(), []
     with store.write() as db:
         for item in items:
             if len(item["responses"]) < 2:
@@ -65,7 +65,7 @@ def add_items(store: Store, batch_id: int, items: list[dict], *, policy_version:
                 "n_tokens": r.get("n_tokens"), "finish_reason": r.get("finish_reason"),
                 "settings": dumps(r.get("settings") or settings or {}), "created_at": at}
                 for pos, r in enumerate(item["responses"])])
-            added += 1
+            added.append(item)
     return added
 
 

@@ -112,12 +112,12 @@ class _BatchWriter:
             return
         if self.batch_id is None:
             self.start()
-        self.items += annotation.add_items(self.store, self.batch_id, items,
-                                           policy_version=self.version,
-                                           settings=self.settings, overlap=self.overlap)
-        rankable = [i for i in items if len(i["responses"]) >= 2]  # what add_items kept
-        self.responses += sum(len(i["responses"]) for i in rankable)
-        self.ab_items += sum(i.get("kind") == "ab" for i in rankable)
+        written = annotation.add_items(self.store, self.batch_id, items,
+                                       policy_version=self.version, settings=self.settings,
+                                       overlap=self.overlap)
+        self.items += len(written)
+        self.responses += sum(len(i["responses"]) for i in written)
+        self.ab_items += sum(i.get("kind") == "ab" for i in written)
 
 
 def _choose_prompts(runtime, params, cfg, seed) -> list[dict]:

@@ -32,6 +32,7 @@ from rlhf_core.ppo_setup import (PPOHealthError, SingleProcess, plan_round, rest
                                  reward_source, setup_actor_critic)
 from rlhf_core.ppo_train import train_step
 
+
 def ppo_round(runtime, *, config: PPOConfig | None = None, reporter=None, reward_fn=None,
               prompts: list[str] | None = None, dist=None, enqueue_sampling: bool = True) -> dict:
     """Run one PPO round and publish the next policy version. Raises PPOHealthError on a gate.

@@ -12,7 +12,8 @@ import torch
 from rlhf_core.advantages import compute_gae, explained_variance, masked_whiten, shape_rewards
 from rlhf_core.config import PPOConfig
 from rlhf_core.ppo_setup import Plan, PPOHealthError, _aborted
-from rlhf_core.rollout import Rollout, autocast, critic_values, generate, policy_logprobs
+from rlhf_core.rollout import (Rollout, autocast, cat_to_width, critic_values, generate,
+                               policy_logprobs)
 
 
 # -- 1. rollout ------------------------------------------------------------------------------
@@ -73,11 +74,9 @@ def score_step(runtime, rollout: Rollout, config: PPOConfig, score_fn) -> None:
         scores = torch.as_tensor(score_fn(rollout), dtype=torch.float32).to(rollout.mask.device)
     model.set_adapter("policy")
     T = rollout.mask.shape[1]  # chunks come trimmed to their own width (Rollout.select)
-    for k, v in parts.items():
-        setattr(rollout, k, torch.cat([torch.nn.functional.pad(x, (0, T - x.shape[1]))
-                                       for x in v]))
     for k in ("logprobs", "entropy", "ref_logprobs", "values"):  # 0 on padding
-        setattr(rollout, k, torch.where(rollout.mask.bool(), getattr(rollout, k).float(), 0.0))
+        v = cat_to_width(parts[k], T) if k in parts else getattr(rollout, k)
+        setattr(rollout, k, torch.where(rollout.mask.bool(), v.float(), 0.0))
     # a response that never stopped is penalised (TRL's missing_eos_penalty)
     rollout.scores = scores.reshape(-1) + config.missing_eos_penalty * (~rollout.has_stop).float()
 

@@ -138,10 +138,9 @@ class GumbelSampler:
             self.entropy.append(entropy_from_logits(logits))
         return perturbed
 
-    def recorded(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B,width) log-probs and entropies of the first `width` sampled tokens."""
-        return (torch.stack(self.logprobs, dim=1)[:, :width],
-                torch.stack(self.entropy, dim=1)[:, :width])
+    def recorded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,steps) log-probs and entropies of the sampled tokens, one column per step."""
+        return torch.stack(self.logprobs, dim=1), torch.stack(self.entropy, dim=1)
 
 
 @torch.no_grad()
@@ -170,19 +169,23 @@ def generate(model, tokenizer, prompts: list[str], seeds: list[int], *, max_new_
             responses.append(cut)
             has_stop.append(stopped)
         if record_logprobs:
-            recorded.append(sampler.recorded(out.shape[1] - ids.shape[1]))
+            recorded.append(sampler.recorded())
     query_ids, query_mask = left_pad(queries, tokenizer.pad_token_id)
     response_ids, mask = right_pad(responses, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     rollout = Rollout(prompts=list(prompts), responses=texts, query_ids=query_ids.to(device),
                       query_mask=query_mask.to(device), response_ids=response_ids.to(device),
                       mask=mask.to(device), has_stop=torch.tensor(has_stop, device=device))
-    if record_logprobs:  # chunks generate different lengths: pad each to the rollout's width
+    if record_logprobs:  # chunks generate different lengths
         T = mask.shape[1]
-        pad = lambda t: torch.nn.functional.pad(t[:, :T], (0, T - min(T, t.shape[1])))  # noqa
-        rollout.logprobs = torch.cat([pad(lp) for lp, _ in recorded]).to(device)
-        rollout.entropy = torch.cat([pad(e) for _, e in recorded]).to(device)
+        rollout.logprobs = cat_to_width([lp for lp, _ in recorded], T).to(device)
+        rollout.entropy = cat_to_width([e for _, e in recorded], T).to(device)
     return rollout
+
+
+def cat_to_width(parts: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Row-concatenate (b_i, t_i) tensors, each right-padded with 0 (or cut) to `width`."""
+    return torch.cat([torch.nn.functional.pad(x, (0, width - x.shape[1])) for x in parts])
 
 
 # -- forwards over (query + response) ------------------------------------------------------
