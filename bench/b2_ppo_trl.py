@@ -153,7 +153,8 @@ def run(quick: bool = False) -> dict:
                                                  "time_train")}
     return {
         "bench": "B2 PPO round vs TRL", "trl_version": trl_env.versions("ppo"),
-        "setting": {"sequences": len(rows(cfg)), "prompts": len(rows(cfg)) // cfg.rollouts_per_prompt,
+        "setting": {"sequences": len(rows(cfg)),
+                    "prompts": len(rows(cfg)) // cfg.rollouts_per_prompt,
                     "rollouts_per_prompt": cfg.rollouts_per_prompt,
                     "max_new_tokens": cfg.max_new_tokens, "epochs": cfg.epochs,
                     "minibatch_size": cfg.minibatch_size, "lora": spec["lora"],

@@ -27,7 +27,6 @@ from pathlib import Path
 
 from bench import common
 
-# (annotators, submissions per annotator, think time range in seconds)
 # label -> (annotators, submissions per annotator, think time range in seconds). A person
 # needs 10-60 s to rank K=4 responses; the levels still think faster than that: "32" is 32
 # people at 4-12 s (~3 rankings/s). "32-stress" (1-3 s, ~300 people's rate) finds where one
