@@ -9,7 +9,7 @@ from __future__ import annotations
 from app import handlers
 from app.context import AppContext
 from app.status import start_job
-from rlhf_core.annotation import (Refused, StaleForm, annotator_progress, load_item, next_item,
+from rlhf_core.data.annotation import (Refused, StaleForm, annotator_progress, load_item, next_item,
                                   submit_ranking, undo_last)
 
 

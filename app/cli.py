@@ -86,7 +86,7 @@ def cmd_serve(a, store=None, cfg=None):
 
 
 def cmd_worker(a):
-    from rlhf_core.worker import run_worker
+    from rlhf_core.worker.run import run_worker
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
@@ -110,7 +110,7 @@ def cmd_import_prompts(a):
 
 
 def cmd_export(a):
-    from rlhf_core import annotation
+    from rlhf_core.data import annotation
     from rlhf_core.prompt_io import write_hf_dataset, write_jsonl
     store, _ = open_ws(a)
     pairs = annotation.export_pairs(store, include_ties=a.include_ties)
@@ -145,9 +145,9 @@ def _run_job_here(a, kind: str, params: dict):
     """Queue a job and run it in this process with a tqdm bar (no separate worker needed)."""
     from tqdm import tqdm
 
-    from rlhf_core import jobs
-    from rlhf_core.runtime import Runtime
-    from rlhf_core.worker import lower_priority, register_handlers
+    from rlhf_core.data import jobs
+    from rlhf_core.worker.runtime import Runtime
+    from rlhf_core.worker.run import lower_priority, register_handlers
     store, cfg = open_ws(a)
     from rlhf_core.workspace import seed_prompts_if_empty
     seed_prompts_if_empty(store, cfg)
@@ -196,7 +196,7 @@ def cmd_ppo(a):
 
 def cmd_simulate(a):
     from app.launcher import start_app
-    from rlhf_core.simulate import main as simulate_main
+    from app.simulate import main as simulate_main
     simulate_main(a, start_app)
 
 
@@ -268,7 +268,7 @@ def _json_flag(p):
 
 def _simulate_args(p):
     try:
-        from rlhf_core.simulate import add_arguments
+        from app.simulate import add_arguments
     except ImportError:
         return
     add_arguments(p)

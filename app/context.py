@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhf_core.config import AppConfig
-from rlhf_core.store import Store
+from rlhf_core.data.store import Store
 
 ROLES = ("annotator", "researcher")
 MAX_NAME_LEN = 64

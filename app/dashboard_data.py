@@ -1,6 +1,6 @@
 """The dashboard's and the researcher view's data as plain functions (no Gradio, no torch).
 
-Everything reads `rlhf_core.reports` (read-only queries) and returns pandas DataFrames in long
+Everything reads `rlhf_core.data.reports` (read-only queries) and returns pandas DataFrames in long
 form (x, value, series) for Gradio's native plots, display tables whose cells are already
 formatted strings, or plain dicts. An empty workspace gives empty frames and a note saying why.
 """
@@ -10,14 +10,14 @@ from datetime import datetime, timezone
 
 import pandas as pd
 
-from rlhf_core import reports
-from rlhf_core.annotation import LABELS
-from rlhf_core.loop import gather_state, read_config
-from rlhf_core.store import Store, loads
+from rlhf_core.data import reports
+from rlhf_core.data.annotation import LABELS
+from rlhf_core.worker.loop import gather_state, read_config
+from rlhf_core.data.store import Store, loads
 
 PPO_PLOTS = {"reward_mean": "reward (mean score)", "kl": "KL from reference (per sequence)",
              "entropy": "entropy (per token)", "response_length": "response length (tokens)"}
-# Metric names under which a KL from the reference may be recorded (as in rlhf_core.reports).
+# Metric names under which a KL from the reference may be recorded (as in rlhf_core.data.reports).
 KL_KEYS = ("kl_from_reference", "kl_ref", "kl", "mean_kl", "kl_mean", "objective/kl")
 
 

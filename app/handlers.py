@@ -14,7 +14,7 @@ import time
 import uuid
 
 from app.context import MAX_NAME_LEN, AppContext
-from rlhf_core.annotation import (LABELS, Refused, StaleForm, annotator_progress, next_item,
+from rlhf_core.data.annotation import (LABELS, Refused, StaleForm, annotator_progress, next_item,
                                   submit_ranking, undo_last)
 from rlhf_core.preferences import format_ranking_text, parse_ranking_text
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from app.context import AppContext
 from app.handlers import esc
-from rlhf_core import jobs
+from rlhf_core.data import jobs
 
-# Button label -> job kind the worker knows (rlhf_core.jobs.HANDLERS in the worker process).
+# Button label -> job kind the worker knows (rlhf_core.data.jobs.HANDLERS in the worker process).
 JOB_BUTTONS = {"Sample batch": "sample_batch", "Train reward model": "train_reward",
                "PPO round": "ppo_round"}
 _STATUS_COLOURS = {"queued": "#888", "running": "#2b7be4", "done": "#2e9e4f",

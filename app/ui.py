@@ -47,7 +47,7 @@ from app.ui_assets import CSS, FOCUS_RANKING_JS, HEAD, SHORTCUTS_MD
 from app.ui_dashboard import build_dashboard_tab
 from app.ui_research import build_research_tab
 from app.ui_status import build_status_tab, wire_status_tab
-from rlhf_core.annotation import LABELS
+from rlhf_core.data.annotation import LABELS
 
 
 def build_ui(ctx: AppContext, *, extra_tabs: tuple[Callable[[AppContext], None], ...] = (),

@@ -1,6 +1,6 @@
 """The Dashboard tab: live plots of the loop (layout first, listeners wired at the bottom).
 
-Data comes from `app.dashboard_data` (plain functions over `rlhf_core.reports`). A timer polls a
+Data comes from `app.dashboard_data` (plain functions over `rlhf_core.data.reports`). A timer polls a
 cheap fingerprint of the store; plots are recomputed only when it changes, and the job queue
 (progress bars) is refreshed on every tick. The last computation is kept in a closure shared by
 the sessions of this app (never a module global), so many open dashboards cost one query set.
@@ -16,7 +16,7 @@ from app import dashboard_data as dd
 from app.context import AppContext
 from app.handlers import esc
 from app.status import jobs_html
-from rlhf_core import jobs
+from rlhf_core.data import jobs
 
 _PLOTS = ("rankings", "reward_acc", "ab_plot", "quality", "drift",
           *(f"ppo_{k}" for k in dd.PPO_PLOTS))

@@ -13,8 +13,8 @@ import gradio as gr
 from app import dashboard_data as dd
 from app.context import AppContext
 from app.handlers import esc
-from rlhf_core import reports
-from rlhf_core.loop import set_auto
+from rlhf_core.data import reports
+from rlhf_core.worker.loop import set_auto
 
 NOTICE = "The research view is for researchers. Ask a researcher to grant you the role."
 FILTERS = {"Recent rankings": False, "Flagged or with a note": True}

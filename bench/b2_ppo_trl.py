@@ -1,4 +1,4 @@
-"""B2 PPO round: ours (`rlhf_core.ppo.ppo_round`) vs `trl.experimental.ppo.PPOTrainer` (trl==1.12.0).
+"""B2 PPO round: ours (`rlhf_core.policy.ppo.ppo_round`) vs `trl.experimental.ppo.PPOTrainer` (trl==1.12.0).
 
 Same embedded model, same 16 prompts x 2 rollouts, response length, epochs, minibatch size,
 LoRA (r, alpha, targets), KL / clip / value settings and the same reward model (our trained
@@ -39,8 +39,8 @@ def rows(cfg) -> list[str]:
 # -- set-up: a workspace with a trained reward model (our venv, subprocess) ---------------------
 def setup(ws: Path) -> dict:
     from bench.bench_reward import add_rankings
-    from rlhf_core.reward_model import train_reward
-    from rlhf_core.runtime import Runtime
+    from rlhf_core.reward.round import train_reward
+    from rlhf_core.worker.runtime import Runtime
     from rlhf_core.workspace import open_workspace
     common.set_threads()
     store, cfg = open_workspace(ws, model=common.embedded_model_dir())
@@ -72,8 +72,8 @@ def ours_side(ws: Path, quick: bool) -> dict:
 
     import torch
 
-    from rlhf_core.ppo import ppo_round
-    from rlhf_core.runtime import Runtime
+    from rlhf_core.policy.ppo import ppo_round
+    from rlhf_core.worker.runtime import Runtime
     from rlhf_core.workspace import open_workspace
     threads = common.set_threads()
     store, cfg = open_workspace(ws)

@@ -1,4 +1,4 @@
-"""B3 reward-model training: ours (`rlhf_core.reward_model.train_reward`) vs `trl.RewardTrainer`.
+"""B3 reward-model training: ours (`rlhf_core.reward.round.train_reward`) vs `trl.RewardTrainer`.
 
 Same pairs (the exact train / held-out split our trainer selects), same base model, same LoRA
 (r, alpha, targets), same pairs per step (`rankings_per_step` whole rankings = 24 pairs), same
@@ -30,7 +30,7 @@ def n_rankings(quick: bool) -> int:
 def setup(ws: Path, quick: bool) -> dict:
     """A workspace with synthetic rankings; export the pairs exactly as our trainer selects them."""
     from bench.bench_reward import add_rankings
-    from rlhf_core import reward_data
+    from rlhf_core.reward import data as reward_data
     from rlhf_core.workspace import open_workspace
     store, cfg = open_workspace(ws, model=common.embedded_model_dir())
     add_rankings(store, n_rankings(quick), start=0, seed=0)
@@ -54,8 +54,8 @@ def setup(ws: Path, quick: bool) -> dict:
 
 
 def ours_side(ws: Path) -> dict:
-    from rlhf_core.reward_model import train_reward
-    from rlhf_core.runtime import Runtime
+    from rlhf_core.reward.round import train_reward
+    from rlhf_core.worker.runtime import Runtime
     from rlhf_core.workspace import open_workspace
     import torch
     threads = common.set_threads()

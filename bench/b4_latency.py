@@ -132,7 +132,7 @@ def client_main(args) -> None:
 def prepare_workspace(ws: Path, n_items: int) -> None:
     """Model = the cached embedded dir; a few ranked items (reward model for PPO); many open ones."""
     from bench.bench_reward import add_rankings
-    from rlhf_core import annotation
+    from rlhf_core.data import annotation
     from rlhf_core.workspace import open_workspace
     store, cfg = open_workspace(ws, model=common.embedded_model_dir())
     add_rankings(store, 8, start=0, seed=0)  # 8 ranked K=4 items -> 48 pairs for train_reward
@@ -152,7 +152,7 @@ def prepare_workspace(ws: Path, n_items: int) -> None:
 
 
 def wait_job(store, job_id: int, timeout: float, states=("done", "failed", "cancelled")):
-    from rlhf_core import jobs
+    from rlhf_core.data import jobs
     t0 = time.time()
     while time.time() - t0 < timeout:
         job = jobs.get_job(store, job_id)
@@ -170,14 +170,14 @@ class KeepPPORunning:
         self.samples, self.running, self.jobs = 0, 0, set()
 
     def __enter__(self):
-        from rlhf_core import jobs
+        from rlhf_core.data import jobs
         self.jobs.add(jobs.enqueue(self.store, "ppo_round", {}, requested_by="bench", unique=True))
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
         return self
 
     def _run(self):
-        from rlhf_core import jobs
+        from rlhf_core.data import jobs
         while not self.stop.wait(0.5):
             busy = self.store.scalar("SELECT COUNT(*) FROM jobs WHERE kind = 'ppo_round' "
                                      "AND status IN ('queued', 'running')")
@@ -245,8 +245,8 @@ def _r(x):
 
 def run(quick: bool = False) -> dict:
     from app.launcher import start_app
-    from rlhf_core import jobs
-    from rlhf_core.store import Store
+    from rlhf_core.data import jobs
+    from rlhf_core.data.store import Store
     levels = QUICK_LEVELS if quick else LEVELS
     need = 2 * sum(n * (per + 2) for n, per, _ in levels.values()) + 200
     with tempfile.TemporaryDirectory(prefix="bench-b4-") as tmp:

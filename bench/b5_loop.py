@@ -38,7 +38,7 @@ def _ts(iso: str | None) -> float | None:
 
 def rank_all(store, who: str, n: int) -> float:
     """Rank n items (longest response first); returns the time of the last submission."""
-    from rlhf_core import annotation
+    from rlhf_core.data import annotation
     t_last = None
     for i in range(n):
         item = annotation.next_item(store, who)

@@ -21,10 +21,10 @@ import torch
 from bench.common import embedded_model_dir, machine, peak_rss_mb, set_threads, write_result
 from rlhf_core import models
 from rlhf_core.config import AppConfig, to_dict
-from rlhf_core.ppo import ppo_round
-from rlhf_core.ppo_launch import ppo_config
-from rlhf_core.runtime import Runtime
-from rlhf_core.store import Store
+from rlhf_core.policy.ppo import ppo_round
+from rlhf_core.policy.launch import ppo_config
+from rlhf_core.worker.runtime import Runtime
+from rlhf_core.data.store import Store
 from rlhf_core.workspace import seed_prompts_if_empty
 
 PHASES = {"generating": "generate", "scoring": "score", "PPO step": "train",
@@ -67,7 +67,7 @@ class BenchReporter:
 
 def random_reward_fn(runtime):
     """Score with a fresh reward adapter + random head: the reward model's real cost."""
-    from rlhf_core import reward_scoring
+    from rlhf_core.reward import model as reward_scoring
     runtime.ensure_fresh_adapter("reward_bench")
     head = models.ScalarHead(runtime.hidden_size, seed=0).to(runtime.device.device)
     bb = reward_scoring.backbone(runtime)

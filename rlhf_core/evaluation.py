@@ -1,7 +1,7 @@
 """The "Is it working?" numbers: win rates, a Bradley-Terry leaderboard, diversity, agreement.
 
 PURE: stdlib only (no torch, no DB), so the UI process, the simulator and the tests use the
-same functions on plain lists. `rlhf_core.reports` feeds them from the store.
+same functions on plain lists. `rlhf_core.data.reports` feeds them from the store.
 
 Vocabulary: a ranking is a list of tiers of response ids, best first (a tie = several ids in
 one tier); an *outcome* is `(version_a, version_b, score)` with score 1.0 = a's response

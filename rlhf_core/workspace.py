@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from rlhf_core.config import AppConfig, from_dict, to_dict
-from rlhf_core.store import Store
+from rlhf_core.data.store import Store
 
 DB_NAME = "rlhf.db"
 

@@ -60,7 +60,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def store(tmp_path):
-    from rlhf_core.store import Store
+    from rlhf_core.data.store import Store
     s = Store(tmp_path / "ws" / "rlhf.db")
     yield s
     s.close()
@@ -77,7 +77,8 @@ def embedded_model_dir(tmp_path_factory) -> Path:
 
 def publish_fresh_reward(runtime, version: int, parent: int | None = None):
     """Publish an untrained reward adapter + random head as a promoted version: enough to score."""
-    from rlhf_core import reward_scoring, reward_train
+    from rlhf_core.reward import model as reward_scoring
+    from rlhf_core.reward import train as reward_train
     bb = reward_scoring.backbone(runtime)
     head = reward_train._prepare_candidate(runtime, bb, None, runtime.config.reward, version)
     manifest = {"kind": "reward", "version": version, "status": "promoted", "config": {},

@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from rlhf_core import annotation
-from rlhf_core.annotation import Refused, StaleForm
+from rlhf_core.data import annotation
+from rlhf_core.data.annotation import Refused, StaleForm
 
 
 def make_batch(store, n_items=3, k=3, overlap=1, policy_version=0):

@@ -51,7 +51,7 @@ def test_workspace_defaults_to_env(tmp_path):
 
 
 def count_prompts(ws):
-    from rlhf_core.store import Store
+    from rlhf_core.data.store import Store
     s = Store(Path(ws) / "rlhf.db")
     try:
         return s.scalar("SELECT COUNT(*) FROM prompts")
@@ -94,7 +94,7 @@ def test_status_json(tmp_path):
 
 
 def seed_ranking(ws):
-    from rlhf_core import annotation
+    from rlhf_core.data import annotation
     from rlhf_core.workspace import open_workspace
     store, _ = open_workspace(ws)
     store.add_prompts([{"text": "Name a colour."}], source="test")

@@ -7,10 +7,12 @@ import urllib.request
 
 from app import dashboard_data as dd
 from app.context import AppContext
-from rlhf_core import annotation, jobs, score_jobs
+from rlhf_core.data import annotation
+from rlhf_core.data import jobs
+from rlhf_core.data import scores as score_jobs
 from rlhf_core.config import AppConfig
-from rlhf_core.loop import loop_tick, set_auto
-from rlhf_core.store import Store
+from rlhf_core.worker.loop import loop_tick, set_auto
+from rlhf_core.data.store import Store
 from tests.conftest import publish_fresh_reward
 
 XSS = "<script>window.__xss=1</script> ${1+1}"
@@ -182,7 +184,7 @@ def test_server_serves_dashboard_and_research_tabs(tmp_path):
 
 # -- the worker job on a tiny model ---------------------------------------------------------------
 def test_score_items_job_on_a_tiny_model(tmp_path, tiny_model_dir):
-    from rlhf_core.runtime import Runtime
+    from rlhf_core.worker.runtime import Runtime
     from rlhf_core.workspace import open_workspace
     store, cfg = open_workspace(tmp_path / "ws", model=str(tiny_model_dir))
     seed_dashboard(store, scores=False)

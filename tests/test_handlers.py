@@ -5,7 +5,7 @@ import pytest
 
 from app import api, handlers, status
 from app.context import AppContext, load_auth_file
-from rlhf_core.annotation import create_batch, withdraw_item
+from rlhf_core.data.annotation import create_batch, withdraw_item
 from rlhf_core.config import AppConfig, LoopConfig
 
 XSS = "<script>alert(1)</script>"

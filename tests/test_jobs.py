@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from rlhf_core import jobs
-from rlhf_core.store import wait_until
+from rlhf_core.data import jobs
+from rlhf_core.data.store import wait_until
 
 
 @pytest.fixture

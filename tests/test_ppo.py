@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_core import jobs
+from rlhf_core.data import jobs
 from rlhf_core.config import AppConfig, PPOConfig
-from rlhf_core.ppo import PPOHealthError, ppo_round
-from rlhf_core.ppo_setup import Plan, SingleProcess, adapter_params
-from rlhf_core.ppo_rollout import rollout_step
-from rlhf_core.rollout import Rollout, left_pad, policy_logprobs, right_pad
-from rlhf_core.runtime import Runtime
-from rlhf_core.store import Store
+from rlhf_core.policy.ppo import PPOHealthError, ppo_round
+from rlhf_core.policy.setup import Plan, SingleProcess, adapter_params
+from rlhf_core.policy.experience import rollout_step
+from rlhf_core.policy.rollout import Rollout, left_pad, policy_logprobs, right_pad
+from rlhf_core.worker.runtime import Runtime
+from rlhf_core.data.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [f"prompt number {i}: say something about {w}"
@@ -260,7 +260,7 @@ def test_approx_kl_gate_aborts_and_restores_policy(runtime):
 
 
 def test_job_handler_reports_health_error(runtime, monkeypatch):
-    import rlhf_core.ppo as ppo
+    import rlhf_core.policy.ppo as ppo
     real = ppo.ppo_round
     monkeypatch.setattr(ppo, "ppo_round", lambda rt, **kw: real(rt, reward_fn=nan_reward, **kw))
     job_id = jobs.enqueue(runtime.store, "ppo_round", {"prompts_per_round": 2, "epochs": 1,
@@ -284,7 +284,7 @@ def test_multiprocess_round_matches_single_process(ppo_model_dir, tmp_path):
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu",
            "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--main_process_port", "29517",
-           "-m", "rlhf_core.ppo_launch", "--cpu", "--workspace", str(ws),
+           "-m", "rlhf_core.policy.launch", "--cpu", "--workspace", str(ws),
            "--model", str(ppo_model_dir), "--reward-fn", "tests.test_ppo:low_id_reward",
            "--no-sample", "--result-json", str(out)]
     for k in ("prompts_per_round", "rollouts_per_prompt", "max_new_tokens", "epochs",

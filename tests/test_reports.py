@@ -3,7 +3,9 @@ import math
 
 import pytest
 
-from rlhf_core import annotation, reports
+from rlhf_core.data import annotation
+
+from rlhf_core.data import reports
 from rlhf_core.evaluation import wilson_interval
 
 

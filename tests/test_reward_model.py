@@ -1,6 +1,6 @@
 """Reward model: pairs, learning, incremental replay, the promotion gate, publishing, errors.
 
-Tiny random Llama from conftest, real SQLite, rankings entered through rlhf_core.annotation.
+Tiny random Llama from conftest, real SQLite, rankings entered through rlhf_core.data.annotation.
 The synthetic annotator prefers responses containing the marker word "yes".
 """
 from __future__ import annotations
@@ -14,11 +14,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_core import annotation, jobs, models, reward_data, reward_model, reward_scoring, reward_train
+from rlhf_core import models
+
+from rlhf_core.data import annotation
+
+from rlhf_core.data import jobs
+
+from rlhf_core.reward import data as reward_data
+
+from rlhf_core.reward import round as reward_model
+
+from rlhf_core.reward import model as reward_scoring
+
+from rlhf_core.reward import train as reward_train
 from rlhf_core.config import AppConfig, RewardConfig
 from rlhf_core.losses import bradley_terry_loss, soft_bradley_terry_loss
-from rlhf_core.reward_data import RewardDataError
-from rlhf_core.runtime import Runtime
+from rlhf_core.reward.data import RewardDataError
+from rlhf_core.worker.runtime import Runtime
 
 WORDS = ("the quick brown fox jumps over lazy dog hello world how are you today "
          "write short poem about sea").split()

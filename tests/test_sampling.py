@@ -7,7 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_core import annotation, jobs, models
+from rlhf_core import models
+
+from rlhf_core.data import annotation
+
+from rlhf_core.data import jobs
 from rlhf_core.config import SamplingConfig
 from rlhf_core.sampling import (Sample, _to_sample, chat_prompts, dedupe, generate,
                                 sample_distinct, stop_token_ids)
@@ -143,8 +147,8 @@ def test_sample_distinct_collapses_when_model_repeats_itself(tiny):
 # -- the sample_batch job ------------------------------------------------------------------
 @pytest.fixture
 def workspace(tmp_path, tiny_model_dir):
-    from rlhf_core import batch_jobs  # noqa: F401  (registers sample_batch)
-    from rlhf_core.runtime import Runtime
+    from rlhf_core.labeling import batch as batch_jobs  # noqa: F401  registers sample_batch
+    from rlhf_core.worker.runtime import Runtime
     from rlhf_core.workspace import open_workspace
     store, cfg = open_workspace(tmp_path / "ws", model=str(tiny_model_dir),
                                 **{"sampling.max_new_tokens": 8, "sampling.k": 3})
@@ -185,7 +189,7 @@ def test_sample_batch_job_creates_items_with_provenance(workspace):
 def test_sample_batch_items_are_rankable_before_the_batch_is_done(workspace):
     """Items stream in, one generate() call's worth of prompts at a time (batch_size 6 / k 3
     = 2 prompts): while the job still reports progress, the first items can be ranked."""
-    from rlhf_core.batch_jobs import sample_batch
+    from rlhf_core.labeling.batch import sample_batch
     store, cfg, runtime = workspace
     seen = []
 
@@ -243,8 +247,8 @@ def test_ab_items_mix_current_policy_and_reference(workspace, k):
 
 
 def test_sample_batch_without_prompts_fails_cleanly(tmp_path, tiny_model_dir):
-    from rlhf_core import batch_jobs  # noqa: F401
-    from rlhf_core.runtime import Runtime
+    from rlhf_core.labeling import batch as batch_jobs  # noqa: F401
+    from rlhf_core.worker.runtime import Runtime
     from rlhf_core.workspace import open_workspace
     store, cfg = open_workspace(tmp_path / "empty", model=str(tiny_model_dir))
     jobs.enqueue(store, "sample_batch", {"prompts_per_batch": 2, "prompt_ids": []})
@@ -253,7 +257,7 @@ def test_sample_batch_without_prompts_fails_cleanly(tmp_path, tiny_model_dir):
 
 
 def test_baseline_version_rules(store):
-    from rlhf_core.batch_jobs import baseline_version
+    from rlhf_core.labeling.batch import baseline_version
     assert baseline_version(store, "reference", 0) is None
     assert baseline_version(store, "previous", 0) is None
     assert baseline_version(store, "reference", 3) == 0
@@ -270,7 +274,7 @@ def test_baseline_version_rules(store):
 def ensure_ready(store, min_ready: int):
     """The loop's keep-items-ready rule with `min_ready`: the sample_batch job it queued, if any."""
     from rlhf_core.config import to_dict
-    from rlhf_core.loop import loop_tick, read_config
+    from rlhf_core.worker.loop import loop_tick, read_config
     from rlhf_core.workspace import apply_overrides
     cfg = apply_overrides(read_config(store), {"sampling.min_ready_items": min_ready})
     store.set_setting("config", to_dict(cfg))

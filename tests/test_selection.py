@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import pytest
 
-from rlhf_core import batch_jobs, jobs  # noqa: F401  (registers sample_batch)
+from rlhf_core.labeling import batch as batch_jobs
+
+from rlhf_core.data import jobs  # noqa: F401  registers sample_batch
 from tests.conftest import publish_fresh_reward
-from rlhf_core.selection import CANDIDATE, choose_prompts, keep_uncertain, score_gap
+from rlhf_core.labeling.selection import CANDIDATE, choose_prompts, keep_uncertain, score_gap
 
 
 def test_score_gap_is_the_distance_between_the_two_best():
@@ -17,7 +19,7 @@ def test_score_gap_is_the_distance_between_the_two_best():
 @pytest.fixture
 def runtime_with_reward(tmp_path, tiny_model_dir):
     """A workspace on the tiny model with an (untrained, random-head) reward version 1."""
-    from rlhf_core.runtime import Runtime
+    from rlhf_core.worker.runtime import Runtime
     from rlhf_core.workspace import open_workspace
     store, cfg = open_workspace(tmp_path / "ws", model=str(tiny_model_dir), torch_threads=1, **{
         "sampling.max_new_tokens": 6, "sampling.prompts_per_batch": 4,
@@ -29,7 +31,7 @@ def runtime_with_reward(tmp_path, tiny_model_dir):
 
 
 def test_random_only_without_a_reward_model(tmp_path, tiny_model_dir):
-    from rlhf_core.runtime import Runtime
+    from rlhf_core.worker.runtime import Runtime
     from rlhf_core.workspace import open_workspace
     store, cfg = open_workspace(tmp_path / "ws", model=str(tiny_model_dir),
                                 **{"loop.selection": "uncertainty"})
@@ -45,7 +47,7 @@ def test_candidates_are_twice_the_uncertain_share(runtime_with_reward):
 
 
 def test_keep_uncertain_keeps_the_smallest_gaps(runtime_with_reward):
-    from rlhf_core.reward_model import load_reward
+    from rlhf_core.reward.round import load_reward
     texts = {i: f"tell me about topic {i}" for i in range(6)}
     answers = ["yes", "no", "one two", "the quick brown fox", "hello world", "maybe"]
     items = [{"prompt_id": i, "selection": CANDIDATE,

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 from app.launcher import start_app
-from rlhf_core import simulate
+from app import simulate
 from rlhf_core.workspace import open_workspace
 
 

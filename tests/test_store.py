@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from rlhf_core.store import BUSY_TIMEOUT_MS, MIGRATIONS, Store
+from rlhf_core.data.store import BUSY_TIMEOUT_MS, MIGRATIONS, Store
 
 
 def pragma(store, name):
@@ -70,7 +70,7 @@ def test_failed_write_transaction_leaves_nothing(store):
 
 
 def test_foreign_key_violation_rolls_back_whole_batch(store):
-    from rlhf_core import annotation
+    from rlhf_core.data import annotation
     import sqlite3
     with pytest.raises(sqlite3.IntegrityError):
         annotation.create_batch(store, policy_version=0, k=2, items=[
@@ -138,7 +138,7 @@ def test_writers_in_one_process_queue_on_a_shared_lock(store, monkeypatch):
     """Two Store objects on one file share one write lock (threads queue on it, not in
     SQLite's sleeping busy handler); a writer that cannot get it in time gets a clear error
     and writes nothing, and the holder's transaction still commits."""
-    import rlhf_core.store as store_mod
+    import rlhf_core.data.store as store_mod
     other = Store(store.path)
     assert other._write_lock is store._write_lock
     monkeypatch.setattr(store_mod, "BUSY_TIMEOUT_MS", 200)
@@ -170,7 +170,7 @@ def test_writers_in_one_process_queue_on_a_shared_lock(store, monkeypatch):
 
 
 def test_two_processes_write_concurrently(store):
-    code = ("import sys; from rlhf_core.store import Store\n"
+    code = ("import sys; from rlhf_core.data.store import Store\n"
             "s = Store(sys.argv[1])\n"
             "for i in range(40): s.log_event('proc', 'child', i=i)\n")
     child = subprocess.Popen([sys.executable, "-c", code, str(store.path)])
@@ -240,7 +240,7 @@ def test_metrics_and_versions(store):
 def test_old_database_is_migrated_forward(tmp_path):
     """A DB made by an older release (only the first migration) gains the later ones, data kept."""
     import sqlite3
-    from rlhf_core.store import _statements
+    from rlhf_core.data.store import _statements
     path = tmp_path / "old.db"
     conn = sqlite3.connect(str(path), isolation_level=None)
     for stmt in _statements(MIGRATIONS[0]):

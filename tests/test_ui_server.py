@@ -9,7 +9,7 @@ import pytest
 from app.context import AppContext
 from app.launcher import free_port
 from app.ui import launch
-from rlhf_core.annotation import withdraw_item
+from rlhf_core.data.annotation import withdraw_item
 from rlhf_core.config import AppConfig
 from tests.test_handlers import XSS, seed_items
 

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rlhf_core import jobs, models
+from rlhf_core import models
+
+from rlhf_core.data import jobs
 from rlhf_core.advantages import AdaptiveKLController, FixedKLController
 from rlhf_core.checkpoints import publish
 from rlhf_core.config import PPOConfig, to_dict
-from rlhf_core.ppo_setup import Plan
+from rlhf_core.policy.setup import Plan
 
 
 # -- 6. publish ---------------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ import torch
 
 from rlhf_core.advantages import compute_gae, explained_variance, masked_whiten, shape_rewards
 from rlhf_core.config import PPOConfig
-from rlhf_core.ppo_setup import Plan, PPOHealthError, _aborted
-from rlhf_core.rollout import (Rollout, autocast, cat_to_width, critic_values, generate,
+from rlhf_core.policy.setup import Plan, PPOHealthError, _aborted
+from rlhf_core.policy.rollout import (Rollout, autocast, cat_to_width, critic_values, generate,
                                policy_logprobs)
 
 

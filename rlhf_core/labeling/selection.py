@@ -19,7 +19,7 @@ CANDIDATE = "uncertainty-candidate"
 
 
 def _loop_config(runtime):
-    from rlhf_core.loop import read_config
+    from rlhf_core.worker.loop import read_config
     return read_config(runtime.store).loop
 
 
@@ -56,7 +56,7 @@ def keep_uncertain(runtime, items: list[dict], prompts: dict[int, str]) -> list[
     candidates = [it for it in items if it.get("selection") == CANDIDATE]
     if not candidates:
         return items
-    from rlhf_core.reward_model import load_reward
+    from rlhf_core.reward.round import load_reward
     scorer = load_reward(runtime)
     texts = [(prompts[it["prompt_id"]], r["text"]) for it in candidates for r in it["responses"]]
     scores = scorer.score_texts([p for p, _ in texts], [r for _, r in texts])

@@ -19,7 +19,7 @@ import torch
 from rlhf_core import models
 from rlhf_core.checkpoints import version_dir
 from rlhf_core.config import AppConfig
-from rlhf_core.store import Store
+from rlhf_core.data.store import Store
 
 log = logging.getLogger(__name__)
 

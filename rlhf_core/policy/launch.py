@@ -1,13 +1,13 @@
 """A PPO round as a multi-process (DDP) job under `accelerate launch`.
 
 Several GPUs, one machine:
-    accelerate launch --multi_gpu --num_processes 4 -m rlhf_core.ppo_launch --workspace W
+    accelerate launch --multi_gpu --num_processes 4 -m rlhf_core.policy.launch --workspace W
 CPU processes (how the tests run it on this machine):
-    accelerate launch --multi_gpu --num_processes 2 -m rlhf_core.ppo_launch --cpu --workspace W
+    accelerate launch --multi_gpu --num_processes 2 -m rlhf_core.policy.launch --cpu --workspace W
 (`accelerate launch --cpu --num_processes 2` starts a single process unless mpirun is set up:
 accelerate's CPU launcher does not spawn ranks itself; `--multi_gpu` uses torchrun, and our
 `--cpu` makes each rank a gloo CPU process. `torchrun --nproc_per_node 2 -m
-rlhf_core.ppo_launch --cpu ...` works too.)
+rlhf_core.policy.launch --cpu ...` works too.)
 
 Each rank samples `prompts_per_round * rollouts_per_prompt / world_size` rollouts; statistics
 and gates are computed over all ranks, gradients all-reduced; rank 0 alone writes metrics and
@@ -68,7 +68,7 @@ class AccelerateDist:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m rlhf_core.ppo_launch", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m rlhf_core.policy.launch", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workspace", required=True, type=Path)
     ap.add_argument("--model", default=EMBEDDED_MODEL, help="base model (embedded, dir or Hub id)")
@@ -102,9 +102,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from accelerate import Accelerator
 
-    from rlhf_core.ppo import ppo_round
-    from rlhf_core.runtime import Runtime
-    from rlhf_core.store import Store
+    from rlhf_core.policy.ppo import ppo_round
+    from rlhf_core.worker.runtime import Runtime
+    from rlhf_core.data.store import Store
 
     accelerator = Accelerator(cpu=args.cpu)
     torch.set_num_threads(args.threads)

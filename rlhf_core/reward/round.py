@@ -19,13 +19,13 @@ from __future__ import annotations
 import logging
 import time
 
-from rlhf_core import reward_data
+from rlhf_core.reward import data as reward_data
 from rlhf_core.config import RewardConfig, from_dict, to_dict
-from rlhf_core.jobs import handler
-from rlhf_core.reward_scoring import CANDIDATE, backbone, load_reward  # noqa: F401 (load_reward: the API)
-from rlhf_core.reward_train import (_prepare_candidate, evaluate, fit, promotion_gate,
+from rlhf_core.data.jobs import handler
+from rlhf_core.reward.model import CANDIDATE, backbone, load_reward  # noqa: F401 (load_reward: the API)
+from rlhf_core.reward.train import (_prepare_candidate, evaluate, fit, promotion_gate,
                                     publish_candidate)
-from rlhf_core.store import Store, now_iso
+from rlhf_core.data.store import Store, now_iso
 
 log = logging.getLogger(__name__)
 

@@ -13,14 +13,14 @@ import os
 import threading
 from pathlib import Path
 
-from rlhf_core import jobs
+from rlhf_core.data import jobs
 from rlhf_core.checkpoints import clean_partial
 
 log = logging.getLogger(__name__)
 
 # Modules whose import registers job handlers (optional ones may not exist yet).
-HANDLER_MODULES = ["rlhf_core.batch_jobs", "rlhf_core.eval_jobs", "rlhf_core.reward_model", "rlhf_core.ppo",
-                   "rlhf_core.loop", "rlhf_core.score_jobs"]
+HANDLER_MODULES = ["rlhf_core.labeling.batch", "rlhf_core.labeling.heldout", "rlhf_core.reward.round", "rlhf_core.policy.ppo",
+                   "rlhf_core.worker.loop", "rlhf_core.data.scores"]
 
 
 def register_handlers() -> list[str]:
@@ -54,8 +54,8 @@ def lower_priority(nice: int, threads: int | None) -> None:
 def run_worker(workspace: Path, *, stop: threading.Event | None = None, cpu: bool = False,
                nice: int = 10, threads: int | None = None, poll_s: float = 1.0,
                overrides: dict | None = None) -> None:
-    from rlhf_core.loop import loop_tick
-    from rlhf_core.runtime import Runtime
+    from rlhf_core.worker.loop import loop_tick
+    from rlhf_core.worker.runtime import Runtime
     from rlhf_core.workspace import open_workspace, seed_prompts_if_empty
     store, cfg = open_workspace(workspace, **(overrides or {}))
     lower_priority(nice, threads or cfg.torch_threads)

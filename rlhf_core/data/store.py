@@ -121,7 +121,7 @@ MIGRATIONS: list[str] = [
         SELECT p.* FROM pairs p JOIN active_rankings r ON r.id = p.ranking_id
         WHERE r.flagged = 0 AND r.all_bad = 0 AND r.kind = 'rank';
     """,
-    # Reward-model scores of stored responses (the researcher view; rlhf_core.score_jobs).
+    # Reward-model scores of stored responses (the researcher view; rlhf_core.data.scores).
     """
     CREATE TABLE response_scores (
         id INTEGER PRIMARY KEY, response_id INTEGER NOT NULL REFERENCES responses(id),

@@ -14,7 +14,7 @@ import math
 import random
 from dataclasses import dataclass, field
 
-from rlhf_core.store import Store, loads
+from rlhf_core.data.store import Store, loads
 
 
 class RewardDataError(ValueError):

@@ -14,7 +14,7 @@ import secrets
 import time
 
 from rlhf_core.preferences import ranking_to_pairs, ranking_to_ties, validate_ranking
-from rlhf_core.store import Store, dumps, loads, now_iso
+from rlhf_core.data.store import Store, dumps, loads, now_iso
 
 
 class Refused(ValueError):

@@ -10,8 +10,8 @@ import torch
 
 from rlhf_core.config import PPOConfig
 from rlhf_core.losses import ppo_policy_loss, ppo_value_loss
-from rlhf_core.ppo_setup import Plan, PPOHealthError, _aborted, adapter_params
-from rlhf_core.rollout import Rollout, autocast, critic_values, policy_logprobs
+from rlhf_core.policy.setup import Plan, PPOHealthError, _aborted, adapter_params
+from rlhf_core.policy.rollout import Rollout, autocast, critic_values, policy_logprobs
 
 
 # -- 4. PPO epochs ----------------------------------------------------------------------------------

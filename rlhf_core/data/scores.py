@@ -4,12 +4,12 @@ The researcher view shows each submitted item's reward scores beside the annotat
 the worker scores (once per reward version) the responses of recently ranked items and stores
 them in `response_scores`. The UI only reads that table; it never loads a model.
 
-The SQL helpers here import no torch, so `rlhf_core.loop` can ask whether scoring is due.
+The SQL helpers here import no torch, so `rlhf_core.worker.loop` can ask whether scoring is due.
 """
 from __future__ import annotations
 
-from rlhf_core.jobs import handler
-from rlhf_core.store import Store, now_iso
+from rlhf_core.data.jobs import handler
+from rlhf_core.data.store import Store, now_iso
 
 DEFAULT_LIMIT = 256  # responses per job: a few seconds on the embedded model
 CHUNK = 32  # responses per score_texts call, one progress report each
@@ -49,7 +49,7 @@ def save_scores(store: Store, reward_version: int, scores: dict[int, float]) -> 
 @handler("score_items")
 def score_items_job(runtime, params: dict, reporter) -> dict:
     """params: {"version"?: reward version (default: promoted), "limit"?: max responses}."""
-    from rlhf_core.reward_model import load_reward  # torch: only inside the worker
+    from rlhf_core.reward.round import load_reward  # torch: only inside the worker
     scorer = load_reward(runtime, (params or {}).get("version"))
     store, version = runtime.store, scorer.version
     rows = unscored_responses(store, version, int((params or {}).get("limit") or DEFAULT_LIMIT))

@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlhf_core import jobs
+from rlhf_core.data import jobs
 from rlhf_core.evaluation import win_rate
 from rlhf_core.oracles import check_tiers, compare, load_oracle, noisy
 

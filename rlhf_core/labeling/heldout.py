@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-from rlhf_core import jobs
+from rlhf_core.data import jobs
 from rlhf_core.sampling import generate
 
 

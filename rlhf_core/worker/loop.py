@@ -15,9 +15,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from rlhf_core import jobs
+from rlhf_core.data import jobs
 from rlhf_core.config import AppConfig, from_dict
-from rlhf_core.store import OPEN_ITEMS_SQL, Store
+from rlhf_core.data.store import OPEN_ITEMS_SQL, Store
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def loop_tick(store: Store) -> list[int]:
 def _queue_scoring(store: Store, state: LoopState) -> list[int]:
     """Score newly ranked responses with the serving reward version (the researcher view).
     Tried once per (version, ranking count), so a failing scorer is not re-queued every tick."""
-    from rlhf_core.score_jobs import unscored_count
+    from rlhf_core.data.scores import unscored_count
     if state.reward_version is None or "score_items" in state.active_jobs:
         return []
     attempt = [state.reward_version, state.rankings]

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import torch
 
-from rlhf_core import checkpoints, models, reward_data
+from rlhf_core import checkpoints, models
+
+from rlhf_core.reward import data as reward_data
 from rlhf_core.config import RewardConfig
 from rlhf_core.losses import bradley_terry_loss, reward_centering_loss, soft_bradley_terry_loss
-from rlhf_core.reward_data import PrefPair, RewardData
-from rlhf_core.reward_scoring import (ADAPTER_SUBDIR, CANDIDATE, Backbone, Encoder,
+from rlhf_core.reward.data import PrefPair, RewardData
+from rlhf_core.reward.model import (ADAPTER_SUBDIR, CANDIDATE, Backbone, Encoder,
                                       check_version_dir, collate, forward_scores,
                                       score_sequences, using_adapter)
 

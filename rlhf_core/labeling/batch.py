@@ -14,11 +14,13 @@ import logging
 import random
 import time
 
-from rlhf_core import annotation, jobs
+from rlhf_core.data import annotation
+
+from rlhf_core.data import jobs
 from rlhf_core.config import SamplingConfig
 from rlhf_core.sampling import Sample, sample_distinct, settings_record
-from rlhf_core.selection import CANDIDATE
-from rlhf_core.store import Store
+from rlhf_core.labeling.selection import CANDIDATE
+from rlhf_core.data.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -126,12 +128,12 @@ def _choose_prompts(runtime, params, cfg, seed) -> list[dict]:
         marks = ",".join("?" * len(ids))
         rows = runtime.store.rows(f"SELECT id, text, split FROM prompts WHERE id IN ({marks})", ids)
         return [{**r, "selection": "by hand"} for r in rows]
-    from rlhf_core.selection import choose_prompts
+    from rlhf_core.labeling.selection import choose_prompts
     return choose_prompts(runtime, cfg.prompts_per_batch, seed=seed)
 
 
 def _keep_uncertain(runtime, items: list[dict], rows: list[dict]) -> list[dict]:
-    from rlhf_core.selection import keep_uncertain
+    from rlhf_core.labeling.selection import keep_uncertain
     return keep_uncertain(runtime, items, {r["id"]: r["text"] for r in rows})
 
 

@@ -16,7 +16,7 @@ import time
 import traceback
 from typing import Callable
 
-from rlhf_core.store import Store, dumps, loads, now_iso
+from rlhf_core.data.store import Store, dumps, loads, now_iso
 
 log = logging.getLogger(__name__)
 

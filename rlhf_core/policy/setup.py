@@ -16,7 +16,7 @@ import torch
 
 from rlhf_core import models
 from rlhf_core.config import PPOConfig
-from rlhf_core.rollout import Rollout
+from rlhf_core.policy.rollout import Rollout
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def reward_source(runtime, reward_fn, plan: Plan):
             return reward_fn(rollout.prompts, rollout.responses, rollout.response_lists())
         plan.critic_init = "fresh"
         return from_fn
-    from rlhf_core.reward_model import load_reward
+    from rlhf_core.reward.round import load_reward
     scorer = load_reward(runtime)
     plan.reward_version, plan.scorer = scorer.version, scorer
     plan.critic_init = "reward" if scorer.shares_base else "fresh"

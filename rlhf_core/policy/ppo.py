@@ -21,16 +21,16 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from rlhf_core import jobs
+from rlhf_core.data import jobs
 from rlhf_core.config import PPOConfig, from_dict, to_dict
 # The round reads top to bottom here; each step lives in ppo_setup / ppo_rollout / ppo_train /
 # ppo_publish.
-from rlhf_core.ppo_publish import _Output, publish_step
-from rlhf_core.ppo_rollout import (advantages_step, check_rollout, rollout_stats, rollout_step,
+from rlhf_core.policy.publish import _Output, publish_step
+from rlhf_core.policy.experience import (advantages_step, check_rollout, rollout_stats, rollout_step,
                                    score_step)
-from rlhf_core.ppo_setup import (PPOHealthError, SingleProcess, plan_round, restore_adapters,
+from rlhf_core.policy.setup import (PPOHealthError, SingleProcess, plan_round, restore_adapters,
                                  reward_source, setup_actor_critic)
-from rlhf_core.ppo_train import train_step
+from rlhf_core.policy.train import train_step
 
 
 def ppo_round(runtime, *, config: PPOConfig | None = None, reporter=None, reward_fn=None,

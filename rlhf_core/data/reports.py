@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 from rlhf_core import evaluation as ev
-from rlhf_core.store import Store, loads
+from rlhf_core.data.store import Store, loads
 
 # Items whose responses come from several policy versions: the blind A/B items, and any
 # other item that happens to mix versions.
