@@ -148,7 +148,26 @@ def preview(text: str, state: dict | None, all_bad: bool = False) -> str:
         labels = list(state["labels"])
         return "✓ " + format_ranking_text(parse_ranking_text(text, labels))
     except ValueError as exc:
-        return f"✗ {exc}"
+        return f"✗ {md_escape(exc)}"  # the error may quote what was typed
+
+
+def md_escape(text) -> str:
+    """Text shown inside gr.Markdown as typed: no HTML, no markdown emphasis or links."""
+    out = html.escape(str(text), quote=False)
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|~$])", r"\\\1", out)
+
+
+def form_matches(state: dict | None, form_item) -> bool:
+    """Was the form (its values captured in the browser) rendered for the item in `state`?
+
+    `item` is server-side session state and changes the moment a submission is recorded; an
+    edit or a second Enter sent from the old form just before can be processed after that. Its
+    text belongs to the old item, so it is never saved or submitted for the new one. `None`
+    means the caller did not say (plain-function callers, scripts): not checked.
+    """
+    if form_item is None:
+        return True
+    return state is not None and str(form_item) == str(state["id"])
 
 
 # -- drafts (per browser, keyed by item id, so a refresh keeps what was typed) ------------
@@ -164,9 +183,11 @@ def save_draft(drafts: dict | None, state: dict | None, *, ranking: str = "", no
 
 
 def draft_changed(ctx: AppContext, annotator: str | None, state: dict | None, drafts: dict | None,
-                  ranking: str, note: str, flag: bool, all_bad: bool) -> dict:
-    """On every edit: live preview, card radios in sync, draft saved. Stale forms update nothing."""
-    if not state or not annotator or not _still_open(ctx, annotator, state["id"]):
+                  ranking: str, note: str, flag: bool, all_bad: bool, form_item=None) -> dict:
+    """On every edit: live preview, card radios in sync, draft saved. Stale forms update nothing:
+    an edit sent from the form of an item that has since been submitted (`form_item` is not
+    the session's item) or closed is dropped, so its text is never saved as another's draft."""
+    if not state or not annotator or not form_matches(state, form_item):
         return {}
     out = {"drafts": save_draft(drafts, state, ranking=ranking, note=note, flag=flag,
                                 all_bad=all_bad),
@@ -174,7 +195,8 @@ def draft_changed(ctx: AppContext, annotator: str | None, state: dict | None, dr
     ranks = ranks_from_text(ranking, state)
     if ranks is not None:
         out["ranks"] = ranks
-    return out
+    # Checked last, so a submission recorded while this edit ran is seen.
+    return out if _still_open(ctx, annotator, state["id"]) else {}
 
 
 def _still_open(ctx: AppContext, annotator: str, item_id: int) -> bool:
@@ -195,7 +217,7 @@ def load_form(ctx: AppContext, annotator: str, drafts: dict | None, *, message: 
     item = next_item(ctx.store, annotator, ttl_s=ctx.config.loop.assignment_ttl_s)
     out = {"progress": progress_text(ctx, annotator), "drafts": dict(drafts or {})}
     if item is None:
-        return {**out, "item": None, "k": 0, "prompt_html": "", "cards_html": "",
+        return {**out, "item": None, "form_item": "", "k": 0, "prompt_html": "", "cards_html": "",
                 "ranking": "", "note": "", "flag": False, "all_bad": False, "preview": "",
                 "ranks": [None] * MAX_CARDS, "message": message or WAITING, "waiting": True}
     state = form_state(item)
@@ -205,7 +227,8 @@ def load_form(ctx: AppContext, annotator: str, drafts: dict | None, *, message: 
         by_id = {v: k for k, v in state["labels"].items()}
         ranking = format_ranking_text([[by_id[i] for i in tier] for tier in undone_tiers])
     ranks = ranks_from_text(ranking, state) or [None] * len(item["responses"])
-    return {**out, "item": state, "k": len(item["responses"]), "prompt_html": render_prompt(item),
+    return {**out, "item": state, "form_item": str(item["id"]), "k": len(item["responses"]),
+            "prompt_html": render_prompt(item),
             "cards_html": render_cards(item), "ranking": ranking,
             "note": draft.get("note", ""), "flag": draft.get("flag", False),
             "all_bad": draft.get("all_bad", False), "preview": preview(ranking, state),
@@ -226,12 +249,18 @@ def start(ctx: AppContext, name: str | None, username: str | None, drafts: dict 
 
 def submit_form(ctx: AppContext, annotator: str | None, state: dict | None, drafts: dict | None, *,
                 ranking: str = "", note: str = "", flag: bool = False, all_bad: bool = False,
-                skip: bool = False) -> dict:
-    """Record the form. Success loads the next item; a refusal keeps every choice on screen."""
+                skip: bool = False, form_item=None) -> dict:
+    """Record the form. Success loads the next item; a refusal keeps every choice on screen.
+    `form_item`: the item id the browser's form was rendered for (see `form_matches`)."""
     if not annotator:
         return {"message": "enter your name first", "level": "warning"}
     if not state:
         return load_form(ctx, annotator, drafts, message="nothing to submit: loading an item")
+    if not form_matches(state, form_item):
+        shown = f"item {form_item}" if form_item else "no item"
+        text = (f"Not saved: this form was filled in for {shown}, but item {state['id']} is "
+                "loaded now. Check the ranking on screen and submit again.")
+        return {"message": f"**{text}**", "toast": text, "level": "warning", "stale": True}
     try:
         tiers = None if skip else tiers_from_text(ranking, state, all_bad=all_bad)
         result = submit_ranking(
@@ -242,8 +271,11 @@ def submit_form(ctx: AppContext, annotator: str | None, state: dict | None, draf
     except (Refused, ValueError) as exc:
         kept = save_draft(drafts, state, ranking=ranking, note=note, flag=flag, all_bad=all_bad)
         stale = isinstance(exc, StaleForm)
-        text = (f"**Not saved:** {exc}" + (" Press *Next item* to continue." if stale else ""))
-        return {"message": text, "level": "warning", "stale": stale, "drafts": kept}
+        more = " Press Next item to continue." if stale else ""
+        # The reason may quote what was typed: shown as text, never as markup.
+        return {"message": f"**Not saved:** {md_escape(exc)}{more}",
+                "toast": f"Not saved: {exc}{more}", "level": "warning", "stale": stale,
+                "drafts": kept}
     done = "skipped" if skip else "saved"
     if result["duplicate"]:
         done = "already saved (duplicate submission ignored)"

@@ -35,6 +35,7 @@ The page's own events are also named (`/rank_start`, `/rank_submit`, `/rank_skip
 from __future__ import annotations
 
 import dataclasses
+import html
 import os
 from typing import Callable
 
@@ -101,6 +102,10 @@ def _rank_layout(c: dict) -> None:
                                       placeholder="e.g. bacd  or  b a=c d", autofocus=True,
                                       elem_id="rl-ranking", scale=2)
             c["preview"] = gr.Markdown(elem_id="rl-preview")
+        # The id of the item this form was rendered for, held in the browser: sent with every
+        # edit and submission, so one from an old form is told apart from the item now in
+        # `item` (server-side state, which moves on as soon as a submission is recorded).
+        c["form_item"] = gr.Textbox(visible=False, elem_id="rl-form-item")
         with gr.Row(equal_height=True):
             c["all_bad"] = gr.Checkbox(label="All bad (Alt+X)", elem_id="rl-allbad", scale=0,
                                        min_width=160)
@@ -118,14 +123,15 @@ def _rank_layout(c: dict) -> None:
 
 # -- handler dict -> component updates -------------------------------------------------
 _PLAIN = ("annotator", "item", "drafts", "profile", "progress", "message", "prompt_html",
-          "cards_html", "ranking", "note", "flag", "all_bad", "preview")
+          "cards_html", "ranking", "note", "flag", "all_bad", "preview", "form_item")
 
 
 def _updates(c: dict, out: dict) -> dict:
     """Map a handler's dict onto components; keys it leaves out stay unchanged on screen."""
     level, message = out.get("level"), out.get("message")
     if message and level == "warning":
-        gr.Warning(message.replace("**", ""))
+        # A toast renders HTML; its text may quote what the user typed: escape it.
+        gr.Warning(html.escape(out.get("toast") or message.replace("**", "")))
     upd = {c[k]: out[k] for k in _PLAIN if k in out}
     if "ranks" in out:
         k = out.get("k")
@@ -158,7 +164,7 @@ def _username(request: gr.Request | None) -> str | None:
 
 def _wire(ctx: AppContext, demo: gr.Blocks, c: dict) -> None:
     outs = _form_outputs(c)
-    form = [c["ranking"], c["note"], c["flag"], c["all_bad"]]
+    form = [c["ranking"], c["note"], c["flag"], c["all_bad"], c["form_item"]]
 
     def on_start(name, profile, drafts, request: gr.Request):
         name = name or (profile or {}).get("name")
@@ -169,13 +175,15 @@ def _wire(ctx: AppContext, demo: gr.Blocks, c: dict) -> None:
         out.pop("level", None)  # no toast for a first visit
         return _updates(c, out)
 
-    def on_submit(annotator, item, drafts, ranking, note, flag, all_bad):
+    def on_submit(annotator, item, drafts, ranking, note, flag, all_bad, form_item):
         return _updates(c, handlers.submit_form(ctx, annotator, item, drafts, ranking=ranking,
-                                                note=note, flag=flag, all_bad=all_bad))
+                                                note=note, flag=flag, all_bad=all_bad,
+                                                form_item=form_item or ""))
 
-    def on_skip(annotator, item, drafts, ranking, note, flag, all_bad):
+    def on_skip(annotator, item, drafts, ranking, note, flag, all_bad, form_item):
         return _updates(c, handlers.submit_form(ctx, annotator, item, drafts, ranking=ranking,
-                                                note=note, flag=flag, all_bad=all_bad, skip=True))
+                                                note=note, flag=flag, all_bad=all_bad, skip=True,
+                                                form_item=form_item or ""))
 
     def on_undo(annotator, item, drafts):
         return _updates(c, handlers.undo_form(ctx, annotator, item, drafts))
@@ -185,13 +193,14 @@ def _wire(ctx: AppContext, demo: gr.Blocks, c: dict) -> None:
             return _updates(c, {"message": "enter your name first", "level": "warning"})
         return _updates(c, handlers.load_form(ctx, annotator, drafts))
 
-    def on_edit(annotator, item, drafts, ranking, note, flag, all_bad):
+    def on_edit(annotator, item, drafts, ranking, note, flag, all_bad, form_item):
         return _updates(c, handlers.draft_changed(ctx, annotator, item, drafts, ranking, note,
-                                                  flag, all_bad))
+                                                  flag, all_bad, form_item or ""))
 
-    def on_radio(annotator, item, drafts, note, flag, all_bad, *ranks):
+    def on_radio(annotator, item, drafts, note, flag, all_bad, form_item, *ranks):
         ranking = handlers.text_from_ranks(list(ranks), item)
-        out = handlers.draft_changed(ctx, annotator, item, drafts, ranking, note, flag, all_bad)
+        out = handlers.draft_changed(ctx, annotator, item, drafts, ranking, note, flag, all_bad,
+                                     form_item or "")
         out.pop("ranks", None)  # the radios are the source here; do not echo them back
         return _updates(c, {**out, "ranking": ranking} if out else {})
 
@@ -223,7 +232,7 @@ def _wire(ctx: AppContext, demo: gr.Blocks, c: dict) -> None:
     if "switch_btn" in c:
         c["switch_btn"].click(on_switch, None, outs, api_visibility="private")
     gr.on([r.input for r in c["radios"]], on_radio,
-          state_in + [c["note"], c["flag"], c["all_bad"]] + c["radios"], outs,
+          state_in + [c["note"], c["flag"], c["all_bad"], c["form_item"]] + c["radios"], outs,
           show_progress="hidden", concurrency_limit=None, api_visibility="private")
     c["timer"].tick(on_tick, state_in, outs, show_progress="hidden", api_visibility="private")
 

@@ -27,7 +27,7 @@ def page_and_ctx(tmp_path):
         pytest.skip("chromium is not installed (apt-get install chromium)")
     sync_api = pytest.importorskip("playwright.sync_api")
     ctx = AppContext.from_config(AppConfig(workspace=tmp_path / "ws"))
-    seed_items(ctx.store, n=3, texts=[XSS, IMG_XSS, "${1+1} {{x}}", "plain\n  answer"])
+    seed_items(ctx.store, n=5, texts=[XSS, IMG_XSS, "${1+1} {{x}}", "plain\n  answer"])
     port = free_port()
     demo = launch(ctx, port=port, prevent_thread_lock=True, quiet=True)
     with sync_api.sync_playwright() as p:
@@ -100,3 +100,74 @@ def test_rank_with_keyboard_only(page_and_ctx):
     labels = {r["label"]: r["id"] for r in load_item(store, last["item_id"])["responses"]}
     assert json.loads(last["tiers"]) == [[labels["B"]], [labels["A"], labels["C"]], [labels["D"]]]
     assert page.dialogs == [] and page.evaluate("window.__xss") is None  # nothing executed
+
+
+_SHOWN_ITEM = ("(() => { const m = (document.querySelector('#rl-prompt')?.innerText || '')"
+               ".match(/item (\\d+)/); return m ? Number(m[1]) : null; })()")
+
+
+def _form(page) -> dict:
+    return {"item": page.evaluate(_SHOWN_ITEM), "ranking": _ranking_value(page),
+            "flag": page.locator("#rl-flag input").is_checked(),
+            "all_bad": page.locator("#rl-allbad input").is_checked(),
+            "preview": page.locator("#rl-preview").inner_text()}
+
+
+def test_a_finished_items_draft_never_reaches_the_next_item(page_and_ctx):
+    """Issue 11.1: rank with `dcba` + Alt+F + Enter at once, reload inside ~1.5 s. The edit
+    events sent just before Enter were processed after the submission (with the next item in
+    the session state) and saved `dcba` + flag as the next item's draft."""
+    page, ctx = page_and_ctx
+    store = ctx.store
+    page.locator("#rl-name input, #rl-name textarea").first.wait_for(timeout=30000)
+    page.keyboard.type("bea")
+    page.keyboard.press("Enter")
+    for attempt in range(3):
+        page.wait_for_function(f"{_SHOWN_ITEM} !== null && document.activeElement && "
+                               "document.activeElement.closest('#rl-ranking')", timeout=30000)
+        item_id = page.evaluate(_SHOWN_ITEM)
+        page.keyboard.type("dcba")
+        page.keyboard.press("Alt+F")
+        page.keyboard.press("Enter")
+        assert wait_until(lambda: store.scalar("SELECT COUNT(*) FROM rankings") == attempt + 1, 15)
+        page.wait_for_function(f"{_SHOWN_ITEM} !== null && {_SHOWN_ITEM} !== {item_id}",
+                               timeout=30000)
+        page.wait_for_timeout(1200)
+        fresh = _form(page)  # the next item, on the same screen
+        assert (fresh["ranking"], fresh["flag"], fresh["all_bad"]) == ("", False, False), fresh
+        assert not fresh["preview"].startswith("✓"), fresh
+        page.reload()
+        page.wait_for_function(f"{_SHOWN_ITEM} !== null", timeout=30000)
+        page.wait_for_timeout(300)
+        reloaded = _form(page)
+        assert reloaded["item"] == fresh["item"]
+        assert (reloaded["ranking"], reloaded["flag"], reloaded["all_bad"]) == ("", False, False), (
+            attempt, reloaded)
+        assert not reloaded["preview"].startswith("✓"), reloaded
+    page.keyboard.press("Enter")  # an empty form: refused, nothing recorded
+    page.get_by_text("type a ranking").first.wait_for(timeout=15000)
+    rows = store.rows("SELECT item_id, flagged, all_bad FROM rankings ORDER BY id")
+    assert len(rows) == 3 and len({r["item_id"] for r in rows}) == 3
+    assert all(r["flagged"] == 1 and r["all_bad"] == 0 for r in rows)
+
+
+def test_not_saved_toast_shows_the_typed_text_as_text(page_and_ctx):
+    """Issue 16.10: the refusal quotes the typed ranking; the toast renders HTML."""
+    page, ctx = page_and_ctx
+    page.locator("#rl-name input, #rl-name textarea").first.wait_for(timeout=30000)
+    page.keyboard.type("cy")
+    page.keyboard.press("Enter")
+    page.wait_for_function(f"{_SHOWN_ITEM} !== null && document.activeElement && "
+                           "document.activeElement.closest('#rl-ranking')", timeout=30000)
+    typed = 'a(b(<img src=x onerror="window.__toast = 1"><b>bold</b>'
+    page.keyboard.type(typed)
+    page.keyboard.press("Enter")
+    toast = page.locator("[data-testid=toast-body]").filter(has_text="Not saved").first
+    toast.wait_for(timeout=15000)
+    assert typed in toast.inner_text()
+    assert toast.locator("img, b").count() == 0
+    message = page.locator("#rl-message")
+    page.wait_for_function("document.querySelector('#rl-message').innerText.includes('<b>bold')",
+                           timeout=15000)
+    assert message.locator("img, b:text('bold')").count() == 0
+    assert page.evaluate("window.__toast") is None and ctx.store.counts()["rankings"] == 0

@@ -118,6 +118,49 @@ def test_draft_survives_reload_and_undo_restores_ranking(ctx):
     assert handlers.undo_form(ctx, "ada", undone["item"], {})["level"] == "warning"
 
 
+def test_an_old_forms_edits_and_submission_never_land_on_the_next_item(ctx):
+    """Issue 11.1: `item` is server-side state and moves on when a submission is recorded; an
+    edit or a second Enter sent from the old form is processed with the next item in it."""
+    seed_items(ctx.store)
+    form = handlers.start(ctx, "ada", None, {})
+    old = form["item"]
+    assert form["form_item"] == str(old["id"])
+    done = handlers.submit_form(ctx, "ada", old, {}, ranking="dcba", flag=True,
+                                form_item=form["form_item"])
+    new = done["item"]
+    assert new["id"] != old["id"] and done["form_item"] == str(new["id"])
+    # The edits typed just before Enter, processed after it: dropped, nothing saved for `new`.
+    assert handlers.draft_changed(ctx, "ada", new, done["drafts"], "dcba", "", True, False,
+                                  str(old["id"])) == {}
+    # A second Enter from the old form: refused, nothing recorded, the form left as it is.
+    again = handlers.submit_form(ctx, "ada", new, done["drafts"], ranking="dcba", flag=True,
+                                 form_item=str(old["id"]))
+    assert again["level"] == "warning" and again["stale"]
+    assert f"item {old['id']}" in again["message"] and "ranking" not in again
+    assert "item" not in again and "drafts" not in again
+    assert ctx.store.scalar("SELECT COUNT(*) FROM rankings") == 1
+    # A reload finds no draft for the new item.
+    reloaded = handlers.start(ctx, "ada", None, done["drafts"])
+    assert reloaded["item"]["id"] == new["id"]
+    assert (reloaded["ranking"], reloaded["flag"], reloaded["all_bad"]) == ("", False, False)
+    # The form of the current item still edits and submits.
+    edit = handlers.draft_changed(ctx, "ada", new, {}, "ab", "", False, False, str(new["id"]))
+    assert edit["drafts"] == {str(new["id"]): {"ranking": "ab", "note": "", "flag": False,
+                                               "all_bad": False}}
+
+
+def test_typed_text_in_messages_is_shown_as_text(ctx):
+    """Issue 16.10: a refusal quotes the ranking; the toast (HTML) and markdown get it as text."""
+    seed_items(ctx.store)
+    state = handlers.start(ctx, "ada", None, {})["item"]
+    typed = "a(b(<img src=x onerror=alert(1)>*x*"
+    out = handlers.submit_form(ctx, "ada", state, {}, ranking=typed)
+    assert out["level"] == "warning" and typed in out["toast"]  # escaped by ui._updates
+    assert "<img" not in out["message"] and "&lt;img src=x onerror=alert\\(1\\)&gt;" in out["message"]
+    assert "<img" not in handlers.preview(typed, state)
+    assert handlers.md_escape("*b* [x](y) <i>") == "\\*b\\* \\[x\\]\\(y\\) &lt;i&gt;"
+
+
 def test_radios_and_text_round_trip(ctx):
     state = {"id": 1, "labels": {"A": 10, "B": 11, "C": 12, "D": 13}}
     assert handlers.text_from_ranks(["2", "1", "2", None], state) == "B > A = C"
