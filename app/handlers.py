@@ -13,7 +13,7 @@ import re
 import time
 import uuid
 
-from app.context import MAX_NAME_LEN, AppContext
+from app.context import MAX_NAME_LEN, ROLES, AppContext
 from rlhf_core.data.annotation import (LABELS, Refused, StaleForm, annotator_progress, next_item,
                                   submit_ranking, undo_last)
 from rlhf_core.preferences import format_ranking_text, parse_ranking_text
@@ -42,6 +42,25 @@ def identify(ctx: AppContext, name: str | None, username: str | None) -> str:
             raise Refused("please log in")
         return username
     return clean_name(name)
+
+
+def session_user(ctx: AppContext, session_annotator: str | None, username: str | None,
+                 roles: tuple[str, ...] = ROLES) -> str | None:
+    """Who acts in a page event, and may they. With auth on: the login of the request, always
+    (the session state is only as good as its session_hash, which a client chooses); a session
+    opened by another login is refused, so nobody acts in, or changes, another user's session.
+    Without auth: the name the page started with (names are self-declared on loopback)."""
+    if not ctx.auth_enabled:
+        who = session_annotator
+    elif not username or username not in ctx.users:
+        raise Refused("please log in")
+    elif session_annotator and session_annotator != username:
+        raise Refused("this page session belongs to another login: reload the page")
+    else:
+        who = username
+    if who and ctx.role(who) not in roles:
+        raise Refused(f"only a {' or '.join(roles)} may do this")
+    return who
 
 
 # -- rendering (escaped: model output is data, never markup) --------------------------
@@ -265,7 +284,7 @@ def submit_form(ctx: AppContext, annotator: str | None, state: dict | None, draf
         tiers = None if skip else tiers_from_text(ranking, state, all_bad=all_bad)
         result = submit_ranking(
             ctx.store, annotator=annotator, item_id=state["id"], token=state["token"],
-            submission_key=state["submission_key"], tiers=tiers, skip=skip, all_bad=all_bad,
+            submission_key=state["submission_key"], tiers=tiers, skip=skip, all_bad=bool(all_bad),
             flagged=bool(flag), note=(note or "").strip() or None,
             time_spent_s=round(time.time() - state.get("loaded_at", time.time()), 2))
     except (Refused, ValueError) as exc:

@@ -30,11 +30,14 @@ a new session (a copy of every component's config of this large page) for each c
 in bench B4, that was a third of the UI process's CPU under load.
 
 The page's own events are also named (`/rank_start`, `/rank_submit`, `/rank_skip`, `/rank_undo`,
-`/rank_next`), but they take browser state; scripts should use the endpoints above.
+`/rank_next`), but they take browser state; scripts should use the endpoints above. With auth
+they too act as the logged-in user (roles checked in each handler), never as the name in the
+session state, and refuse a session_hash whose session another login opened.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import html
 import os
 from typing import Callable
@@ -166,45 +169,77 @@ def _wire(ctx: AppContext, demo: gr.Blocks, c: dict) -> None:
     outs = _form_outputs(c)
     form = [c["ranking"], c["note"], c["flag"], c["all_bad"], c["form_item"]]
 
-    def on_start(name, profile, drafts, request: gr.Request):
+    def acting(fn=None, *, quiet: bool = False):
+        """Every page event goes through here: it acts as `handlers.session_user` (with auth,
+        the login of the request, never the name in the session state: a client picks its
+        session_hash). A refusal leaves the session state untouched; `quiet` events (edits,
+        timer) show nothing. `fn(request, who, ...)` keeps its signature for Gradio."""
+        def wrap(fn):
+            @functools.wraps(fn)
+            def run(request, annotator, *args):
+                try:
+                    who = handlers.session_user(ctx, annotator, _username(request))
+                except handlers.Refused as exc:
+                    return _updates(c, {} if quiet else {
+                        "message": f"**Not allowed:** {handlers.md_escape(exc)}",
+                        "toast": f"Not allowed: {exc}", "level": "warning"})
+                return fn(request, who, *args)
+            return run
+        return wrap(fn) if fn else wrap
+
+    @acting
+    def on_start(request: gr.Request, annotator, name, profile, drafts):
         name = name or (profile or {}).get("name")
         return _updates(c, handlers.start(ctx, name, _username(request), drafts))
 
-    def on_load(profile, drafts, request: gr.Request):
+    @acting
+    def on_load(request: gr.Request, annotator, profile, drafts):
         out = handlers.start(ctx, (profile or {}).get("name"), _username(request), drafts)
         out.pop("level", None)  # no toast for a first visit
         return _updates(c, out)
 
-    def on_submit(annotator, item, drafts, ranking, note, flag, all_bad, form_item):
+    def record(annotator, item, drafts, ranking, note, flag, all_bad, form_item, skip=False):
         return _updates(c, handlers.submit_form(ctx, annotator, item, drafts, ranking=ranking,
                                                 note=note, flag=flag, all_bad=all_bad,
-                                                form_item=form_item or ""))
+                                                skip=skip, form_item=form_item or ""))
 
-    def on_skip(annotator, item, drafts, ranking, note, flag, all_bad, form_item):
-        return _updates(c, handlers.submit_form(ctx, annotator, item, drafts, ranking=ranking,
-                                                note=note, flag=flag, all_bad=all_bad, skip=True,
-                                                form_item=form_item or ""))
+    @acting
+    def on_submit(request: gr.Request, annotator, item, drafts, ranking, note, flag, all_bad,
+                  form_item):
+        return record(annotator, item, drafts, ranking, note, flag, all_bad, form_item)
 
-    def on_undo(annotator, item, drafts):
+    @acting
+    def on_skip(request: gr.Request, annotator, item, drafts, ranking, note, flag, all_bad,
+                form_item):
+        return record(annotator, item, drafts, ranking, note, flag, all_bad, form_item, True)
+
+    @acting
+    def on_undo(request: gr.Request, annotator, item, drafts):
         return _updates(c, handlers.undo_form(ctx, annotator, item, drafts))
 
-    def on_next(annotator, drafts):
+    @acting
+    def on_next(request: gr.Request, annotator, drafts):
         if not annotator:
             return _updates(c, {"message": "enter your name first", "level": "warning"})
         return _updates(c, handlers.load_form(ctx, annotator, drafts))
 
-    def on_edit(annotator, item, drafts, ranking, note, flag, all_bad, form_item):
+    @acting(quiet=True)
+    def on_edit(request: gr.Request, annotator, item, drafts, ranking, note, flag, all_bad,
+                form_item):
         return _updates(c, handlers.draft_changed(ctx, annotator, item, drafts, ranking, note,
                                                   flag, all_bad, form_item or ""))
 
-    def on_radio(annotator, item, drafts, note, flag, all_bad, form_item, *ranks):
+    @acting(quiet=True)
+    def on_radio(request: gr.Request, annotator, item, drafts, note, flag, all_bad, form_item,
+                 *ranks):
         ranking = handlers.text_from_ranks(list(ranks), item)
         out = handlers.draft_changed(ctx, annotator, item, drafts, ranking, note, flag, all_bad,
                                      form_item or "")
         out.pop("ranks", None)  # the radios are the source here; do not echo them back
         return _updates(c, {**out, "ranking": ranking} if out else {})
 
-    def on_tick(annotator, item, drafts):
+    @acting(quiet=True)
+    def on_tick(request: gr.Request, annotator, item, drafts):
         if not annotator or item is not None:
             return _updates(c, {})  # only a waiting annotator polls for the next batch
         out = handlers.load_form(ctx, annotator, drafts)
@@ -216,9 +251,11 @@ def _wire(ctx: AppContext, demo: gr.Blocks, c: dict) -> None:
 
     state_in = [c["annotator"], c["item"], c["drafts"]]
     focus = dict(fn=None, js=FOCUS_RANKING_JS)
-    demo.load(on_load, [c["profile"], c["drafts"]], outs, api_visibility="private").then(**focus)
+    demo.load(on_load, [c["annotator"], c["profile"], c["drafts"]], outs,
+              api_visibility="private").then(**focus)
     gr.on([c["start_btn"].click, c["name"].submit], on_start,
-          [c["name"], c["profile"], c["drafts"]], outs, api_name="rank_start").then(**focus)
+          [c["annotator"], c["name"], c["profile"], c["drafts"]], outs,
+          api_name="rank_start").then(**focus)
     gr.on([c["submit_btn"].click, c["ranking"].submit], on_submit, state_in + form, outs,
           api_name="rank_submit", concurrency_limit=8).then(**focus)
     c["skip_btn"].click(on_skip, state_in + form, outs, api_name="rank_skip",

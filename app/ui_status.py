@@ -1,9 +1,11 @@
 """The Status tab: versions, counts, every job with a progress bar, researcher job buttons."""
 from __future__ import annotations
 
+import html
+
 import gradio as gr
 
-from app import status
+from app import handlers, status
 from app.context import AppContext
 
 
@@ -26,11 +28,18 @@ def wire_status_tab(ctx: AppContext, demo: gr.Blocks, c: dict) -> None:
         return {c[k]: v for k, v in out.items() if k in c}
 
     def make_start(kind: str):
-        def on_click(annotator):
-            out = status.start_job(ctx, annotator, kind)
+        def on_click(annotator, request: gr.Request):
+            # With auth, the login of the request acts, never the session state's name.
+            try:
+                who = handlers.session_user(ctx, annotator, getattr(request, "username", None),
+                                            roles=("researcher",))
+            except handlers.Refused as exc:
+                out = {"ok": False, "message": str(exc)}
+            else:
+                out = status.start_job(ctx, who, kind)
             if not out["ok"]:
-                gr.Warning(out["message"])
-            upd = {c["job_message"]: out["message"]}
+                gr.Warning(html.escape(out["message"]))
+            upd = {c["job_message"]: handlers.md_escape(out["message"])}
             upd.update({c[k]: v for k, v in out.items() if k in ("status_md", "jobs_html")})
             return upd
         return on_click

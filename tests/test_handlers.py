@@ -205,6 +205,23 @@ def test_roles_and_jobs(tmp_path, store):
     assert api.queue_job(ctx, "res", "sample_batch", username="ann")["ok"] is False
 
 
+def test_page_events_act_as_the_login(tmp_path, store):
+    """Issue 16.3: with auth, the session state's name never decides who acts."""
+    auth = tmp_path / "users.csv"
+    auth.write_text("user,password,role\nres,pw1,researcher\nann,pw2,annotator\n")
+    ctx = AppContext.from_config(AppConfig(workspace=tmp_path), store=store, auth_file=auth)
+    assert handlers.session_user(ctx, None, "ann") == "ann"  # a new page: the login
+    assert handlers.session_user(ctx, "ann", "ann") == "ann"
+    for state, login in (("res", "ann"), ("ann", "res"), ("ann", None), (None, "mallory")):
+        with pytest.raises(handlers.Refused):
+            handlers.session_user(ctx, state, login)
+    assert handlers.session_user(ctx, "res", "res", roles=("researcher",)) == "res"
+    with pytest.raises(handlers.Refused, match="researcher"):
+        handlers.session_user(ctx, "ann", "ann", roles=("researcher",))
+    open_ctx = AppContext.from_config(AppConfig(workspace=tmp_path), store=store)
+    assert handlers.session_user(open_ctx, "ada", None) == "ada"  # no auth: the typed name
+
+
 def test_auth_file_formats(tmp_path):
     j = tmp_path / "u.json"
     j.write_text('{"ada": {"password": "p", "role": "researcher"}, "bob": "q"}')

@@ -1,6 +1,7 @@
 """A real Gradio server on loopback driven by gradio_client, as scripts and simulated annotators do."""
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 
@@ -148,5 +149,116 @@ def test_raw_http_calls_with_a_session_hash_share_one_session(tmp_path, monkeypa
         assert len(demo.state_holder.session_data) == before + 1
         get_item(None), get_item(None)
         assert len(demo.state_holder.session_data) == before + 3  # one per hashless call
+    finally:
+        demo.close()
+
+
+# -- issue 16.3: page events act as the login, not as whoever owns the session_hash ------
+class PageClient:
+    """One login (its cookie) driving the page's own events over raw HTTP, as the browser does
+    (`/gradio_api/queue/join` + the session's SSE stream), with any session_hash it likes."""
+
+    def __init__(self, demo, base: str, user: str, password: str):
+        import httpx
+        self.demo, self.http = demo, httpx.Client(base_url=base, timeout=30)
+        assert self.http.post("/login", data={"username": user,
+                                              "password": password}).status_code == 200
+
+    def _block(self, elem_id: str):
+        return next(b for b in self.demo.blocks.values() if getattr(b, "elem_id", None) == elem_id)
+
+    def fn(self, *, api_name: str | None = None, button: str | None = None):
+        for fn in self.demo.fns.values():
+            if api_name and fn.api_name == api_name:
+                return fn
+            if button and (self._block(button)._id, "click") in [tuple(t) for t in fn.targets]:
+                return fn
+        raise KeyError(api_name or button)
+
+    def call(self, session: str, values: dict | None = None, **which) -> list:
+        """Run one event in `session`; `values` by elem_id (state inputs are server-side)."""
+        import gradio as gr
+        values = values or {}
+        fn = self.fn(**which)
+        blank = {gr.State: None, gr.BrowserState: {}, gr.Checkbox: False}
+        data = [None if isinstance(b, gr.State) else values.get(
+            getattr(b, "elem_id", None), blank.get(type(b), "")) for b in fn.inputs]
+        event = self.http.post("/gradio_api/queue/join", json={
+            "data": data, "fn_index": fn._id, "session_hash": session, "event_data": None,
+            "trigger_id": None}).json()["event_id"]
+        with self.http.stream("GET", "/gradio_api/queue/data",
+                              params={"session_hash": session}) as stream:
+            for line in stream.iter_lines():
+                msg = json.loads(line[5:]) if line.startswith("data:") else {}
+                if msg.get("msg") == "process_completed" and msg.get("event_id") == event:
+                    assert msg["success"], msg
+                    return msg["output"]["data"]
+        raise AssertionError("no result")
+
+
+def test_page_events_act_as_the_login_not_the_session_owner(tmp_path):
+    auth = tmp_path / "users.json"
+    auth.write_text('[{"user": "ann", "password": "pw-a", "role": "annotator"},'
+                    ' {"user": "res", "password": "pw-r", "role": "researcher"}]')
+    ctx = AppContext.from_config(AppConfig(workspace=tmp_path / "ws"))
+    seed_items(ctx.store, n=8)
+    port = free_port()
+    demo = launch(ctx, port=port, auth_file=str(auth), prevent_thread_lock=True, quiet=True)
+    store = ctx.store
+    try:
+        base = f"http://127.0.0.1:{port}"
+        ann, res = PageClient(demo, base, "ann", "pw-a"), PageClient(demo, base, "res", "pw-r")
+        res.call("res-page", api_name="rank_start")
+        ann.call("ann-page", api_name="rank_start")
+
+        def item(owner: str) -> int:  # the session owner's current item
+            return store.scalar("SELECT item_id FROM assignments WHERE annotator = ? AND "
+                                "status = 'open'", [owner])
+
+        def form(owner: str, ranking: str = "abcd") -> dict:  # a form for that item
+            return {"rl-ranking": ranking, "rl-form-item": str(item(owner))}
+
+        def counts() -> tuple:
+            return (store.rows("SELECT annotator, kind FROM rankings ORDER BY id"),
+                    store.rows("SELECT kind, requested_by FROM jobs ORDER BY id"))
+
+        acted = []  # events that did something in another user's session
+
+        def forged(who: PageClient, session: str, owner: str, name: str, **call) -> None:
+            before, shown = counts(), item(owner)
+            out = who.call(session, **call)
+            if counts() != before or f"item {shown}<" in json.dumps(out):
+                acted.append((name, session, counts()))
+
+        job = {"button": "rl-job-train-reward"}
+        # An annotator with a researcher's session_hash, then a researcher with an annotator's.
+        for who, session, owner in ((ann, "res-page", "res"), (res, "ann-page", "ann")):
+            forged(who, session, owner, "rank_next", api_name="rank_next")
+            forged(who, session, owner, "job", **job)
+            forged(who, session, owner, "rank_skip", api_name="rank_skip", values=form(owner))
+            forged(who, session, owner, "rank_submit", api_name="rank_submit",
+                   values=form(owner))
+            forged(who, session, owner, "rank_start", api_name="rank_start")  # no takeover
+        # Each in their own session: both rank (as themselves); only the researcher queues.
+        res.call("res-page", api_name="rank_submit", values=form("res", "bacd"))
+        ann.call("ann-page", api_name="rank_submit", values=form("ann", "bacd"))
+        ann.call("ann-page", **job)
+        res.call("res-page", **job)
+        forged(ann, "res-page", "res", "rank_undo", api_name="rank_undo")
+        forged(res, "ann-page", "ann", "rank_undo", api_name="rank_undo")
+        assert acted == []
+        rankings, jobs_ = counts()
+        assert sorted(r["annotator"] for r in rankings) == ["ann", "res"]
+        assert {r["kind"] for r in rankings} == {"rank"}
+        assert jobs_ == [{"kind": "train_reward", "requested_by": "res"}]
+        # The owners' sessions were left as they were: undo works for each, as themselves.
+        res.call("res-page", api_name="rank_undo")
+        ann.call("ann-page", api_name="rank_undo")
+        undone = store.rows("SELECT annotator FROM rankings WHERE kind = 'undo' ORDER BY 1")
+        assert undone == [{"annotator": "ann"}, {"annotator": "res"}]
+        # A new session is the login's own: a page opened by ann shows ann's open item.
+        out = ann.call("ann-fresh", api_name="rank_start")
+        assert f"item {item('ann')}<" in json.dumps(out)
+        assert f"item {item('res')}<" not in json.dumps(out)
     finally:
         demo.close()
