@@ -11,8 +11,9 @@ import sys
 import threading
 from pathlib import Path
 
-from rlhf_core.config import EMBEDDED_MODEL, default_workspace
+from rlhf_core.config import EMBEDDED_MODEL, ModelLoadError, default_workspace
 from rlhf_core.workspace import parse_settings
+
 
 def model_flags(p):
     p.add_argument("--model", help=f"policy base: {EMBEDDED_MODEL} (default), a Hub id or a "
@@ -146,12 +147,11 @@ def _run_job_here(a, kind: str, params: dict):
     from tqdm import tqdm
 
     from rlhf_core.data import jobs
+    from rlhf_core.worker.run import lower_priority, run_one, worker_name
     from rlhf_core.worker.runtime import Runtime
-    from rlhf_core.worker.run import lower_priority, register_handlers
-    store, cfg = open_ws(a)
     from rlhf_core.workspace import seed_prompts_if_empty
+    store, cfg = open_ws(a)
     seed_prompts_if_empty(store, cfg)
-    register_handlers()
     lower_priority(0, cfg.torch_threads)
     job_id = jobs.enqueue(store, kind, params, requested_by="cli")
     if a.queue_only:
@@ -172,7 +172,7 @@ def _run_job_here(a, kind: str, params: dict):
                 bar.refresh()
     t = threading.Thread(target=follow, daemon=True)
     t.start()
-    row = jobs.run_one(runtime, store, jobs.worker_name(), kinds=[kind])
+    row = run_one(runtime, worker_name(), kinds=[kind])
     done.set()
     bar.n = 100 if row and row["status"] == "done" else bar.n
     bar.close()
@@ -267,10 +267,7 @@ def _json_flag(p):
 
 
 def _simulate_args(p):
-    try:
-        from app.simulate import add_arguments
-    except ImportError:
-        return
+    from app.simulate import add_arguments
     add_arguments(p)
 
 
@@ -280,7 +277,6 @@ def main(argv=None):
     for noisy in ("httpx", "gradio_client", "urllib3"):  # one line per HTTP call otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
-    from rlhf_core.models import ModelLoadError
     try:
         args.func(args)
     except (ValueError, ModelLoadError) as exc:  # bad input: a clear message, no traceback

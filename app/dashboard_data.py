@@ -12,13 +12,13 @@ import pandas as pd
 
 from rlhf_core.data import reports
 from rlhf_core.data.annotation import LABELS
-from rlhf_core.worker.loop import gather_state, read_config
 from rlhf_core.data.store import Store, loads
+from rlhf_core.worker.loop import gather_state
+from rlhf_core.workspace import read_config
 
 PPO_PLOTS = {"reward_mean": "reward (mean score)", "kl": "KL from reference (per sequence)",
              "entropy": "entropy (per token)", "response_length": "response length (tokens)"}
 # Metric names under which a KL from the reference may be recorded (as in rlhf_core.data.reports).
-KL_KEYS = ("kl_from_reference", "kl_ref", "kl", "mean_kl", "kl_mean", "objective/kl")
 
 
 def fmt(x, digits: int = 3) -> str:
@@ -50,18 +50,16 @@ def version_order(frame: pd.DataFrame) -> list[str]:
 
 def fingerprint(store: Store) -> tuple:
     """Changes whenever anything a plot shows changes (cheap: a few MAX(id) lookups)."""
-    return tuple(store.scalar(f"SELECT COALESCE(MAX(id), 0) FROM {t}")
-                 for t in ("rankings", "metrics", "versions", "responses", "response_scores"))
+    return reports.change_fingerprint(store)
 
 
 # -- dashboard ---------------------------------------------------------------------------------
 def pick_bucket(store: Store) -> int:
     """Bucket seconds so that the ranking history has at most a few hundred points."""
-    row = store.one("SELECT MIN(created_at) AS first, MAX(created_at) AS last FROM rankings")
-    if not row or not row["first"]:
+    first, last = reports.ranking_span(store)
+    if not first:
         return 60
-    span = (datetime.fromisoformat(row["last"])
-            - datetime.fromisoformat(row["first"])).total_seconds()
+    span = (datetime.fromisoformat(last) - datetime.fromisoformat(first)).total_seconds()
     return next((b for b in (60, 300, 900, 3600, 21600) if span / b <= 300), 86400)
 
 
@@ -127,16 +125,10 @@ def ab_frames(report: dict) -> dict:
 def policy_kl(store: Store) -> dict[int, float]:
     """KL from the reference per policy version: recorded with the version, else its last
     PPO step's. The reference (v0) is 0 by definition."""
-    last_step: dict = {}
-    for r in reports.ppo_series(store):
-        kl = next((r[k] for k in KL_KEYS if r.get(k) is not None), None)
-        if kl is not None:
-            last_step[r["version"]] = kl
+    rows = reports.ppo_series(store)
     out = {0: 0.0}
     for v in store.list_versions("policy"):
-        flat = reports._flatten(v["metrics"])
-        kl = next((flat[k] for k in KL_KEYS if isinstance(flat.get(k), (int, float))), None)
-        kl = kl if kl is not None else last_step.get(v["version"])
+        kl = reports.kl_from(v["metrics"], [r for r in rows if r["version"] == v["version"]])
         if kl is not None:
             out[v["version"]] = float(kl)
     return out
@@ -208,25 +200,13 @@ def recent_items(store: Store, *, limit: int = 20, reward_version: int | None = 
     if reward_version is None:
         cur = store.current_version("reward")
         reward_version = cur["version"] if cur else None
-    where = "r.kind = 'rank'" + (" AND (r.flagged = 1 OR COALESCE(r.note, '') != '')"
-                                 if flagged_only else "")
-    rankings = store.rows(f"""
-        SELECT r.id, r.item_id, r.annotator, r.tiers, r.flagged, r.all_bad, r.note,
-               r.created_at, r.time_spent_s, i.kind, i.selection, b.policy_version,
-               p.text AS prompt
-        FROM active_rankings r JOIN items i ON i.id = r.item_id
-        JOIN batches b ON b.id = i.batch_id JOIN prompts p ON p.id = i.prompt_id
-        WHERE {where} ORDER BY r.id DESC LIMIT ?""", [limit])
-    items = [_scored_item(store, r, reward_version) for r in rankings]
+    rankings = reports.recent_rankings(store, limit=limit, flagged_only=flagged_only)
+    items = [scored_item(store, r, reward_version) for r in rankings]
     return {"reward_version": reward_version, "items": items}
 
 
-def _scored_item(store: Store, ranking: dict, reward_version: int | None) -> dict:
-    responses = store.rows(
-        "SELECT s.id, s.position, s.policy_version, s.text, s.n_tokens, x.score "
-        "FROM responses s LEFT JOIN response_scores x ON x.response_id = s.id "
-        "AND x.reward_version = ? WHERE s.item_id = ? ORDER BY s.position",
-        [reward_version if reward_version is not None else -1, ranking["item_id"]])
+def scored_item(store: Store, ranking: dict, reward_version: int | None) -> dict:
+    responses = reports.item_responses_with_scores(store, ranking["item_id"], reward_version)
     tier_of = {rid: t for t, tier in enumerate(loads(ranking["tiers"], [])) for rid in tier}
     for r in responses:
         r["label"] = LABELS[r["position"]] if r["position"] < len(LABELS) else str(r["position"])

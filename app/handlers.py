@@ -14,8 +14,8 @@ import time
 import uuid
 
 from app.context import MAX_NAME_LEN, ROLES, AppContext
-from rlhf_core.data.annotation import (LABELS, Refused, StaleForm, annotator_progress, next_item,
-                                  submit_ranking, undo_last)
+from rlhf_core.data.annotation import (LABELS, Refused, StaleForm, annotator_progress,
+                                       assignment_status, next_item, submit_ranking, undo_last)
 from rlhf_core.preferences import format_ranking_text, parse_ranking_text
 
 MAX_CARDS = len(LABELS)
@@ -219,9 +219,7 @@ def draft_changed(ctx: AppContext, annotator: str | None, state: dict | None, dr
 
 
 def _still_open(ctx: AppContext, annotator: str, item_id: int) -> bool:
-    status = ctx.store.scalar("SELECT status FROM assignments WHERE item_id = ? AND annotator = ?",
-                              [item_id, annotator])
-    return status == "open"
+    return assignment_status(ctx.store, item_id, annotator) == "open"
 
 
 # -- the form ------------------------------------------------------------------------

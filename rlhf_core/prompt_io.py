@@ -13,10 +13,10 @@ import importlib.resources
 import io
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+from rlhf_core.durable import write_dir, write_file
 
 MAX_PROMPT_CHARS = 8000
 PROMPT_FIELDS = ("prompt", "text", "question")  # first one present wins
@@ -227,79 +227,27 @@ def bundled_prompts_path() -> Path:
 # ---------------------------------------------------------------- writing
 
 
-def write_jsonl(path, rows: Iterable[dict]) -> int:
-    """Write `rows` as JSON Lines atomically (temp file in the same dir, fsync, os.replace)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def write_jsonl(path, rows: Iterable[dict], *, overwrite: bool = False) -> int:
+    """Write `rows` as JSON Lines durably (rlhf_core.durable). An existing file raises
+    TargetExists unless `overwrite` (the same rule as write_hf_dataset)."""
     count = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as out:
-            for row in rows:
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
-                count += 1
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+
+    def write(out) -> None:
+        nonlocal count
+        for row in rows:
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
+
+    write_file(Path(path), write, overwrite=overwrite)
     return count
 
 
-def write_hf_dataset(path, rows: list[dict], overwrite: bool = False) -> int:
-    """`Dataset.from_list(rows).save_to_disk` into a temp dir, then os.replace into `path`.
-
-    Refuses an existing non-empty `path` unless `overwrite=True`.
-    """
+def write_hf_dataset(path, rows: list[dict], *, overwrite: bool = False) -> int:
+    """`Dataset.from_list(rows).save_to_disk` written durably into `path`. An existing
+    non-empty `path` raises TargetExists unless `overwrite`."""
     import datasets  # lazy: heavy
 
-    path = Path(path)
-    occupied = path.exists() and (not path.is_dir() or any(path.iterdir()))
-    if occupied and not overwrite:
-        raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace it")
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    try:
-        datasets.Dataset.from_list(list(rows)).save_to_disk(str(tmp))
-        _fsync_tree(tmp)
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    rows = list(rows)
+    write_dir(Path(path), lambda tmp: datasets.Dataset.from_list(rows).save_to_disk(str(tmp)),
+              overwrite=overwrite)
     return len(rows)
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move `new` onto `target`; an old non-empty target is moved aside first, then removed."""
-    old = None
-    if target.is_dir() and any(target.iterdir()):
-        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-        os.replace(target, old / "data")
-    elif target.exists() and not target.is_dir():
-        target.unlink()
-    os.replace(new, target)  # an empty directory target is replaced by rename
-    _fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_tree(root: Path) -> None:
-    for file in root.rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-    _fsync_dir(root)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable; not every platform can open a directory, so best effort."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -8,7 +8,6 @@ prompt are re-sampled a few times, then collapsed.
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import asdict, dataclass
 
 import torch
@@ -101,27 +100,6 @@ def sample_distinct(model, tokenizer, prompts: list[str], *, cfg: SamplingConfig
         for i, extra in zip(short, more):
             results[i] = dedupe(results[i] + extra)[0][:cfg.k]
     return results
-
-
-def pick_prompts(store, n: int, *, seed: int, split: str | None = None,
-                 exclude_open: bool = True) -> list[dict]:
-    """The least-labeled prompts first (random among equals), skipping ones already waiting."""
-    sql = """SELECT p.id, p.text, p.split,
-                    (SELECT COUNT(*) FROM items i WHERE i.prompt_id = p.id) AS n_items,
-                    (SELECT COUNT(*) FROM items i WHERE i.prompt_id = p.id
-                       AND i.status = 'ready') AS n_open
-             FROM prompts p"""
-    params: list = []
-    if split:
-        sql += " WHERE p.split = ?"
-        params.append(split)
-    rows = store.rows(sql, params)
-    if exclude_open:
-        rows = [r for r in rows if r["n_open"] == 0] or rows
-    rng = random.Random(seed)
-    rng.shuffle(rows)
-    rows.sort(key=lambda r: r["n_items"])
-    return rows[:n]
 
 
 def settings_record(cfg: SamplingConfig, policy_version: int) -> dict:

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from rlhf_core.config import AppConfig, from_dict, to_dict
+from rlhf_core.data import prompts
 from rlhf_core.data.store import Store
 
 DB_NAME = "rlhf.db"
@@ -66,9 +67,22 @@ def parse_settings(pairs: list[str]) -> dict:
     return out
 
 
+def read_config(store: Store) -> AppConfig:
+    """The workspace's saved configuration (defaults for a new one)."""
+    saved = store.get_setting("config", {})
+    return from_dict(AppConfig, saved) if saved else AppConfig()
+
+
+def set_auto(store: Store, on: bool) -> None:
+    """The UI's toggle: persisted in the workspace config so the worker sees it."""
+    cfg = apply_overrides(read_config(store), {"loop.auto": bool(on)})
+    store.set_setting("config", to_dict(cfg))
+    store.log_event("auto_loop", None, on=bool(on))
+
+
 def seed_prompts_if_empty(store: Store, cfg: AppConfig) -> int:
     """A new workspace starts with the shipped sample prompts."""
-    if store.scalar("SELECT COUNT(*) FROM prompts"):
+    if prompts.count(store):
         return 0
     from rlhf_core.prompt_io import bundled_prompts_path, read_prompts
     records = read_prompts(bundled_prompts_path())

@@ -80,10 +80,10 @@ def publish_fresh_reward(runtime, version: int, parent: int | None = None):
     from rlhf_core.reward import model as reward_scoring
     from rlhf_core.reward import train as reward_train
     bb = reward_scoring.backbone(runtime)
-    head = reward_train._prepare_candidate(runtime, bb, None, runtime.config.reward, version)
+    head = reward_train.prepare_candidate(runtime, bb, None, runtime.config.reward, version)
     manifest = {"kind": "reward", "version": version, "status": "promoted", "config": {},
                 "metrics": {}, "counts": {}}
     path = reward_train.publish_candidate(runtime, bb, head, version, manifest)
     bb.model.delete_adapter(reward_scoring.CANDIDATE)
-    runtime.store.add_version("reward", version, status="promoted", path=str(path), parent=parent)
+    runtime.data.add_version("reward", version, status="promoted", path=str(path), parent=parent)
     return path

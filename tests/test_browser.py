@@ -10,7 +10,7 @@ from app.context import AppContext
 from app.ui import launch
 from rlhf_core.data.annotation import load_item
 from rlhf_core.config import AppConfig
-from rlhf_core.data.store import wait_until
+from tests.helpers import wait_until
 from tests.test_handlers import XSS, seed_items
 from tests.test_ui_server import free_port
 

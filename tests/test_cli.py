@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from app.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import urllib.request
 
-
 from app import dashboard_data as dd
 from app.context import AppContext
-from rlhf_core.data import annotation
-from rlhf_core.data import jobs
-from rlhf_core.data import scores as score_jobs
+from rlhf_core.worker.run import run_one
 from rlhf_core.config import AppConfig
-from rlhf_core.worker.loop import loop_tick, set_auto
+from rlhf_core.data import annotation, jobs
+from rlhf_core.data import scores as score_jobs
 from rlhf_core.data.store import Store
+from rlhf_core.worker.loop import loop_tick
+from rlhf_core.workspace import set_auto
 from tests.conftest import publish_fresh_reward
 
 XSS = "<script>window.__xss=1</script> ${1+1}"
@@ -191,11 +191,11 @@ def test_score_items_job_on_a_tiny_model(tmp_path, tiny_model_dir):
     runtime = Runtime(store, cfg, cpu=True)
     publish_fresh_reward(runtime, 4, parent=3)  # untrained, promoted: enough to score
     job_id = jobs.enqueue(store, "score_items", {"limit": 10})
-    done = jobs.run_one(runtime, store, "test-worker", kinds=["score_items"])
+    done = run_one(runtime, "test-worker", kinds=["score_items"])
     assert done["id"] == job_id and done["status"] == "done", done.get("error")
     assert done["result"] == {"version": 4, "scored": 10, "remaining": 4}
     jobs.enqueue(store, "score_items", {})  # the rest, newest items were scored first
-    assert jobs.run_one(runtime, store, "test-worker")["result"]["remaining"] == 0
+    assert run_one(runtime, "test-worker")["result"]["remaining"] == 0
     rows = store.rows("SELECT score FROM response_scores WHERE reward_version = 4")
     assert len(rows) == 14 and len({r["score"] for r in rows}) > 1
     assert dd.recent_items(store)["items"][0]["pairs"] == 1

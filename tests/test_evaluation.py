@@ -3,10 +3,20 @@ import math
 
 import pytest
 
-from rlhf_core.evaluation import (ab_win_rates, agreement, bootstrap_ratings,
-                                  bradley_terry_ratings, calibration_bins, compare_rankings,
-                                  distinct_n, pairwise_outcomes, percentile, same_opening_share,
-                                  wilson_interval, win_rate)
+from rlhf_core.evaluation import (
+    ab_win_rates,
+    agreement,
+    bootstrap_ratings,
+    bradley_terry_ratings,
+    calibration_bins,
+    compare_rankings,
+    distinct_n,
+    pairwise_outcomes,
+    percentile,
+    same_opening_share,
+    wilson_interval,
+    win_rate,
+)
 
 
 # -- Wilson and win rates ---------------------------------------------------------

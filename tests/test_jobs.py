@@ -7,14 +7,17 @@ import time
 import pytest
 
 from rlhf_core.data import jobs
-from rlhf_core.data.store import wait_until
+from rlhf_core.worker import handlers as handler_table
+from rlhf_core.worker.data import LocalData
+from rlhf_core.worker.run import Heartbeat, Reporter, run_one, worker_loop
+from tests.helpers import QueueOnlyRuntime, wait_until
 
 
 @pytest.fixture
 def handlers(monkeypatch):
-    """Register test handlers without leaking them into jobs.HANDLERS."""
+    """Register test handlers without leaking them into the handler table."""
     def add(name, fn):
-        monkeypatch.setitem(jobs.HANDLERS, name, fn)
+        monkeypatch.setitem(handler_table.HANDLERS, name, fn)
     return add
 
 
@@ -24,15 +27,15 @@ def expire_lease(store, job_id):
 
 
 def test_enqueue_claim_finish(store, handlers):
-    handlers("echo", lambda rt, params, rep: {"echo": params["x"], "rt": rt})
+    handlers("echo", lambda rt, params, rep: {"echo": params["x"], "rt": rt.tag})
     job_id = jobs.enqueue(store, "echo", {"x": 7}, requested_by="alice")
     job = jobs.get_job(store, job_id)
     assert (job["status"], job["attempts"], job["params"]) == ("queued", 0, {"x": 7})
-    done = jobs.run_one("RT", store, "w1")
+    done = run_one(QueueOnlyRuntime(store, "RT"), "w1")
     assert done["id"] == job_id and done["status"] == "done"
     assert done["result"] == {"echo": 7, "rt": "RT"} and done["progress"] == 1.0
     assert done["attempts"] == 1 and done["worker"] == "w1" and done["finished_at"]
-    assert jobs.run_one("RT", store, "w1") is None  # queue empty
+    assert run_one(QueueOnlyRuntime(store, "RT"), "w1") is None  # queue empty
     kinds = [e["kind"] for e in store.rows("SELECT kind FROM events ORDER BY id")]
     assert "job_queued" in kinds and "job_done" in kinds
 
@@ -78,7 +81,7 @@ def test_handler_exception_fails_job_and_worker_keeps_going(store, handlers):
     unknown = jobs.enqueue(store, "no_such_kind")
     good = jobs.enqueue(store, "ok")
     stop = threading.Event()
-    t = threading.Thread(target=jobs.worker_loop, args=(None, store),
+    t = threading.Thread(target=worker_loop, args=(QueueOnlyRuntime(store),),
                          kwargs={"stop": stop, "poll_s": 0.05})
     t.start()
     try:
@@ -131,7 +134,7 @@ def test_cancel_running_job_stops_at_next_progress(store, handlers):
 
     handlers("long", long_job)
     job_id = jobs.enqueue(store, "long")
-    t = threading.Thread(target=jobs.run_one, args=(None, store, "w"))
+    t = threading.Thread(target=run_one, args=(QueueOnlyRuntime(store), "w"))
     t.start()
     assert started.wait(10)
     assert jobs.get_job(store, job_id)["status"] == "running"
@@ -155,7 +158,7 @@ def test_stale_worker_does_not_cancel_the_new_owner(store, handlers):
 
     handlers("slow", slow)
     job_id = jobs.enqueue(store, "slow")
-    row = jobs.run_one(None, store, "w1")
+    row = run_one(QueueOnlyRuntime(store), "w1")
     assert row["status"] == "running" and row["worker"] == "w2"
     assert row["result"] is None and row["error"] is None
     jobs.finish(store, job_id, result={"by": "w2"}, worker="w2")
@@ -172,10 +175,10 @@ def test_finish_by_other_worker_is_ignored(store):
 def test_heartbeat_thread_renews_lease_during_long_handler(store):
     job_id = jobs.enqueue(store, "long")
     jobs.claim(store, "w1", lease_s=0.3)
-    reporter = jobs.Reporter(store, job_id, "w1", lease_s=0.3)
+    reporter = Reporter(LocalData(store, lease_s=0.3), job_id, "w1")
     first_lease = jobs.get_job(store, job_id)["lease_expires"]
     stolen = []
-    with jobs._Heartbeat(reporter, every_s=0.05):
+    with Heartbeat(reporter, every_s=0.05):
         end = time.monotonic() + 1.0  # one long "forward pass", over three lease lengths
         while time.monotonic() < end:
             stolen.append(jobs.claim(store, "w2"))
@@ -190,13 +193,11 @@ def test_heartbeat_thread_renews_lease_during_long_handler(store):
 def test_progress_is_a_heartbeat_and_is_clamped(store):
     job_id = jobs.enqueue(store, "x")
     jobs.claim(store, "w1", lease_s=0.01)
-    rep = jobs.Reporter(store, job_id, "w1", lease_s=60)
+    rep = Reporter(LocalData(store, lease_s=60), job_id, "w1")
     rep.progress(1.7, "over")
     job = jobs.get_job(store, job_id)
     assert job["progress"] == 1.0 and job["message"] == "over"
     assert job["lease_expires"] > time.time() + 50
-    rep.heartbeat()
-    assert jobs.get_job(store, job_id)["message"] == "over"
 
 
 def test_reporter_metrics_land_in_metrics_table(store, handlers):
@@ -207,7 +208,7 @@ def test_reporter_metrics_land_in_metrics_table(store, handlers):
 
     handlers("train", train)
     job_id = jobs.enqueue(store, "train")
-    assert jobs.run_one(None, store, "w")["status"] == "done"
+    assert run_one(QueueOnlyRuntime(store), "w")["status"] == "done"
     rows = store.metric_series("reward", "loss")
     assert [(r["step"], r["value"], r["job_id"], r["version"]) for r in rows] == \
         [(0, 1.0, job_id, 2), (1, 0.5, job_id, 2), (2, pytest.approx(1 / 3), job_id, 2)]

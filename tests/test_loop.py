@@ -2,7 +2,8 @@
 from dataclasses import replace
 
 from rlhf_core.data import jobs
-from rlhf_core.worker.loop import LoopState, decide, gather_state, loop_tick, read_config, set_auto
+from rlhf_core.worker.loop import LoopState, decide, gather_state, loop_tick
+from rlhf_core.workspace import read_config, set_auto
 
 BASE = LoopState(auto=True, prompts=10, open_items=10, min_ready=6, rankings=0,
                  rankings_at_last_training=0, retrain_every=20, reward_version=None,

@@ -11,14 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_core.data import jobs
 from rlhf_core.config import AppConfig, PPOConfig
-from rlhf_core.policy.ppo import PPOHealthError, ppo_round
-from rlhf_core.policy.setup import Plan, SingleProcess, adapter_params
-from rlhf_core.policy.experience import rollout_step
-from rlhf_core.policy.rollout import Rollout, left_pad, policy_logprobs, right_pad
-from rlhf_core.worker.runtime import Runtime
+from rlhf_core.data import jobs
 from rlhf_core.data.store import Store
+from rlhf_core.policy.experience import rollout_step
+from rlhf_core.policy.ppo import PPOHealthError, ppo_round
+from rlhf_core.policy.rollout import Rollout, left_pad, policy_logprobs, right_pad
+from rlhf_core.policy.setup import Plan, SingleProcess, adapter_params
+from rlhf_core.worker.run import run_one
+from rlhf_core.worker.runtime import Runtime
+from rlhf_core.workspace import open_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [f"prompt number {i}: say something about {w}"
@@ -42,6 +44,7 @@ def ppo_model_dir(tmp_path_factory):
     """The tiny Llama with 10x embeddings: the random init's logits are then peaked enough
     (entropy ~3.5 nats instead of ~ln V) for a few LoRA steps to move the policy visibly."""
     from transformers import AutoModelForCausalLM
+
     from tests.conftest import build_tiny_model
     path = build_tiny_model(tmp_path_factory.mktemp("ppo") / "model")
     model = AutoModelForCausalLM.from_pretrained(path)
@@ -71,7 +74,7 @@ def make_runtime(model_dir: Path, ws: Path, heldout_fraction: float = 0.25) -> R
 def runtime(ppo_model_dir, tmp_path):
     rt = make_runtime(ppo_model_dir, tmp_path / "ws")
     yield rt
-    rt.store.close()
+    rt.data.store.close()
 
 
 def fixed_batch(rt: Runtime) -> Rollout:
@@ -117,20 +120,19 @@ def test_round_checklist_ratio_params_reference_and_layout(runtime):
     assert not list(path.parent.glob(".tmp-*"))
     manifest = json.loads((path / "version.json").read_text())
     assert manifest["parent"] == 0 and manifest["config"]["epochs"] == TINY.epochs
-    row = runtime.store.current_version("policy")
+    row = runtime.data.store.current_version("policy")
     assert row["version"] == 1 and row["parent"] == 0 and row["path"] == str(path)
     assert row["config"]["minibatch_size"] == 4 and "reward_mean" in row["metrics"]
-    names = {r["name"] for r in runtime.store.metric_series("ppo")}
+    names = {r["name"] for r in runtime.data.store.metric_series("ppo")}
     for name in ("reward_mean", "reward_std", "kl", "entropy", "clipfrac", "approx_kl",
                  "vf_loss", "explained_variance", "response_length", "stop_rate",
                  "time_generate", "time_score", "time_train"):
         assert name in names, name
-    job = jobs.get_job(runtime.store, result["sample_job"])
-    assert job["kind"] == "sample_batch" and job["params"] == {"policy_version": 1}
+    assert "sample_job" not in result  # the loop policy samples the next batch, not the round
 
 
 def test_rollout_uses_train_prompts_and_cuts_after_stop(runtime):
-    train = {r["text"] for r in runtime.store.rows("SELECT text FROM prompts WHERE split='train'")}
+    train = {r["text"] for r in runtime.data.store.rows("SELECT text FROM prompts WHERE split='train'")}
     assert len(train) < len(PROMPTS)  # some prompts are held out
     config = replace(TINY, prompts_per_round=len(PROMPTS), max_new_tokens=12)
     runtime.model.set_adapter("policy")
@@ -225,47 +227,48 @@ def test_rounds_raise_mean_reward(runtime):
                      minibatch_size=8, missing_eos_penalty=0.0)
     before = evaluate(runtime, reward_fn)
     for i in range(4):
-        result = ppo_round(runtime, config=config, reward_fn=reward_fn, enqueue_sampling=False)
+        result = ppo_round(runtime, config=config, reward_fn=reward_fn)
         assert result["version"] == i + 1 and result["parent"] == i
     after = evaluate(runtime, reward_fn)
     assert after > before + 0.1, (before, after)  # seen: 0.35 -> 0.59
-    assert runtime.store.get_version("policy", 4)["metrics"]["critic_init"] == "continued"
-    steps = [r["step"] for r in runtime.store.metric_series("ppo", "approx_kl")]
+    assert runtime.data.store.get_version("policy", 4)["metrics"]["critic_init"] == "continued"
+    steps = [r["step"] for r in runtime.data.store.metric_series("ppo", "approx_kl")]
     assert steps == sorted(set(steps)) and len(steps) == 4 * config.epochs * 4  # runs on
 
 
 def test_nan_reward_aborts_without_publishing(runtime):
-    before_rows = runtime.store.scalar("SELECT COUNT(*) FROM versions")
+    before_rows = runtime.data.store.scalar("SELECT COUNT(*) FROM versions")
     with pytest.raises(PPOHealthError, match="non-finite scores") as info:
         ppo_round(runtime, config=TINY, reward_fn=nan_reward)
     assert info.value.result["status"] == "aborted"
-    assert runtime.store.scalar("SELECT COUNT(*) FROM versions") == before_rows
+    assert runtime.data.store.scalar("SELECT COUNT(*) FROM versions") == before_rows
     assert not (runtime.workspace / "models" / "policy").exists() or not any(
         (runtime.workspace / "models" / "policy").iterdir())
-    assert runtime.store.scalar("SELECT COUNT(*) FROM jobs") == 0
-    assert runtime.store.one("SELECT * FROM events WHERE kind = 'ppo_aborted'")
+    assert runtime.data.store.scalar("SELECT COUNT(*) FROM jobs") == 0
+    assert runtime.data.store.one("SELECT * FROM events WHERE kind = 'ppo_aborted'")
 
 
 def test_approx_kl_gate_aborts_and_restores_policy(runtime):
-    ppo_round(runtime, config=TINY, reward_fn=low_id_reward, enqueue_sampling=False)  # v1
+    ppo_round(runtime, config=TINY, reward_fn=low_id_reward)  # v1
     config = replace(TINY, lr=0.5, max_approx_kl=1e-6, epochs=3)
     policy_before = {n: p.detach().clone()
                      for n, p in adapter_params(runtime.model, "policy").items()}
     with pytest.raises(PPOHealthError, match="approx_kl"):
         ppo_round(runtime, config=config, reward_fn=low_id_reward)
-    assert runtime.store.current_version("policy")["version"] == 1
+    assert runtime.data.store.current_version("policy")["version"] == 1
     assert runtime.loaded["policy"] == 1
     for n, p in adapter_params(runtime.model, "policy").items():
         assert torch.equal(policy_before[n], p)
 
 
 def test_job_handler_reports_health_error(runtime, monkeypatch):
-    import rlhf_core.policy.ppo as ppo
-    real = ppo.ppo_round
-    monkeypatch.setattr(ppo, "ppo_round", lambda rt, **kw: real(rt, reward_fn=nan_reward, **kw))
-    job_id = jobs.enqueue(runtime.store, "ppo_round", {"prompts_per_round": 2, "epochs": 1,
-                                                       "max_new_tokens": 4})
-    job = jobs.run_one(runtime, runtime.store, "test-worker")
+    import rlhf_core.worker.handlers as handlers
+    real = handlers.ppo_round
+    monkeypatch.setattr(handlers, "ppo_round",
+                        lambda rt, **kw: real(rt, reward_fn=nan_reward, **kw))
+    job_id = jobs.enqueue(runtime.data.store, "ppo_round",
+                          {"prompts_per_round": 2, "epochs": 1, "max_new_tokens": 4})
+    job = run_one(runtime, "test-worker")
     assert job["id"] == job_id and job["status"] == "failed"
     assert "PPOHealthError" in job["error"] and "non-finite scores" in job["error"]
 
@@ -277,19 +280,20 @@ def test_multiprocess_round_matches_single_process(ppo_model_dir, tmp_path):
     do identical math, only float reduction order and batch shapes differ (seen: 4e-8)."""
     config = replace(TINY, minibatch_size=8, epochs=2)
     single = ppo_round(make_runtime(ppo_model_dir, tmp_path / "one"), config=config,
-                       reward_fn=low_id_reward, enqueue_sampling=False)
+                       reward_fn=low_id_reward)
     ws = tmp_path / "two"
-    make_runtime(ppo_model_dir, ws).store.close()
+    make_runtime(ppo_model_dir, ws).data.store.close()
+    store, _ = open_workspace(ws, model=str(ppo_model_dir))  # the launcher reads its config
+    store.close()
     out = tmp_path / "result.json"
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu",
            "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--main_process_port", "29517",
            "-m", "rlhf_core.policy.launch", "--cpu", "--workspace", str(ws),
-           "--model", str(ppo_model_dir), "--reward-fn", "tests.test_ppo:low_id_reward",
-           "--no-sample", "--result-json", str(out)]
+           "--reward-fn", "tests.test_ppo:low_id_reward", "--result-json", str(out)]
     for k in ("prompts_per_round", "rollouts_per_prompt", "max_new_tokens", "epochs",
               "minibatch_size", "lr", "generation_batch_size"):
-        cmd += ["--set", f"{k}={getattr(config, k)}"]
+        cmd += ["--set", f"ppo.{k}={getattr(config, k)}"]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=170)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -310,7 +314,7 @@ def test_multiprocess_round_matches_single_process(ppo_model_dir, tmp_path):
 
 def test_gradient_checkpointing_round_stays_on_policy(runtime):
     config = replace(TINY, gradient_checkpointing=True, epochs=1)
-    result = ppo_round(runtime, config=config, reward_fn=low_id_reward, enqueue_sampling=False)
+    result = ppo_round(runtime, config=config, reward_fn=low_id_reward)
     assert result["metrics"]["first_ratio"] == pytest.approx(1.0, abs=1e-5)
     assert result["metrics"]["first_approx_kl"] < 1e-9
     assert not runtime.model.training  # back in eval mode for sampling
@@ -331,35 +335,35 @@ def publish_random_reward(runtime) -> None:
         models.save_adapter(model, "rw_src", tmp)
         (tmp / "rw_src").rename(tmp / "reward")
         models.save_head(head, tmp)
-    path = publish(runtime.workspace, "reward", 1, write, {"version": 1, "kind": "reward"})
+    path = publish(runtime.workspace, "reward", 1, write, {"version": 1, "kind": "reward"},
+                   recorded=runtime.data.get_version)
     model.delete_adapter("rw_src")
     model.set_adapter("policy")
-    runtime.store.add_version("reward", 1, status="promoted", path=str(path))
+    runtime.data.store.add_version("reward", 1, status="promoted", path=str(path))
 
 
 def test_round_with_reward_model_initialises_critic_from_it(runtime):
     publish_random_reward(runtime)
-    result = ppo_round(runtime, config=replace(TINY, epochs=1), enqueue_sampling=False)
+    result = ppo_round(runtime, config=replace(TINY, epochs=1))
     assert result["reward_version"] == 1
     assert result["metrics"]["critic_init"] == "reward"
-    row = runtime.store.get_version("policy", 1)
+    row = runtime.data.store.get_version("policy", 1)
     assert row["reward_version"] == 1 and row["parent"] == 0
     assert torch.isfinite(torch.tensor(result["metrics"]["reward_mean"]))
 
 
 def test_next_round_in_a_new_worker_continues_from_published_dirs(runtime):
-    first = ppo_round(runtime, config=TINY, reward_fn=low_id_reward, enqueue_sampling=False)
+    first = ppo_round(runtime, config=TINY, reward_fn=low_id_reward)
     batch = fixed_batch(runtime)
     runtime.model.set_adapter("policy")
     with torch.no_grad():
         v1_logprobs, _ = policy_logprobs(runtime.model, batch, 1.0)
-    fresh = Runtime(runtime.store, runtime.config, cpu=True)  # a restarted worker
-    second = ppo_round(fresh, config=replace(TINY, epochs=1), reward_fn=low_id_reward,
-                       enqueue_sampling=False)
+    fresh = Runtime(runtime.data.store, runtime.config, cpu=True)  # a restarted worker
+    second = ppo_round(fresh, config=replace(TINY, epochs=1), reward_fn=low_id_reward)
     assert first["version"] == 1 and second["version"] == 2 and second["parent"] == 1
     assert second["metrics"]["critic_init"] == "continued"
     assert second["metrics"]["first_ratio"] == pytest.approx(1.0, abs=1e-5)
-    fresh2 = Runtime(runtime.store, runtime.config, cpu=True)
+    fresh2 = Runtime(runtime.data.store, runtime.config, cpu=True)
     with torch.no_grad(), fresh2.policy(1) as model:
         reloaded, _ = policy_logprobs(model, batch, 1.0)
     torch.testing.assert_close(reloaded, v1_logprobs)

@@ -190,7 +190,10 @@ ROWS = [{"prompt": "Hi\u2028there", "category": "writing", "id": "1"},
 def test_write_jsonl_round_trips_and_leaves_no_temp_files(tmp_path):
     path = tmp_path / "out.jsonl"
     path.write_text("old contents\n")
-    assert write_jsonl(path, iter(ROWS)) == 2
+    with pytest.raises(FileExistsError, match="overwrite"):  # the same rule as the hf format
+        write_jsonl(path, iter(ROWS))
+    assert path.read_text() == "old contents\n"
+    assert write_jsonl(path, iter(ROWS), overwrite=True) == 2
     assert [json.loads(line) for line in path.read_text("utf-8").split("\n") if line] == ROWS
     assert [r["text"] for r in read_prompts(path)] == ["Hi\u2028there", "Ünïcode?"]
     assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
@@ -200,7 +203,7 @@ def test_write_jsonl_failure_keeps_old_file_and_no_temp(tmp_path):
     path = tmp_path / "out.jsonl"
     path.write_text("old\n")
     with pytest.raises(TypeError):
-        write_jsonl(path, [{"ok": 1}, {"bad": object()}])
+        write_jsonl(path, [{"ok": 1}, {"bad": object()}], overwrite=True)
     assert path.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
 
@@ -212,7 +215,7 @@ def test_write_hf_dataset_round_trips_and_guards_existing(tmp_path):
     records = read_prompts(target)
     assert [(r["text"], r["category"], r["source_id"]) for r in records] == [
         ("Hi\u2028there", "writing", "1"), ("Ünïcode?", None, "2")]
-    with pytest.raises(FileExistsError, match="overwrite=True"):
+    with pytest.raises(FileExistsError, match="overwrite"):
         write_hf_dataset(target, ROWS[:1])
     write_hf_dataset(target, ROWS[:1], overwrite=True)
     assert [r["text"] for r in read_prompts(target)] == ["Hi\u2028there"]

@@ -3,9 +3,7 @@ import math
 
 import pytest
 
-from rlhf_core.data import annotation
-
-from rlhf_core.data import reports
+from rlhf_core.data import annotation, reports
 from rlhf_core.evaluation import wilson_interval
 
 
@@ -60,7 +58,7 @@ def filled(store):
                                "loss": {"train": 0.5}, "curve": [1, 2]},
                       counts={"pairs": 40})
     store.add_version("policy", 1, status="published", parent=0, reward_version=1,
-                      counts={"pairs": 40}, metrics={"kl_from_reference": 0.8})
+                      counts={"pairs": 40}, metrics={"kl": 0.8})
     annotation.create_batch(store, policy_version=1, k=4, items=items, overlap=4)
     for key in ("ab1", "ab2", "lab"):
         _rank(store, "alice", in_order, f"alice-{key}")

@@ -14,21 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlhf_core.worker.run import run_one
 from rlhf_core import models
-
-from rlhf_core.data import annotation
-
-from rlhf_core.data import jobs
-
-from rlhf_core.reward import data as reward_data
-
-from rlhf_core.reward import round as reward_model
-
-from rlhf_core.reward import model as reward_scoring
-
-from rlhf_core.reward import train as reward_train
 from rlhf_core.config import AppConfig, RewardConfig
+from rlhf_core.data import annotation, jobs, reports
 from rlhf_core.losses import bradley_terry_loss, soft_bradley_terry_loss
+from rlhf_core.reward import data as reward_data
+from rlhf_core.reward import model as reward_scoring
+from rlhf_core.reward import round as reward_model
+from rlhf_core.reward import train as reward_train
 from rlhf_core.reward.data import RewardDataError
 from rlhf_core.worker.runtime import Runtime
 
@@ -172,7 +166,7 @@ def test_learns_separable_preference_and_publishes_safetensors(store, tiny_model
     assert sum(a > b for a, b in zip(
         scorer.score_texts([prompt] * 3, ["the sea yes", "how yes are you", "yes fox dog"]),
         scorer.score_texts([prompt] * 3, ["the sea", "how are you", "fox dog"]))) >= 2
-    hist = reward_model.reward_history(store)
+    hist = reports.reward_history(store)
     assert hist[0]["version"] == 1 and hist[0]["heldout_accuracy"] >= 0.9
     assert hist[0]["mean_p_chosen"] is not None and hist[0]["ece"] is not None
 
@@ -205,7 +199,7 @@ def test_incremental_update_warm_starts_and_replays(store, tiny_model_dir):
     seed_rankings(store, 40)
     runtime = make_runtime(store, tiny_model_dir)
     first = reward_model.train_reward(runtime)
-    old_pairs = reward_data.load_pairs(store)
+    old_pairs = reward_data.load_pairs(annotation.training_pairs(store))
     v1 = reward_model.load_reward(runtime)
     v1_scores = v1.score_texts(["p", "q"], ["yes sea", "the dog"])
     seed_rankings(store, 12, start=40)
@@ -241,7 +235,7 @@ def test_gate_rejects_worse_candidate_and_current_keeps_serving(store, tiny_mode
     scorer = reward_model.load_reward(runtime)
     assert scorer.version == 1 and store.current_version("reward")["version"] == 1
     assert scorer.score_texts(["p"], ["yes the sea"]) == pytest.approx(before, abs=1e-6)
-    assert [h["status"] for h in reward_model.reward_history(store)] == ["promoted", "rejected"]
+    assert [h["status"] for h in reports.reward_history(store)] == ["promoted", "rejected"]
     assert reward_model.load_reward(runtime, version=2).adapter_name == "reward@v2"
     assert "reward_candidate" not in runtime.model.peft_config
 
@@ -289,25 +283,16 @@ def test_missing_or_corrupt_version_dir_keeps_previous_serving(store, tiny_model
 
 
 # -- jobs and a separate reward base -------------------------------------------------------------
-def test_train_and_score_jobs_through_the_queue(store, tiny_model_dir):
+def test_train_job_through_the_queue(store, tiny_model_dir):
     seed_rankings(store, 12)
     runtime = make_runtime(store, tiny_model_dir, cfg=RewardConfig())
     job_id = jobs.enqueue(store, "train_reward", {"lr": 1e-2, "epochs": 3})
-    job = jobs.run_one(runtime, store, "w1")
+    job = run_one(runtime, "w1")
     assert job["status"] == "done", job["error"]
     assert job["result"]["version"] == 1 and job["progress"] == 1.0
     assert store.get_version("reward", 1)["job_id"] == job_id
     assert store.get_version("reward", 1)["config"]["lr"] == 1e-2
     assert store.metric_series("reward_train", "loss")
-    items = [r["id"] for r in store.rows("SELECT id FROM items ORDER BY id LIMIT 2")]
-    jobs.enqueue(store, "score", {"item_ids": items})
-    job = jobs.run_one(runtime, store, "w1")
-    assert job["status"] == "done", job["error"]
-    res = job["result"]
-    assert res["version"] == 1 and len(res["scores"]) == len(res["response_ids"]) == 8
-    assert [i["pairs"] for i in res["items"]] == [4, 4]
-    jobs.enqueue(store, "score", {"prompts": ["a", "b"], "responses": ["yes", "no"]})
-    assert len(jobs.run_one(runtime, store, "w1")["result"]["scores"]) == 2
 
 
 def test_separate_sequence_classifier_reward_base(store, tiny_model_dir):

@@ -1,20 +1,27 @@
 """Batch sampling: tokenizer set-up, generation, dedupe, the sample_batch job, readiness."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from rlhf_core.worker.run import run_one
 from rlhf_core import models
-
-from rlhf_core.data import annotation
-
-from rlhf_core.data import jobs
 from rlhf_core.config import SamplingConfig
-from rlhf_core.sampling import (Sample, _to_sample, chat_prompts, dedupe, generate,
-                                sample_distinct, stop_token_ids)
+from rlhf_core.data import annotation, jobs
+from rlhf_core.sampling import (
+    Sample,
+    _to_sample,
+    chat_prompts,
+    dedupe,
+    generate,
+    sample_distinct,
+    stop_token_ids,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -163,7 +170,7 @@ def test_sample_batch_job_creates_items_with_provenance(workspace):
     store, cfg, runtime = workspace
     job_id = jobs.enqueue(store, "sample_batch", {"prompts_per_batch": 3, "seed": 1,
                                                   "ab_fraction": 0.0})
-    row = jobs.run_one(runtime, store, "w")
+    row = run_one(runtime, "w")
     assert row["id"] == job_id and row["status"] == "done", row["error"]
     res = row["result"]
     assert res["policy_version"] == 0 and res["ab_items"] == 0 and res["items"] >= 1
@@ -201,8 +208,9 @@ def test_sample_batch_items_are_rankable_before_the_batch_is_done(workspace):
 
         def metrics(self, *a, **kw):
             pass
-    res = sample_batch(runtime, {"prompts_per_batch": 4, "seed": 1, "ab_fraction": 0.0,
-                                 "batch_size": 6}, Watch())
+    sampling = replace(cfg.sampling, prompts_per_batch=4, batch_size=6)
+    res = sample_batch(runtime, sampling, replace(cfg.loop, ab_fraction=0.0), reporter=Watch(),
+                       seed=1)
     assert res["items"] == 4 and store.scalar("SELECT COUNT(*) FROM batches") == 1
     assert seen[0] == 0 and seen[1:] == [2, 4]  # 2 items rankable half way through
     assert annotation.next_item(store, "alice")["batch_id"] == res["batch_id"]
@@ -212,7 +220,7 @@ def test_sample_batch_at_v0_never_makes_ab_items(workspace):
     store, cfg, runtime = workspace
     jobs.enqueue(store, "sample_batch", {"prompts_per_batch": 2, "seed": 2, "k": 2,
                                          "ab_fraction": 1.0})
-    row = jobs.run_one(runtime, store, "w")
+    row = run_one(runtime, "w")
     assert row["status"] == "done", row["error"]
     assert row["result"]["ab_items"] == 0
     assert store.scalar("SELECT COUNT(*) FROM items WHERE kind = 'ab'") == 0
@@ -222,7 +230,8 @@ def publish_fake_policy_v1(store, runtime):
     """Policy v1 = the fresh (identity) LoRA adapter, published like a PPO round would."""
     from rlhf_core.checkpoints import publish
     path = publish(runtime.workspace, "policy", 1,
-                   lambda tmp: models.save_adapter(runtime.model, "policy", tmp), {"fake": True})
+                   lambda tmp: models.save_adapter(runtime.model, "policy", tmp), {"fake": True},
+                   recorded=store.get_version)
     store.add_version("policy", 1, status="published", path=str(path), parent=0)
 
 
@@ -232,7 +241,7 @@ def test_ab_items_mix_current_policy_and_reference(workspace, k):
     publish_fake_policy_v1(store, runtime)
     jobs.enqueue(store, "sample_batch", {"prompts_per_batch": 2, "seed": 3, "k": k,
                                          "ab_fraction": 0.5, "temperature": 1.5})
-    row = jobs.run_one(runtime, store, "w")
+    row = run_one(runtime, "w")
     assert row["status"] == "done", row["error"]
     assert row["result"]["policy_version"] == 1 and row["result"]["ab_items"] == 1
     (ab,) = store.rows("SELECT * FROM items WHERE kind = 'ab'")
@@ -252,7 +261,7 @@ def test_sample_batch_without_prompts_fails_cleanly(tmp_path, tiny_model_dir):
     from rlhf_core.workspace import open_workspace
     store, cfg = open_workspace(tmp_path / "empty", model=str(tiny_model_dir))
     jobs.enqueue(store, "sample_batch", {"prompts_per_batch": 2, "prompt_ids": []})
-    row = jobs.run_one(Runtime(store, cfg, cpu=True), store, "w")
+    row = run_one(Runtime(store, cfg, cpu=True), "w")
     assert row["status"] == "failed" and "no prompts" in row["error"]
 
 
@@ -274,8 +283,8 @@ def test_baseline_version_rules(store):
 def ensure_ready(store, min_ready: int):
     """The loop's keep-items-ready rule with `min_ready`: the sample_batch job it queued, if any."""
     from rlhf_core.config import to_dict
-    from rlhf_core.worker.loop import loop_tick, read_config
-    from rlhf_core.workspace import apply_overrides
+    from rlhf_core.worker.loop import loop_tick
+    from rlhf_core.workspace import apply_overrides, read_config
     cfg = apply_overrides(read_config(store), {"sampling.min_ready_items": min_ready})
     store.set_setting("config", to_dict(cfg))
     kinds = {j: store.scalar("SELECT kind FROM jobs WHERE id = ?", [j]) for j in loop_tick(store)}

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from rlhf_core.labeling import batch as batch_jobs
-
+from rlhf_core.worker.run import run_one
 from rlhf_core.data import jobs  # noqa: F401  registers sample_batch
-from tests.conftest import publish_fresh_reward
 from rlhf_core.labeling.selection import CANDIDATE, choose_prompts, keep_uncertain, score_gap
+from tests.conftest import publish_fresh_reward
 
 
 def test_score_gap_is_the_distance_between_the_two_best():
@@ -36,12 +35,13 @@ def test_random_only_without_a_reward_model(tmp_path, tiny_model_dir):
     store, cfg = open_workspace(tmp_path / "ws", model=str(tiny_model_dir),
                                 **{"loop.selection": "uncertainty"})
     store.add_prompts([{"text": f"p{i}"} for i in range(10)], source="t")
-    rows = choose_prompts(Runtime(store, cfg, cpu=True), 4, seed=0)
+    rows = choose_prompts(Runtime(store, cfg, cpu=True), cfg.loop, 4, seed=0)
     assert len(rows) == 4 and {r["selection"] for r in rows} == {"random"}
 
 
 def test_candidates_are_twice_the_uncertain_share(runtime_with_reward):
-    rows = choose_prompts(runtime_with_reward, 4, seed=0)
+    rt = runtime_with_reward
+    rows = choose_prompts(rt, rt.config.loop, 4, seed=0)
     kinds = [r["selection"] for r in rows]
     assert kinds.count("random") == 2 and kinds.count(CANDIDATE) == 4
 
@@ -71,9 +71,9 @@ def test_keep_uncertain_keeps_the_smallest_gaps(runtime_with_reward):
 
 
 def test_sample_batch_records_the_rule_for_each_item(runtime_with_reward):
-    store = runtime_with_reward.store
+    store = runtime_with_reward.data.store
     jobs.enqueue(store, "sample_batch", {"seed": 3})
-    done = jobs.run_one(runtime_with_reward, store, "w")
+    done = run_one(runtime_with_reward, "w")
     assert done["status"] == "done", done["error"]
     rules = [r["selection"] for r in store.rows("SELECT selection FROM items")]
     assert len(rules) == 4

@@ -8,8 +8,8 @@ import textwrap
 
 import pytest
 
-from app.launcher import start_app
 from app import simulate
+from app.launcher import start_app
 from rlhf_core.workspace import open_workspace
 
 

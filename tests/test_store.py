@@ -70,8 +70,9 @@ def test_failed_write_transaction_leaves_nothing(store):
 
 
 def test_foreign_key_violation_rolls_back_whole_batch(store):
-    from rlhf_core.data import annotation
     import sqlite3
+
+    from rlhf_core.data import annotation
     with pytest.raises(sqlite3.IntegrityError):
         annotation.create_batch(store, policy_version=0, k=2, items=[
             {"prompt_id": 999, "responses": [{"text": "a"}, {"text": "b"}]}])
@@ -240,6 +241,7 @@ def test_metrics_and_versions(store):
 def test_old_database_is_migrated_forward(tmp_path):
     """A DB made by an older release (only the first migration) gains the later ones, data kept."""
     import sqlite3
+
     from rlhf_core.data.store import _statements
     path = tmp_path / "old.db"
     conn = sqlite3.connect(str(path), isolation_level=None)

@@ -9,6 +9,7 @@ transaction, so a ranking and its pairs land together or not at all.
 """
 from __future__ import annotations
 
+import math
 import random
 import secrets
 import time
@@ -155,10 +156,10 @@ def submit_ranking(store: Store, *, annotator: str, item_id: int, token: str | N
     tiers: response ids, best tier first. Returns {"ranking_id", "duplicate", "pairs"}.
     A resubmission of the same `submission_key` returns the first record, unchanged.
     """
-    if not submission_key or len(submission_key) > 200:
-        raise Refused("missing or invalid submission key")
-    if note is not None and len(note) > 5000:
-        raise Refused("the note is too long (5000 characters at most)")
+    _check_submission(annotator, item_id, submission_key, (skip, all_bad, flagged), note,
+                      time_spent_s)
+    # Validated before the write lock: nothing a client sends is examined while others wait.
+    tiers = None if skip else _validated_tiers(store, item_id, tiers)
     with store.write() as db:
         dup = db.execute("SELECT id, annotator, item_id FROM rankings WHERE submission_key = ?",
                          [submission_key]).fetchone()
@@ -167,15 +168,6 @@ def submit_ranking(store: Store, *, annotator: str, item_id: int, token: str | N
                 raise Refused("this submission key was already used for another item")
             return {"ranking_id": dup[0], "duplicate": True, "pairs": 0}
         item = _check_item(db, item_id, annotator, token)
-        response_ids = [r[0] for r in db.execute(
-            "SELECT id FROM responses WHERE item_id = ? ORDER BY position", [item_id])]
-        if skip:
-            tiers = None
-        else:
-            try:
-                tiers = validate_ranking(tiers, response_ids)
-            except ValueError as exc:
-                raise Refused(f"ranking refused: {exc}") from None
         kind = "skip" if skip else "rank"
         ranking_id = db["rankings"].insert({
             "submission_key": submission_key, "annotator": annotator, "item_id": item_id,
@@ -190,6 +182,49 @@ def submit_ranking(store: Store, *, annotator: str, item_id: int, token: str | N
     store.log_event("ranking", annotator, ranking_id=ranking_id, item_id=item_id, ranking_kind=kind,
                     flagged=flagged, all_bad=all_bad)
     return {"ranking_id": ranking_id, "duplicate": False, "pairs": n_pairs}
+
+
+MAX_NOTE_CHARS = 5000
+MAX_KEY_CHARS = 200
+MAX_ID = 2**63 - 1  # SQLite INTEGER
+
+
+def _check_submission(annotator, item_id, submission_key, flags, note, time_spent_s) -> None:
+    """Strict types before anything is read or written: a bool is not an id, "false" is not
+    False, and a time is a finite number of seconds."""
+    if not isinstance(annotator, str) or not annotator:
+        raise Refused("missing annotator name")
+    if type(item_id) is not int or not 1 <= item_id <= MAX_ID:
+        raise Refused(f"item id must be a positive integer, got {_shown(item_id)}")
+    if not isinstance(submission_key, str) or not 0 < len(submission_key) <= MAX_KEY_CHARS:
+        raise Refused("missing or invalid submission key")
+    if not all(isinstance(flag, bool) for flag in flags):
+        raise Refused("skip, all_bad and flag must be true or false")
+    if note is not None and not isinstance(note, str):
+        raise Refused("the note must be text")
+    if note is not None and len(note) > MAX_NOTE_CHARS:
+        raise Refused(f"the note is too long ({MAX_NOTE_CHARS} characters at most)")
+    if time_spent_s is not None and (
+            type(time_spent_s) not in (int, float) or not 0 <= time_spent_s < math.inf):
+        raise Refused(f"time spent must be a number of seconds >= 0, got {_shown(time_spent_s)}")
+
+
+def _shown(value) -> str:
+    text = repr(value) if isinstance(value, (str, int, float)) else type(value).__name__
+    return text if len(text) <= 40 else text[:39] + "…"
+
+
+def _validated_tiers(store: Store, item_id: int, tiers) -> list[list[int]]:
+    """The ranking checked against the item's responses (a read: responses never change once
+    written), so no validation runs inside the write transaction."""
+    response_ids = [r["id"] for r in store.rows(
+        "SELECT id FROM responses WHERE item_id = ? ORDER BY position", [item_id])]
+    if not response_ids:
+        raise Refused(f"item {item_id} does not exist")
+    try:
+        return validate_ranking(tiers, response_ids)
+    except ValueError as exc:
+        raise Refused(f"ranking refused: {exc}") from None
 
 
 def _check_item(db, item_id: int, annotator: str, token: str | None) -> dict:
@@ -290,3 +325,21 @@ def export_rankings(store: Store) -> list[dict]:
                                     "FROM responses WHERE item_id = ? ORDER BY position",
                                     [r["item_id"]])
     return rows
+
+
+def training_pairs(store: Store) -> list[dict]:
+    """Every active pair with its texts and its ranking's tiers (flagged, undone and all-bad
+    rankings are already out), oldest first: what the reward model trains and is tested on."""
+    return store.rows("""
+        SELECT p.id, p.ranking_id, p.prompt_id, pr.split, p.chosen_id, p.rejected_id, p.label,
+               pr.text AS prompt, c.text AS chosen, rj.text AS rejected, r.tiers
+        FROM active_pairs p JOIN rankings r ON r.id = p.ranking_id
+        JOIN prompts pr ON pr.id = p.prompt_id
+        JOIN responses c ON c.id = p.chosen_id JOIN responses rj ON rj.id = p.rejected_id
+        ORDER BY p.id""")
+
+
+def assignment_status(store: Store, item_id: int, annotator: str) -> str | None:
+    """'open', 'done' or 'expired' for the annotator's assignment of the item; None if none."""
+    return store.scalar("SELECT status FROM assignments WHERE item_id = ? AND annotator = ?",
+                        [item_id, annotator])

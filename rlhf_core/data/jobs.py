@@ -1,38 +1,21 @@
-"""A durable job queue in the jobs table, and the worker loop that drains it.
+"""The durable job queue: verbs over the jobs table (the worker loop is rlhf_core.worker.run).
 
 States: queued -> running -> done | failed (| cancelled). A running job holds a
 lease it renews with every heartbeat; when a worker dies, its lease goes stale
-and the next worker re-takes the job (up to `max_attempts`). Handlers are
-plain functions `handler(runtime, params, reporter) -> dict` registered in
-`HANDLERS` by name; they never hold a DB transaction while a model runs.
+and the next worker re-takes the job (up to `max_attempts`). Which code a job kind
+runs is the table in rlhf_core.worker.handlers.
 """
 from __future__ import annotations
 
-import logging
-import os
-import socket
-import threading
 import time
-import traceback
-from typing import Callable
 
 from rlhf_core.data.store import Store, dumps, loads, now_iso
 
-log = logging.getLogger(__name__)
-
 LEASE_S = 60.0
-HANDLERS: dict[str, Callable] = {}
 
 
 class JobCancelled(Exception):
     pass
-
-
-def handler(name: str):
-    def register(fn):
-        HANDLERS[name] = fn
-        return fn
-    return register
 
 
 # -- queue verbs -----------------------------------------------------------------
@@ -116,33 +99,43 @@ def cancel(store: Store, job_id: int) -> bool:
         return bool(cur.rowcount)
 
 
-class Reporter:
-    """Handed to a job handler: progress (which is also the heartbeat) and metrics."""
+def report_progress(store: Store, job_id: int, worker: str, fraction: float, message: str,
+                    lease_s: float = LEASE_S) -> None:
+    """Progress is also the heartbeat. Raises JobCancelled when the job is no longer ours
+    (re-leased to another worker) or a cancel was requested."""
+    now = time.time()
+    with store.write() as db:
+        row = db.execute("SELECT status, worker, message FROM jobs WHERE id = ?",
+                         [job_id]).fetchone()
+        if row is None or row[0] != "running" or row[1] != worker:
+            raise JobCancelled(f"job {job_id} is no longer ours ({row and row[0]})")
+        if row[2] == "cancel requested":
+            raise JobCancelled(f"job {job_id} was cancelled")
+        db.execute("UPDATE jobs SET progress = ?, message = ?, heartbeat_at = ?, "
+                   "lease_expires = ? WHERE id = ?",
+                   [max(0.0, min(1.0, fraction)), message, now, now + lease_s, job_id])
 
-    def __init__(self, store: Store, job_id: int, worker: str, lease_s: float = LEASE_S):
-        self.store, self.job_id, self.worker, self.lease_s = store, job_id, worker, lease_s
 
-    def progress(self, fraction: float, message: str = "") -> None:
-        now = time.time()
-        with self.store.write() as db:
-            row = db.execute("SELECT status, worker, message FROM jobs WHERE id = ?",
-                             [self.job_id]).fetchone()
-            if row is None or row[0] != "running" or row[1] != self.worker:
-                raise JobCancelled(f"job {self.job_id} is no longer ours ({row and row[0]})")
-            if row[2] == "cancel requested":
-                raise JobCancelled(f"job {self.job_id} was cancelled")
-            db.execute("UPDATE jobs SET progress = ?, message = ?, heartbeat_at = ?, "
-                       "lease_expires = ? WHERE id = ?",
-                       [max(0.0, min(1.0, fraction)), message, now, now + self.lease_s,
-                        self.job_id])
+def renew_lease(store: Store, job_id: int, worker: str, lease_s: float = LEASE_S) -> None:
+    now = time.time()
+    with store.write() as db:
+        db.execute("UPDATE jobs SET heartbeat_at = ?, lease_expires = ? "
+                   "WHERE id = ? AND status = 'running' AND worker = ?",
+                   [now, now + lease_s, job_id, worker])
 
-    def heartbeat(self) -> None:
-        row = self.store.one("SELECT progress, message FROM jobs WHERE id = ?", [self.job_id])
-        self.progress(row["progress"] if row else 0.0, row["message"] if row else "")
 
-    def metrics(self, kind: str, values: dict, *, step: int | None = None,
-                version: int | None = None) -> None:
-        self.store.log_metrics(kind, values, step=step, version=version, job_id=self.job_id)
+def mark_cancelled(store: Store, job_id: int, worker: str, reason: str) -> None:
+    """Only our own run: a worker that lost its lease must not cancel its successor's."""
+    with store.write() as db:
+        db.execute("UPDATE jobs SET status = 'cancelled', finished_at = ?, error = ? "
+                   "WHERE id = ? AND status = 'running' AND worker = ?",
+                   [now_iso(), reason, job_id, worker])
+
+
+def active_kinds(store: Store) -> set[str]:
+    """Kinds of the jobs queued or running."""
+    return {r["kind"] for r in store.rows(
+        "SELECT DISTINCT kind FROM jobs WHERE status IN ('queued', 'running')")}
 
 
 def finish(store: Store, job_id: int, *, result: dict | None = None, error: str | None = None,
@@ -155,80 +148,3 @@ def finish(store: Store, job_id: int, *, result: dict | None = None, error: str 
                    [status, dumps(result) if result is not None else None, error, now_iso(),
                     status, job_id, worker, worker])
     store.log_event(f"job_{status}", worker, job_id=job_id, error=error)
-
-
-# -- the worker loop ------------------------------------------------------------------
-def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident() % 10000}"
-
-
-def run_one(runtime, store: Store, worker: str, kinds: list[str] | None = None) -> dict | None:
-    """Claim and run one job. Returns the finished job row, or None if the queue was empty."""
-    job = claim(store, worker, kinds=kinds)
-    if job is None:
-        return None
-    reporter = Reporter(store, job["id"], worker)
-    fn = HANDLERS.get(job["kind"])
-    try:
-        if fn is None:
-            raise ValueError(f"unknown job kind {job['kind']!r}")
-        with _Heartbeat(reporter):
-            result = fn(runtime, job["params"], reporter)
-        finish(store, job["id"], result=result or {}, worker=worker)
-    except JobCancelled as exc:
-        with store.write() as db:
-            # Only our own run: a worker that lost its lease must not cancel its successor's.
-            db.execute("UPDATE jobs SET status = 'cancelled', finished_at = ?, error = ? "
-                       "WHERE id = ? AND status = 'running' AND worker = ?",
-                       [now_iso(), str(exc), job["id"], worker])
-    except Exception as exc:  # a failed job must never take the worker down
-        log.error("job %s (%s) failed:\n%s", job["id"], job["kind"], traceback.format_exc())
-        finish(store, job["id"], error=f"{type(exc).__name__}: {exc}", worker=worker)
-    return get_job(store, job["id"])
-
-
-class _Heartbeat:
-    """Renews the lease from a thread, so one long forward pass is not mistaken for death."""
-
-    def __init__(self, reporter: Reporter, every_s: float = LEASE_S / 4):
-        self.reporter, self.every_s = reporter, every_s
-        self._stop = threading.Event()
-
-    def __enter__(self):
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.wait(self.every_s):
-            try:
-                now = time.time()
-                with self.reporter.store.write() as db:
-                    db.execute("UPDATE jobs SET heartbeat_at = ?, lease_expires = ? "
-                               "WHERE id = ? AND status = 'running' AND worker = ?",
-                               [now, now + self.reporter.lease_s, self.reporter.job_id,
-                                self.reporter.worker])
-            except Exception:  # a busy DB must not kill the job; the next beat retries
-                log.warning("heartbeat failed", exc_info=True)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(timeout=5)
-        return False
-
-
-def worker_loop(runtime, store: Store, *, stop: threading.Event, idle: Callable | None = None,
-                poll_s: float = 1.0, kinds: list[str] | None = None) -> None:
-    """Run jobs until `stop` is set. `idle()` runs when the queue is empty (the loop policy)."""
-    worker = worker_name()
-    log.info("worker %s started", worker)
-    while not stop.is_set():
-        try:
-            ran = run_one(runtime, store, worker, kinds)
-            if ran is None and idle is not None:
-                idle()
-        except Exception:
-            log.error("worker loop error:\n%s", traceback.format_exc())
-            ran = None
-        if ran is None:
-            stop.wait(poll_s)

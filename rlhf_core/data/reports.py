@@ -25,7 +25,6 @@ _COUNTED_RANKINGS_SQL = """
     WHERE r.kind = 'rank' AND r.flagged = 0 AND r.tiers IS NOT NULL
 """
 # Metric names under which a KL from the reference may be recorded, most specific first.
-_KL_KEYS = ("kl_from_reference", "kl_ref", "kl", "mean_kl", "kl_mean", "objective/kl")
 
 
 # -- blind A/B: win rates and the leaderboard ----------------------------------------
@@ -191,18 +190,18 @@ def reward_series(store: Store) -> list[dict]:
     for v in store.list_versions("reward"):
         row = {"version": v["version"], "status": v["status"], "parent": v["parent"],
                "created_at": v["created_at"]}
-        extra = {**_flatten(v["metrics"]), **later.get(v["version"], {}),
-                 **_flatten(v["counts"], "counts.")}
+        extra = {**flatten(v["metrics"]), **later.get(v["version"], {}),
+                 **flatten(v["counts"], "counts.")}
         row.update({k: x for k, x in extra.items() if k not in row})
         out.append(row)
     return out
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
     flat = {}
     for k, x in (d or {}).items():
         if isinstance(x, dict):
-            flat.update(_flatten(x, f"{prefix}{k}."))
+            flat.update(flatten(x, f"{prefix}{k}."))
         elif x is None or isinstance(x, (int, float, str, bool)):
             flat[f"{prefix}{k}"] = x
     return flat
@@ -226,7 +225,7 @@ def version_page(store: Store, kind: str, version: int, *, max_rankings: int = 2
             "ORDER BY version", [version])]
         return page
     page["ppo"] = ppo_series(store, version=version)
-    page["kl_from_reference"] = _kl_from(page["metrics"], page["ppo"])
+    page["kl_from_reference"] = kl_from(page["metrics"], page["ppo"])
     page["batches"] = _batches_of(store, version)
     page["rankings"] = _rankings_of(store, version, max_rankings)
     rates = ev.ab_win_rates(ab_outcomes(store)["outcomes"], 0) if version != 0 else {}
@@ -234,17 +233,12 @@ def version_page(store: Store, kind: str, version: int, *, max_rankings: int = 2
     return page
 
 
-def _kl_from(metrics: dict, ppo_rows: list[dict]):
-    """The KL from the reference recorded with the version, else the last PPO step's."""
-    flat = _flatten(metrics)
-    for key in _KL_KEYS:
-        if isinstance(flat.get(key), (int, float)):
-            return flat[key]
-    for row in reversed(ppo_rows):
-        for key in _KL_KEYS:
-            if row.get(key) is not None:
-                return row[key]
-    return None
+def kl_from(metrics: dict, ppo_rows: list[dict]):
+    """The KL from the reference recorded with the version (policy rounds write `kl`), else
+    the last PPO step's."""
+    if isinstance(metrics.get("kl"), (int, float)):
+        return metrics["kl"]
+    return next((row["kl"] for row in reversed(ppo_rows) if row.get("kl") is not None), None)
 
 
 def _batches_of(store: Store, version: int) -> list[dict]:
@@ -273,3 +267,59 @@ def _rankings_of(store: Store, version: int, limit: int) -> list[dict]:
         r["tiers"] = loads(r["tiers"])
         r["active"] = bool(r["active"])
     return rows
+
+
+def reward_history(store: Store) -> list[dict]:
+    """Per reward version, oldest first: what the UI's accuracy-history table shows."""
+    out = []
+    for v in store.list_versions("reward"):
+        m, c = v["metrics"], v["counts"]
+        out.append({
+            "version": v["version"], "status": v["status"], "reason": v["reason"],
+            "created_at": v["created_at"], "parent": v["parent"],
+            "heldout_accuracy": m.get("heldout_accuracy"), "heldout_loss": m.get("heldout_loss"),
+            "fresh_accuracy": m.get("fresh_accuracy"),
+            "fresh_accuracy_before": m.get("current_fresh_accuracy"),  # the serving version's
+            "mean_p_chosen": m.get("heldout_mean_p_chosen"),
+            "observed_p_chosen": m.get("heldout_observed_p_chosen"),
+            "ece": m.get("heldout_ece"),
+            "train_pairs": c.get("train_pairs"), "new_pairs": c.get("new_pairs"),
+            "heldout_pairs": c.get("heldout_pairs"), "fresh_pairs": c.get("fresh_pairs"),
+        })
+    return out
+
+
+def change_fingerprint(store: Store) -> tuple:
+    """Changes whenever anything a dashboard plot shows changes (a few MAX(id) lookups)."""
+    return tuple(store.scalar(f"SELECT COALESCE(MAX(id), 0) FROM {t}")
+                 for t in ("rankings", "metrics", "versions", "responses", "response_scores"))
+
+
+def ranking_span(store: Store) -> tuple[str | None, str | None]:
+    """ISO times of the first and the last ranking (None, None without any)."""
+    row = store.one("SELECT MIN(created_at) AS first, MAX(created_at) AS last FROM rankings")
+    return (row["first"], row["last"]) if row else (None, None)
+
+
+def recent_rankings(store: Store, *, limit: int, flagged_only: bool = False) -> list[dict]:
+    """The newest active 'rank' rankings with their item, batch and prompt (newest first);
+    `flagged_only`: those flagged or with a note."""
+    where = "r.kind = 'rank'" + (" AND (r.flagged = 1 OR COALESCE(r.note, '') != '')"
+                                 if flagged_only else "")
+    return store.rows(f"""
+        SELECT r.id, r.item_id, r.annotator, r.tiers, r.flagged, r.all_bad, r.note,
+               r.created_at, r.time_spent_s, i.kind, i.selection, b.policy_version,
+               p.text AS prompt
+        FROM active_rankings r JOIN items i ON i.id = r.item_id
+        JOIN batches b ON b.id = i.batch_id JOIN prompts p ON p.id = i.prompt_id
+        WHERE {where} ORDER BY r.id DESC LIMIT ?""", [limit])
+
+
+def item_responses_with_scores(store: Store, item_id: int,
+                               reward_version: int | None) -> list[dict]:
+    """An item's responses by position, each with its score from `reward_version` (or None)."""
+    return store.rows(
+        "SELECT s.id, s.position, s.policy_version, s.text, s.n_tokens, x.score "
+        "FROM responses s LEFT JOIN response_scores x ON x.response_id = s.id "
+        "AND x.reward_version = ? WHERE s.item_id = ? ORDER BY s.position",
+        [reward_version if reward_version is not None else -1, item_id])

@@ -1,18 +1,11 @@
-"""The `score_items` job: score ranked responses with the serving reward version.
+"""Reward-model scores of stored responses (`response_scores`): the researcher view.
 
-The researcher view shows each submitted item's reward scores beside the annotator's order, so
-the worker scores (once per reward version) the responses of recently ranked items and stores
-them in `response_scores`. The UI only reads that table; it never loads a model.
-
-The SQL helpers here import no torch, so `rlhf_core.worker.loop` can ask whether scoring is due.
+The worker scores (once per reward version) the responses of ranked items, newest first
+(rlhf_core.reward.round.score_items); the UI only reads the table, it never loads a model.
 """
 from __future__ import annotations
 
-from rlhf_core.data.jobs import handler
 from rlhf_core.data.store import Store, now_iso
-
-DEFAULT_LIMIT = 256  # responses per job: a few seconds on the embedded model
-CHUNK = 32  # responses per score_texts call, one progress report each
 
 # Responses of items with an active 'rank' ranking and no score from reward version `?`.
 _UNSCORED_SQL = """
@@ -44,23 +37,3 @@ def save_scores(store: Store, reward_version: int, scores: dict[int, float]) -> 
                              [int(response_id), int(reward_version), float(score), at])
             added += cur.rowcount
     return added
-
-
-@handler("score_items")
-def score_items_job(runtime, params: dict, reporter) -> dict:
-    """params: {"version"?: reward version (default: promoted), "limit"?: max responses}."""
-    from rlhf_core.reward.round import load_reward  # torch: only inside the worker
-    scorer = load_reward(runtime, (params or {}).get("version"))
-    store, version = runtime.store, scorer.version
-    rows = unscored_responses(store, version, int((params or {}).get("limit") or DEFAULT_LIMIT))
-    added = 0
-    for start in range(0, len(rows), CHUNK):
-        chunk = rows[start:start + CHUNK]
-        scores = scorer.score_texts([r["prompt"] for r in chunk], [r["text"] for r in chunk])
-        added += save_scores(store, version, {r["id"]: s for r, s in zip(chunk, scores)})
-        reporter.progress((start + len(chunk)) / len(rows),
-                          f"scored {start + len(chunk)}/{len(rows)} responses with reward "
-                          f"v{version}")
-    left = unscored_count(store, version)
-    reporter.progress(1.0, f"reward v{version}: {added} responses scored, {left} left")
-    return {"version": version, "scored": added, "remaining": left}

@@ -14,7 +14,6 @@ import contextlib
 import json
 import sqlite3
 import threading
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -235,6 +234,10 @@ class Store:
         with self.write() as db:
             db["metrics"].insert_all(rows)
 
+    def last_metric_step(self, kind: str) -> int | None:
+        """The highest step logged for `kind` (per-step series run on across rounds)."""
+        return self.scalar("SELECT MAX(step) FROM metrics WHERE kind = ?", [kind])
+
     def metric_series(self, kind: str, name: str | None = None) -> list[dict]:
         sql = "SELECT * FROM metrics WHERE kind = ?"
         params: list = [kind]
@@ -296,6 +299,18 @@ class Store:
         return self.get_version(kind, version)
 
     # -- status ---------------------------------------------------------------------
+    def open_item_count(self) -> int:
+        """Items that still need a ranking."""
+        return self.scalar(OPEN_ITEMS_SQL) or 0
+
+    def ranking_count(self) -> int:
+        """Active (not undone) rankings that are not skips."""
+        return self.scalar("SELECT COUNT(*) FROM active_rankings WHERE kind = 'rank'") or 0
+
+    def batch_count(self, policy_version: int) -> int:
+        return self.scalar("SELECT COUNT(*) FROM batches WHERE policy_version = ?",
+                           [policy_version]) or 0
+
     def counts(self) -> dict:
         q = self.scalar
         return {
@@ -351,13 +366,3 @@ def _statements(script: str):
             buf = ""
     if buf.strip():
         yield buf.strip()
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
-    """Poll `predicate` until it returns truthy or `timeout` seconds pass."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())

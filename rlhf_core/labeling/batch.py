@@ -1,4 +1,4 @@
-"""The `sample_batch` job: the current policy writes the next labeling batch.
+"""`sample_batch`: the current policy writes the next labeling batch.
 
 Steps: pick prompts (read only) -> generate one generate() call's worth of prompts at a
 time (no transaction open), appending each part's items to the batch atomically, so the
@@ -14,25 +14,14 @@ import logging
 import random
 import time
 
-from rlhf_core.data import annotation
-
-from rlhf_core.data import jobs
-from rlhf_core.config import SamplingConfig
+from rlhf_core.config import LoopConfig, SamplingConfig
+from rlhf_core.labeling.selection import CANDIDATE, choose_prompts, keep_uncertain
 from rlhf_core.sampling import Sample, sample_distinct, settings_record
-from rlhf_core.labeling.selection import CANDIDATE
-from rlhf_core.data.store import Store
 
 log = logging.getLogger(__name__)
 
 
-def _sampling_config(runtime, params: dict) -> SamplingConfig:
-    base = runtime.config.sampling
-    overrides = {k: params[k] for k in ("k", "max_new_tokens", "temperature", "top_p", "top_k",
-                                        "prompts_per_batch", "batch_size", "seed") if k in params}
-    return dataclasses.replace(base, **overrides)  # validates like any SamplingConfig
-
-
-def baseline_version(store: Store, rule: str, current: int) -> int | None:
+def baseline_version(data, rule: str, current: int) -> int | None:
     """Which version A/B items compare against: the reference, the previous one, or vN."""
     if current == 0:
         return None  # the reference cannot be compared with itself
@@ -42,29 +31,28 @@ def baseline_version(store: Store, rule: str, current: int) -> int | None:
         return max(0, current - 1)
     if rule.startswith("v") and rule[1:].isdigit():
         v = int(rule[1:])
-        return v if v < current and store.get_version("policy", v) else 0
+        return v if v < current and data.get_version("policy", v) else 0
     raise ValueError(f"unknown A/B baseline {rule!r}: use reference, previous or vN")
 
 
-@jobs.handler("sample_batch")
-def sample_batch(runtime, params: dict, reporter) -> dict:
-    store, cfg = runtime.store, _sampling_config(runtime, params)
-    loop = runtime.config.loop
-    current = store.current_version("policy")["version"]
-    version = int(params.get("policy_version", current))
-    seed = cfg.seed + int(time.time()) if params.get("seed") is None else int(params["seed"])
-    rows = _choose_prompts(runtime, params, cfg, seed)
+def sample_batch(runtime, cfg: SamplingConfig, loop: LoopConfig, *, reporter,
+                 policy_version: int | None = None, seed: int | None = None,
+                 prompt_ids: list[int] | None = None) -> dict:
+    data = runtime.data
+    current = data.current_version("policy")["version"]
+    version = int(current if policy_version is None else policy_version)
+    seed = cfg.seed + int(time.time()) if seed is None else int(seed)
+    rows = choose_batch_prompts(runtime, loop, cfg.prompts_per_batch, seed, prompt_ids)
     if not rows:
         raise ValueError("no prompts in the workspace: import some with `rlhf import-prompts`")
-    ab_fraction = float(params.get("ab_fraction", loop.ab_fraction))
-    baseline = baseline_version(store, params.get("ab_baseline", loop.ab_baseline), version)
+    baseline = baseline_version(data, loop.ab_baseline, version)
     eligible = [r for r in rows if r.get("selection") != CANDIDATE]
-    n_ab = min(len(eligible), round(ab_fraction * len(rows))) if baseline is not None else 0
+    n_ab = min(len(eligible), round(loop.ab_fraction * len(rows))) if baseline is not None else 0
     rng = random.Random(seed)
     ab_ids = {r["id"] for r in rng.sample(eligible, n_ab)} if n_ab else set()
     reporter.progress(0.02, f"sampling {len(rows)} prompts x {cfg.k} from policy v{version}")
     settings = settings_record(cfg, version)
-    out = _BatchWriter(store, version, cfg.k, settings, reporter.job_id, loop.overlap)
+    out = BatchWriter(data, version, cfg.k, settings, reporter.job_id, loop.overlap)
     plain = [r for r in rows if r["id"] not in ab_ids and r.get("selection") != CANDIDATE]
     candidates = [r for r in rows if r["id"] not in ab_ids and r.get("selection") == CANDIDATE]
     per_call = max(1, cfg.batch_size // cfg.k)  # prompts per generate() call
@@ -74,18 +62,19 @@ def sample_batch(runtime, params: dict, reporter) -> dict:
         # the whole batch (the loop's ranking -> next item latency, bench B5)
         for start in range(0, len(plain), per_call):
             part = plain[start:start + per_call]
-            out.add(_sample(runtime, version, part, cfg, seed + start * cfg.k, None))
+            out.add(sample_items(runtime, version, part, cfg, seed + start * cfg.k, None))
             reporter.progress(0.05 + 0.8 * (start + len(part)) / len(rows), "sampling")
         if candidates:  # uncertainty selection needs every candidate's scores first
-            out.add(_keep_uncertain(runtime, _sample(runtime, version, candidates, cfg,
-                                                     seed + len(plain) * cfg.k, None), rows))
-        out.add(_sample_ab(runtime, version, baseline, [r for r in rows if r["id"] in ab_ids],
+            sampled = sample_items(runtime, version, candidates, cfg,
+                                   seed + len(plain) * cfg.k, None)
+            out.add(keep_uncertain(runtime, sampled, {r["id"]: r["text"] for r in rows}))
+        out.add(sample_ab_items(runtime, version, baseline, [r for r in rows if r["id"] in ab_ids],
                            cfg, seed + 1, reporter))
     elapsed = time.perf_counter() - t0
     batch_id = out.batch_id if out.batch_id is not None else out.start()  # an empty batch
     retired = 0
     if loop.retire_rule == "retire":
-        retired = annotation.retire_items(store, older_than_policy=version)
+        retired = data.retire_items(older_than_policy=version)
     reporter.metrics("sampling", {"responses_per_s": out.responses / max(elapsed, 1e-9),
                                   "responses": out.responses, "seconds": elapsed},
                      version=version)
@@ -94,18 +83,18 @@ def sample_batch(runtime, params: dict, reporter) -> dict:
             "responses_per_s": round(out.responses / max(elapsed, 1e-9), 3), "retired": retired}
 
 
-class _BatchWriter:
+class BatchWriter:
     """One batch row, created with the job's first items; later items are appended. Each
     append is atomic: a job that fails half way leaves whole, rankable items behind."""
 
-    def __init__(self, store, version, k, settings, job_id, overlap):
-        self.store, self.version, self.k, self.settings = store, version, k, settings
+    def __init__(self, data, version, k, settings, job_id, overlap):
+        self.data, self.version, self.k, self.settings = data, version, k, settings
         self.job_id, self.overlap = job_id, overlap
         self.batch_id, self.items, self.responses, self.ab_items = None, 0, 0, 0
 
     def start(self) -> int:
-        self.batch_id = annotation.create_batch(
-            self.store, policy_version=self.version, k=self.k, items=[],
+        self.batch_id = self.data.create_batch(
+            policy_version=self.version, k=self.k, items=[],
             settings=self.settings, job_id=self.job_id, overlap=self.overlap)
         return self.batch_id
 
@@ -114,7 +103,7 @@ class _BatchWriter:
             return
         if self.batch_id is None:
             self.start()
-        written = annotation.add_items(self.store, self.batch_id, items,
+        written = self.data.add_items(self.batch_id, items,
                                        policy_version=self.version, settings=self.settings,
                                        overlap=self.overlap)
         self.items += len(written)
@@ -122,41 +111,36 @@ class _BatchWriter:
         self.ab_items += sum(i.get("kind") == "ab" for i in written)
 
 
-def _choose_prompts(runtime, params, cfg, seed) -> list[dict]:
-    if params.get("prompt_ids"):
-        ids = [int(i) for i in params["prompt_ids"]]
-        marks = ",".join("?" * len(ids))
-        rows = runtime.store.rows(f"SELECT id, text, split FROM prompts WHERE id IN ({marks})", ids)
+def choose_batch_prompts(runtime, loop: LoopConfig, n: int, seed: int,
+                        prompt_ids: list[int] | None) -> list[dict]:
+    if prompt_ids:
+        rows = runtime.data.prompts_by_ids(prompt_ids)
         return [{**r, "selection": "by hand"} for r in rows]
-    from rlhf_core.labeling.selection import choose_prompts
-    return choose_prompts(runtime, cfg.prompts_per_batch, seed=seed)
+    return choose_prompts(runtime, loop, n, seed=seed)
 
 
-def _keep_uncertain(runtime, items: list[dict], rows: list[dict]) -> list[dict]:
-    from rlhf_core.labeling.selection import keep_uncertain
-    return keep_uncertain(runtime, items, {r["id"]: r["text"] for r in rows})
-
-
-def _sample(runtime, version, rows, cfg, seed, progress) -> list[dict]:
+def sample_items(runtime, version, rows, cfg, seed, progress) -> list[dict]:
     if not rows:
         return []
     with runtime.policy(version) as model:
         results = sample_distinct(model, runtime.tokenizer, [r["text"] for r in rows], cfg=cfg,
                                   seed=seed, device=runtime.device.device, progress=progress)
     return [{"prompt_id": r["id"], "selection": r.get("selection", "random"), "kind": "label",
-             "responses": [_resp(s, version) for s in samples]}
+             "responses": [response_record(s, version) for s in samples]}
             for r, samples in zip(rows, results)]
 
 
-def _sample_ab(runtime, version, baseline, rows, cfg, seed, reporter) -> list[dict]:
+def sample_ab_items(runtime, version, baseline, rows, cfg, seed, reporter) -> list[dict]:
     """Blind A/B items: ceil(K/2) responses from `version`, the rest from `baseline`."""
     if not rows:
         return []
     k_new = (cfg.k + 1) // 2
     k_old = cfg.k - k_new
     # SamplingConfig refuses k < 2: sample at least 2 per side (K=2, 3) and trim below.
-    new = _sample(runtime, version, rows, dataclasses.replace(cfg, k=max(2, k_new)), seed, None)
-    old = _sample(runtime, baseline, rows, dataclasses.replace(cfg, k=max(2, k_old)), seed + 17, None)
+    new = sample_items(runtime, version, rows, dataclasses.replace(cfg, k=max(2, k_new)), seed,
+                       None)
+    old = sample_items(runtime, baseline, rows, dataclasses.replace(cfg, k=max(2, k_old)),
+                       seed + 17, None)
     reporter.progress(0.9, "A/B items sampled")
     items = []
     for a, b in zip(new, old):
@@ -166,6 +150,6 @@ def _sample_ab(runtime, version, baseline, rows, cfg, seed, reporter) -> list[di
     return items
 
 
-def _resp(s: Sample, version: int) -> dict:
+def response_record(s: Sample, version: int) -> dict:
     return {"text": s.text, "n_tokens": s.n_tokens, "finish_reason": s.finish_reason,
             "policy_version": version}

@@ -1,4 +1,4 @@
-"""The `eval_policy` job: paired samples from a policy and a baseline on held-out prompts.
+"""`eval_policy`: paired samples from a policy and a baseline on held-out prompts.
 
 An oracle (or a person) then compares sample i of the policy with sample i of
 the baseline for each prompt. Held-out prompts are the reward model's held-out
@@ -8,30 +8,21 @@ with the same settings and seeds, so the only difference is the weights.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 
-from rlhf_core.data import jobs
+from rlhf_core.config import SamplingConfig
 from rlhf_core.sampling import generate
 
 
-def heldout_prompts(store, limit: int | None = None) -> list[dict]:
-    rows = store.rows("SELECT id, text FROM prompts WHERE split = 'heldout' ORDER BY id")
-    return rows[:limit] if limit else rows
-
-
-@jobs.handler("eval_policy")
-def eval_policy(runtime, params: dict, reporter) -> dict:
-    store = runtime.store
-    current = store.current_version("policy")["version"]
-    version = int(params.get("policy_version", current))
-    baseline = int(params.get("baseline", 0))
-    n = int(params.get("samples_per_prompt", 2))
-    seed = int(params.get("seed", 1234))
-    prompts = heldout_prompts(store, params.get("max_prompts"))
+def eval_policy(runtime, cfg: SamplingConfig, *, reporter, policy_version: int | None = None,
+                baseline: int = 0, samples_per_prompt: int = 2, seed: int = 1234,
+                max_prompts: int | None = None) -> dict:
+    data = runtime.data
+    current = data.current_version("policy")["version"]
+    version = int(current if policy_version is None else policy_version)
+    n = samples_per_prompt
+    prompts = data.prompts_of_split("heldout", max_prompts)
     if not prompts:
         raise ValueError("no held-out prompts: import more prompts (about 20% go to held-out)")
-    cfg = replace(runtime.config.sampling, temperature=float(
-        params.get("temperature", runtime.config.sampling.temperature)))
     texts = [p["text"] for p in prompts]
     out, t0 = {}, time.perf_counter()
     with runtime.lock:

@@ -12,32 +12,23 @@ from __future__ import annotations
 
 import logging
 
-from rlhf_core.sampling import pick_prompts
+from rlhf_core.config import LoopConfig
 
 log = logging.getLogger(__name__)
 CANDIDATE = "uncertainty-candidate"
 
 
-def _loop_config(runtime):
-    from rlhf_core.worker.loop import read_config
-    return read_config(runtime.store).loop
-
-
-def _has_reward(runtime) -> bool:
-    return runtime.store.current_version("reward") is not None
-
-
-def choose_prompts(runtime, n: int, *, seed: int) -> list[dict]:
+def choose_prompts(runtime, loop: LoopConfig, n: int, *, seed: int) -> list[dict]:
     """Rows of prompts for the next batch, each with its `selection` rule."""
-    loop = _loop_config(runtime)
-    if loop.selection != "uncertainty" or not _has_reward(runtime):
-        rows = pick_prompts(runtime.store, n, seed=seed)
+    data = runtime.data
+    if loop.selection != "uncertainty" or data.current_version("reward") is None:
+        rows = data.least_labeled_prompts(n, seed=seed)
         for r in rows:
             r["selection"] = "random"
         return rows
     n_random = round(loop.random_share * n)
     n_uncertain = n - n_random
-    rows = pick_prompts(runtime.store, n_random + 2 * n_uncertain, seed=seed)
+    rows = data.least_labeled_prompts(n_random + 2 * n_uncertain, seed=seed)
     for i, r in enumerate(rows):
         r["selection"] = "random" if i < n_random else CANDIDATE
     return rows
@@ -56,7 +47,7 @@ def keep_uncertain(runtime, items: list[dict], prompts: dict[int, str]) -> list[
     candidates = [it for it in items if it.get("selection") == CANDIDATE]
     if not candidates:
         return items
-    from rlhf_core.reward.round import load_reward
+    from rlhf_core.reward.model import load_reward  # torch: loaded only when needed
     scorer = load_reward(runtime)
     texts = [(prompts[it["prompt_id"]], r["text"]) for it in candidates for r in it["responses"]]
     scores = scorer.score_texts([p for p, _ in texts], [r for _, r in texts])

@@ -1,4 +1,5 @@
-"""PPO round, steps 1-3: rollout, scores / reference log-probs / values, advantages.
+"""PPO round, steps 1-3 (the experience): rollout, scores / reference log-probs / values,
+advantages.
 
 Each step fills fields of the `Rollout` (rollout.py) for this rank's shard; `rollout_stats`
 gathers the round metrics over all ranks and `check_rollout` is the gate before any update.
@@ -11,15 +12,21 @@ import torch
 
 from rlhf_core.advantages import compute_gae, explained_variance, masked_whiten, shape_rewards
 from rlhf_core.config import PPOConfig
-from rlhf_core.policy.setup import Plan, PPOHealthError, _aborted
-from rlhf_core.policy.rollout import (Rollout, autocast, cat_to_width, critic_values, generate,
-                               policy_logprobs)
+from rlhf_core.policy.rollout import (
+    Rollout,
+    autocast,
+    cat_to_width,
+    critic_values,
+    generate,
+    policy_logprobs,
+)
+from rlhf_core.policy.setup import Plan, PPOHealthError, aborted
 
 
 # -- 1. rollout ------------------------------------------------------------------------------
-def choose_prompts(store, n: int, seed: int) -> list[str]:
+def rollout_prompts(data, n: int, seed: int) -> list[str]:
     """`n` train prompts (never held-out ones), a seeded sample without replacement."""
-    rows = store.rows("SELECT id, text FROM prompts WHERE split = 'train' ORDER BY id")
+    rows = data.prompts_of_split("train")
     if not rows:
         raise ValueError("no train prompts in the workspace: import some first")
     rng = random.Random(seed)
@@ -29,7 +36,7 @@ def choose_prompts(store, n: int, seed: int) -> list[str]:
 
 def rollout_step(runtime, config: PPOConfig, plan: Plan, dist, prompts=None) -> Rollout:
     """This rank's shard of prompts x rollouts_per_prompt responses from the policy."""
-    prompts = prompts or choose_prompts(runtime.store, config.prompts_per_round, plan.seed)
+    prompts = prompts or rollout_prompts(runtime.data, config.prompts_per_round, plan.seed)
     rows = [p for p in prompts for _ in range(config.rollouts_per_prompt)]
     if len(rows) % dist.world_size:
         raise ValueError(f"{len(rows)} rollouts do not split over {dist.world_size} processes")
@@ -108,7 +115,7 @@ def _gate_finite(rollout: Rollout, plan: Plan) -> None:
         t = t if name == "scores" else t[m]
         if not torch.isfinite(t).all():
             raise PPOHealthError(f"non-finite {name} in the rollout",
-                                 _aborted(plan, f"non-finite {name}"))
+                                 aborted(plan, f"non-finite {name}"))
 
 
 def rollout_stats(rollout: Rollout, plan: Plan, dist) -> dict:
@@ -132,4 +139,4 @@ def rollout_stats(rollout: Rollout, plan: Plan, dist) -> dict:
 def check_rollout(stats: dict, config: PPOConfig, plan: Plan) -> None:
     if stats["kl"] > config.max_kl:
         reason = f"mean KL per sequence {stats['kl']:.3g} > max_kl {config.max_kl}"
-        raise PPOHealthError(reason, _aborted(plan, reason) | {"metrics": stats})
+        raise PPOHealthError(reason, aborted(plan, reason) | {"metrics": stats})

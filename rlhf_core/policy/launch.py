@@ -11,7 +11,9 @@ rlhf_core.policy.launch --cpu ...` works too.)
 
 Each rank samples `prompts_per_round * rollouts_per_prompt / world_size` rollouts; statistics
 and gates are computed over all ranks, gradients all-reduced; rank 0 alone writes metrics and
-publishes the version. `minibatch_size` is the global minibatch (split over ranks).
+publishes the version. `minibatch_size` is the global minibatch (split over ranks). The round
+uses the workspace's saved configuration (model, LoRA, reward model, ppo section), with
+`--set SECTION.FIELD=VALUE` on top for this round, as every `rlhf` command takes it.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_core.config import EMBEDDED_MODEL, AppConfig, PPOConfig, from_dict, to_dict
+from rlhf_core.config import AppConfig
 
 
 class AccelerateDist:
@@ -71,30 +73,31 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m rlhf_core.policy.launch", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workspace", required=True, type=Path)
-    ap.add_argument("--model", default=EMBEDDED_MODEL, help="base model (embedded, dir or Hub id)")
     ap.add_argument("--cpu", action="store_true", help="CPU processes (gloo) even if cuda exists")
-    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                    help="override a PPOConfig field, e.g. --set epochs=2 (JSON values)")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                    dest="settings", help="a setting over the workspace's saved configuration "
+                    "for this round only, e.g. --set ppo.epochs=2 (as every rlhf command)")
     ap.add_argument("--reward-fn", help="module:function replacing the reward model "
                     "(reward_fn(prompts, responses, response_ids) -> Tensor(B)); for tests")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    ap.add_argument("--no-sample", action="store_true", help="do not queue a sample_batch job")
     ap.add_argument("--result-json", type=Path, help="rank 0 writes the round's result here")
     return ap.parse_args(argv)
 
 
-def ppo_config(overrides: list[str]) -> PPOConfig:
-    names = {f.name for f in dataclasses.fields(PPOConfig)}
-    values = to_dict(PPOConfig())
-    for item in overrides:
-        key, _, raw = item.partition("=")
-        if key not in names:
-            raise SystemExit(f"unknown PPOConfig field {key!r}")
-        try:
-            values[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            values[key] = raw
-    return from_dict(PPOConfig, values)
+def round_config(workspace: Path, settings: list[str]) -> AppConfig:
+    """The workspace's saved configuration with `--set` values applied (not saved: every rank
+    reads the same file, none writes it)."""
+    from rlhf_core.data.store import Store
+    from rlhf_core.workspace import DB_NAME, apply_overrides, parse_settings, read_config
+    workspace = workspace.expanduser().resolve()
+    if not (workspace / DB_NAME).exists():
+        raise SystemExit(f"{workspace} is not a workspace (no {DB_NAME}): create it with rlhf up")
+    store = Store(workspace / DB_NAME)
+    try:
+        cfg = apply_overrides(read_config(store), parse_settings(settings))
+    finally:
+        store.close()
+    return dataclasses.replace(cfg, workspace=workspace)
 
 
 def main(argv=None) -> int:
@@ -102,22 +105,22 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from accelerate import Accelerator
 
+    from rlhf_core.data.store import Store
     from rlhf_core.policy.ppo import ppo_round
     from rlhf_core.worker.runtime import Runtime
-    from rlhf_core.data.store import Store
+    from rlhf_core.workspace import DB_NAME
 
+    app = round_config(args.workspace, args.settings)
     accelerator = Accelerator(cpu=args.cpu)
     torch.set_num_threads(args.threads)
-    config = ppo_config(args.set)
-    app = AppConfig(workspace=args.workspace, model=args.model, ppo=config)
-    store = Store(args.workspace / "rlhf.db")
+    store = Store(app.workspace / DB_NAME)
     runtime = Runtime(store, app, cpu=args.cpu)
     reward_fn = None
     if args.reward_fn:
         module, _, attr = args.reward_fn.partition(":")
         reward_fn = getattr(importlib.import_module(module), attr)
-    result = ppo_round(runtime, config=config, reward_fn=reward_fn,
-                       dist=AccelerateDist(accelerator), enqueue_sampling=not args.no_sample)
+    result = ppo_round(runtime, config=app.ppo, reward_fn=reward_fn,
+                       dist=AccelerateDist(accelerator))
     if accelerator.is_main_process:
         text = json.dumps(result, indent=2, default=str)
         if args.result_json:

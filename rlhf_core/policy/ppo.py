@@ -1,8 +1,9 @@
 """One PPO round: rollout -> score -> advantages -> PPO epochs -> health gates -> publish.
 
 `ppo_round` reads as that checklist; each step is a named function in a module of its own:
-ppo_setup (0: plan, reward source, actor and critic), ppo_rollout (1-3 and gate 5a), ppo_train
-(4 and gate 5b), ppo_publish (6, and the round's output). Roles share one base model
+setup (0: plan, reward source, actor and critic), experience (1-3 and gate 5a), train
+(4 and gate 5b), publish (6, and the round's output). The round does not queue anything: the
+loop policy samples the next batch from the published version. Roles share one base model
 (DESIGN.md): the `policy` LoRA adapter is the actor, the `value` adapter plus a scalar head the
 critic, the reference is the base with adapters disabled, and the reward model is its own
 adapter + head (or a separate base). peft runs one adapter at a time, so each minibatch does
@@ -10,7 +11,7 @@ a policy forward/backward with `policy` active, then a value forward/backward wi
 active; the two parameter sets are disjoint, so the summed gradients equal those of
 `pg_loss + vf_coef * vf_loss`.
 
-Multi-process (DDP via `accelerate launch`, see ppo_launch.py): every rank samples its shard of
+Multi-process (DDP via `accelerate launch`, see launch.py): every rank samples its shard of
 the rollout, statistics (whitening, metrics, gates) are computed over all ranks, each loss is a
 token sum over the global token count, and gradients are all-reduced by hand (the adapter switch
 between two backward passes is not something DDP's reducer hooks support). With a minibatch that
@@ -18,23 +19,32 @@ covers the whole rollout the multi-process round equals the single-process one u
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 
-from rlhf_core.data import jobs
-from rlhf_core.config import PPOConfig, from_dict, to_dict
-# The round reads top to bottom here; each step lives in ppo_setup / ppo_rollout / ppo_train /
-# ppo_publish.
-from rlhf_core.policy.publish import _Output, publish_step
-from rlhf_core.policy.experience import (advantages_step, check_rollout, rollout_stats, rollout_step,
-                                   score_step)
-from rlhf_core.policy.setup import (PPOHealthError, SingleProcess, plan_round, restore_adapters,
-                                 reward_source, setup_actor_critic)
+from rlhf_core.config import PPOConfig
+from rlhf_core.policy.experience import (
+    advantages_step,
+    check_rollout,
+    rollout_stats,
+    rollout_step,
+    score_step,
+)
+
+# The round reads top to bottom here; each step lives in setup / experience / train / publish.
+from rlhf_core.policy.publish import Output, publish_step
+from rlhf_core.policy.setup import (
+    PPOHealthError,
+    SingleProcess,
+    plan_round,
+    restore_adapters,
+    reward_source,
+    setup_actor_critic,
+)
 from rlhf_core.policy.train import train_step
 
 
 def ppo_round(runtime, *, config: PPOConfig | None = None, reporter=None, reward_fn=None,
-              prompts: list[str] | None = None, dist=None, enqueue_sampling: bool = True) -> dict:
+              prompts: list[str] | None = None, dist=None) -> dict:
     """Run one PPO round and publish the next policy version. Raises PPOHealthError on a gate.
 
     `reward_fn(prompts, responses, response_ids) -> Tensor(B)` replaces the reward model
@@ -43,7 +53,7 @@ def ppo_round(runtime, *, config: PPOConfig | None = None, reporter=None, reward
     """
     config = config or runtime.config.ppo
     dist = dist or SingleProcess()
-    out = _Output(runtime.store, reporter, dist)
+    out = Output(runtime.data, reporter, dist)
     with runtime.lock:
         plan = plan_round(runtime, config, dist)
         score_fn = reward_source(runtime, reward_fn, plan)
@@ -73,14 +83,4 @@ def ppo_round(runtime, *, config: PPOConfig | None = None, reporter=None, reward
         except BaseException:
             restore_adapters(runtime, saved)
             raise
-        return publish_step(runtime, config, plan, stats, dist, out, enqueue_sampling)  # 6.
-
-
-# -- the job ---------------------------------------------------------------------------------------------
-@jobs.handler("ppo_round")
-def ppo_round_job(runtime, params: dict, reporter) -> dict:
-    """Job params: any PPOConfig field overrides the workspace's PPO settings."""
-    overrides = {k: v for k, v in (params or {}).items()
-                 if k in {f.name for f in dataclasses.fields(PPOConfig)}}
-    config = from_dict(PPOConfig, to_dict(runtime.config.ppo) | overrides)
-    return ppo_round(runtime, config=config, reporter=reporter)
+        return publish_step(runtime, config, plan, stats, dist, out)  # 6.

@@ -4,23 +4,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from rlhf_core import models
-
-from rlhf_core.data import jobs
-from rlhf_core.advantages import AdaptiveKLController, FixedKLController
+from rlhf_core.advantages import AdaptiveKLController
 from rlhf_core.checkpoints import publish
 from rlhf_core.config import PPOConfig, to_dict
 from rlhf_core.policy.setup import Plan
 
 
 # -- 6. publish ---------------------------------------------------------------------------------------
-def publish_step(runtime, config: PPOConfig, plan: Plan, stats: dict, dist, out,
-                 enqueue_sampling: bool) -> dict:
+def publish_step(runtime, config: PPOConfig, plan: Plan, stats: dict, dist, out) -> dict:
     """Rank 0 writes policy/ + value/ (adapter, head) atomically, then the version row."""
     if config.adaptive_kl:
         ctl = AdaptiveKLController(plan.kl_coef, config.target_kl, config.kl_horizon)
         stats["kl_coef_next"] = ctl.update(stats["kl"], stats["n_sequences"])
     else:
-        stats["kl_coef_next"] = FixedKLController(plan.kl_coef).value
+        stats["kl_coef_next"] = plan.kl_coef
     stats["critic_init"] = plan.critic_init
     result = {"status": "published", "version": plan.version, "parent": plan.parent,
               "reward_version": plan.reward_version, "metrics": stats}
@@ -35,15 +32,13 @@ def publish_step(runtime, config: PPOConfig, plan: Plan, stats: dict, dist, out,
         manifest = {k: result[k] for k in ("version", "parent", "reward_version")}
         manifest |= {"kind": "policy", "config": to_dict(config), "metrics": stats,
                      "base_model": runtime.config.model}
-        path = publish(runtime.workspace, "policy", plan.version, write, manifest)
-        runtime.store.add_version("policy", plan.version, status="published", path=str(path),
+        path = publish(runtime.workspace, "policy", plan.version, write, manifest,
+                       recorded=runtime.data.get_version)
+        runtime.data.add_version("policy", plan.version, status="published", path=str(path),
                                   parent=plan.parent, reward_version=plan.reward_version,
                                   base_model=str(runtime.config.model), config=to_dict(config),
                                   metrics=stats, job_id=out.job_id)
         result["path"] = str(path)
-        if enqueue_sampling:
-            result["sample_job"] = jobs.enqueue(runtime.store, "sample_batch",
-                                                {"policy_version": plan.version})
     dist.barrier()  # other ranks return once the version exists
     runtime.loaded["policy"] = runtime.loaded["value"] = plan.version
     out.progress(1.0, f"published policy v{plan.version}")
@@ -51,13 +46,13 @@ def publish_step(runtime, config: PPOConfig, plan: Plan, stats: dict, dist, out,
 
 
 # -- output ------------------------------------------------------------------------------------------------
-class _Output:
+class Output:
     """Metrics, progress and events: written by rank 0 only, to the job's reporter or the DB."""
 
-    def __init__(self, store, reporter, dist):
-        self.store, self.reporter, self.is_main = store, reporter, dist.is_main
+    def __init__(self, data, reporter, dist):
+        self.data, self.reporter, self.is_main = data, reporter, dist.is_main
         self.job_id = getattr(reporter, "job_id", None)
-        last = store.scalar("SELECT MAX(step) FROM metrics WHERE kind = 'ppo'") if self.is_main else 0
+        last = data.last_metric_step("ppo") if self.is_main else 0
         self.step0 = (last or 0) + 1 if last is not None else 0  # steps run on across rounds
 
     def metrics(self, values: dict, *, step: int, version: int) -> None:
@@ -67,7 +62,7 @@ class _Output:
         if self.reporter is not None:
             self.reporter.metrics("ppo", values, step=step, version=version)
         else:
-            self.store.log_metrics("ppo", values, step=step, version=version)
+            self.data.log_metrics("ppo", values, step=step, version=version)
 
     def progress(self, fraction: float, message: str) -> None:
         if self.is_main and self.reporter is not None:
@@ -75,4 +70,4 @@ class _Output:
 
     def event(self, kind: str, **payload) -> None:
         if self.is_main:
-            self.store.log_event(kind, None, job_id=self.job_id, **payload)
+            self.data.log_event(kind, None, job_id=self.job_id, **payload)

@@ -1,7 +1,7 @@
 """PPO round, step 0 and shared types: the plan, the reward source, the actor and the critic.
 
 `Plan` is what a round fixes up front; `SingleProcess` the collective operations of one process
-(DDP: ppo_launch.AccelerateDist); `PPOHealthError` what every health gate raises. The actor is
+(DDP: launch.AccelerateDist); `PPOHealthError` what every health gate raises. The actor is
 the `policy` LoRA adapter, the critic the `value` adapter plus a scalar head (initialised from
 the reward model when it shares the base). `snapshot_adapters` / `restore_adapters` let an
 aborted round leave the in-memory policy as it found it.
@@ -30,7 +30,7 @@ class PPOHealthError(RuntimeError):
 
 
 class SingleProcess:
-    """The collective operations of a round, for one process (DDP: ppo_launch.AccelerateDist)."""
+    """The collective operations of a round, for one process (DDP: launch.AccelerateDist)."""
     world_size, rank, is_main = 1, 0, True
 
     def gather_rows(self, t):  # (b,...) per rank -> (B,...) all ranks, dim 1 padded with 0
@@ -60,16 +60,16 @@ class Plan:
     scorer: object = dataclasses.field(default=None, repr=False)  # the reward model, if used
 
 
-def _aborted(plan: Plan, reason: str) -> dict:
+def aborted(plan: Plan, reason: str) -> dict:
     return {"status": "aborted", "reason": reason, "version": plan.version, "parent": plan.parent}
 
 
 # -- 0. plan, reward, actor and critic ----------------------------------------------------
 def plan_round(runtime, config: PPOConfig, dist) -> Plan:
-    store = runtime.store
-    cur = store.current_version("policy")
+    data = runtime.data
+    cur = data.current_version("policy")
     parent = cur["version"] if cur else 0
-    version = dist.broadcast(store.next_version_number("policy"))
+    version = dist.broadcast(data.next_version_number("policy"))
     kl_coef = config.kl_coef
     if config.adaptive_kl and cur and "kl_coef_next" in (cur.get("metrics") or {}):
         kl_coef = float(cur["metrics"]["kl_coef_next"])  # the controller continues
@@ -84,17 +84,13 @@ def reward_source(runtime, reward_fn, plan: Plan):
             return reward_fn(rollout.prompts, rollout.responses, rollout.response_lists())
         plan.critic_init = "fresh"
         return from_fn
-    from rlhf_core.reward.round import load_reward
+    from rlhf_core.reward.model import load_reward
     scorer = load_reward(runtime)
     plan.reward_version, plan.scorer = scorer.version, scorer
     plan.critic_init = "reward" if scorer.shares_base else "fresh"
 
-    def from_model(rollout: Rollout):
-        if hasattr(scorer, "score_texts"):  # encoded exactly as in reward training
-            return scorer.score_texts(rollout.prompts, rollout.responses)
-        ids = torch.cat([rollout.query_ids, rollout.response_ids], dim=1)  # (B,P+T)
-        attn = torch.cat([rollout.query_mask, rollout.mask.long()], dim=1)  # (B,P+T)
-        return scorer.score_ids(ids, attn)
+    def from_model(rollout: Rollout):  # the texts, encoded exactly as in reward training
+        return scorer.score_texts(rollout.prompts, rollout.responses)
     from_model.scorer = scorer
     return from_model
 

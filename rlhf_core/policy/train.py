@@ -10,8 +10,8 @@ import torch
 
 from rlhf_core.config import PPOConfig
 from rlhf_core.losses import ppo_policy_loss, ppo_value_loss
-from rlhf_core.policy.setup import Plan, PPOHealthError, _aborted, adapter_params
 from rlhf_core.policy.rollout import Rollout, autocast, critic_values, policy_logprobs
+from rlhf_core.policy.setup import Plan, PPOHealthError, aborted, adapter_params
 
 
 # -- 4. PPO epochs ----------------------------------------------------------------------------------
@@ -101,7 +101,7 @@ def _gate_minibatch(stats: dict, config: PPOConfig, plan: Plan) -> None:
         reason = f"approx_kl {stats['approx_kl']:.3g} > max_approx_kl {config.max_approx_kl}"
     else:
         return
-    raise PPOHealthError(reason, _aborted(plan, reason) | {"metrics": stats})
+    raise PPOHealthError(reason, aborted(plan, reason) | {"metrics": stats})
 
 
 def _train_mode(model, checkpointing: bool) -> None:

@@ -10,11 +10,10 @@
 """
 from __future__ import annotations
 
+import json
 import math
 import random
 from dataclasses import dataclass, field
-
-from rlhf_core.data.store import Store, loads
 
 
 class RewardDataError(ValueError):
@@ -48,21 +47,13 @@ class RewardData:
     counts: dict = field(default_factory=dict)
 
 
-PAIRS_SQL = """
-    SELECT p.id, p.ranking_id, p.prompt_id, pr.split, p.chosen_id, p.rejected_id, p.label,
-           pr.text AS prompt, c.text AS chosen, rj.text AS rejected, r.tiers
-    FROM active_pairs p JOIN rankings r ON r.id = p.ranking_id
-    JOIN prompts pr ON pr.id = p.prompt_id
-    JOIN responses c ON c.id = p.chosen_id JOIN responses rj ON rj.id = p.rejected_id
-    ORDER BY p.id
-"""
-
-
-def load_pairs(store: Store) -> list[PrefPair]:
-    """Every active pair (flagged, undone and all-bad rankings are already out), oldest first."""
+def load_pairs(rows: list[dict]) -> list[PrefPair]:
+    """PrefPairs from the data layer's training pairs (rows with their ranking's tiers)."""
     out = []
-    for row in store.rows(PAIRS_SQL):
-        tier_of = {rid: i for i, tier in enumerate(loads(row.pop("tiers"), [])) for rid in tier}
+    for row in rows:
+        row = dict(row)
+        tiers = json.loads(row.pop("tiers") or "[]")
+        tier_of = {rid: i for i, tier in enumerate(tiers) for rid in tier}
         gap = abs(tier_of.get(row["rejected_id"], 0) - tier_of.get(row["chosen_id"], 0))
         out.append(PrefPair(tier_gap=gap if row["label"] == 1.0 else 0, **row))
     return out

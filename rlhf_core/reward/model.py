@@ -206,9 +206,9 @@ def load_reward(runtime, version: int | None = None) -> RewardScorer:
     A missing or corrupt version directory raises ModelLoadError before any loaded adapter is
     touched, so whatever version was serving keeps serving.
     """
-    store = runtime.store
-    current = store.current_version("reward")
-    row = current if version is None else store.get_version("reward", int(version))
+    data = runtime.data
+    current = data.current_version("reward")
+    row = current if version is None else data.get_version("reward", int(version))
     if row is None:
         raise models.ModelLoadError(
             "no reward model has been promoted yet: train one first (a train_reward job)"

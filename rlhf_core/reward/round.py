@@ -3,7 +3,7 @@
 The network (a `reward` LoRA adapter + scalar head on the policy's base, or a separate
 sequence classifier) and serving a version live in reward_scoring.py; the candidate's steps
 (prepare, fit, evaluate, gate, publish) in reward_train.py. This module runs them in order,
-keeps the version history and registers the `train_reward` and `score` jobs.
+keeps the version history, and scores stored responses for the researcher view.
 
 A round reads as a checklist (`train_reward`):
   1. select pairs: new train pairs + replay, held-out prompts, fresh pairs (reward_data)
@@ -19,19 +19,23 @@ from __future__ import annotations
 import logging
 import time
 
+from rlhf_core.config import RewardConfig, to_dict
+from rlhf_core.data.store import now_iso
 from rlhf_core.reward import data as reward_data
-from rlhf_core.config import RewardConfig, from_dict, to_dict
-from rlhf_core.data.jobs import handler
-from rlhf_core.reward.model import CANDIDATE, backbone, load_reward  # noqa: F401 (load_reward: the API)
-from rlhf_core.reward.train import (_prepare_candidate, evaluate, fit, promotion_gate,
-                                    publish_candidate)
-from rlhf_core.data.store import Store, now_iso
+from rlhf_core.reward.model import CANDIDATE, backbone, load_reward
+from rlhf_core.reward.train import (
+    evaluate,
+    fit,
+    prepare_candidate,
+    promotion_gate,
+    publish_candidate,
+)
 
 log = logging.getLogger(__name__)
 
 
 # -- training ---------------------------------------------------------------------------------
-class _Progress:
+class Progress:
     """reporter.progress when run as a job, a tqdm bar on a terminal otherwise."""
 
     def __init__(self, reporter):
@@ -59,39 +63,39 @@ def train_reward(runtime, *, reporter=None, config: RewardConfig | None = None,
     Returns {"version", "status": "promoted"|"rejected", "reason", "metrics", "counts", "path"}.
     Raises RewardDataError (too few pairs, all ties, nothing new) before touching any model.
     """
-    cfg, store = config or runtime.config.reward, runtime.store
-    progress = _Progress(reporter)
+    cfg = config or runtime.config.reward
+    progress = Progress(reporter)
     try:
         with runtime.lock:
-            return _train_round(runtime, store, cfg, reporter, progress, from_scratch)
+            return _train_round(runtime, runtime.data, cfg, reporter, progress, from_scratch)
     finally:
         progress.close()
 
 
-def _train_round(runtime, store: Store, cfg: RewardConfig, reporter, progress, from_scratch):
+def _train_round(runtime, data, cfg: RewardConfig, reporter, progress, from_scratch):
     progress(0.0, "selecting pairs")
-    current = store.current_version("reward")
-    version = store.next_version_number("reward")
+    current = data.current_version("reward")
+    version = data.next_version_number("reward")
     incremental = current is not None and not from_scratch
     max_trained = int(current["counts"].get("max_pair_id", 0)) if current else 0
-    data = reward_data.select_data(
-        reward_data.load_pairs(store), max_trained=max_trained, replay_ratio=cfg.replay_ratio,
+    pairs = reward_data.select_data(
+        reward_data.load_pairs(data.training_pairs()), max_trained=max_trained, replay_ratio=cfg.replay_ratio,
         soft_ties=cfg.soft_ties, min_pairs=cfg.min_pairs, seed=cfg.seed + version,
         incremental=incremental)
     bb = backbone(runtime)
-    before, clock = {}, _Clock()
+    before, clock = {}, Clock()
     if current is not None:
         progress(0.05, f"evaluating the current version v{current['version']}")
         serving = load_reward(runtime)
-        before = evaluate(bb, serving.adapter_name, serving.head, data, cfg)
+        before = evaluate(bb, serving.adapter_name, serving.head, pairs, cfg)
     clock.lap("eval_current_seconds")
-    head = _prepare_candidate(runtime, bb, current if incremental else None, cfg, version)
+    head = prepare_candidate(runtime, bb, current if incremental else None, cfg, version)
     try:
-        fit_stats = fit(bb, head, data.train, cfg, seed=cfg.seed + version, progress=progress,
+        fit_stats = fit(bb, head, pairs.train, cfg, seed=cfg.seed + version, progress=progress,
                         reporter=reporter, version=version)
         clock.lap("prepare_and_fit_seconds")
         progress(0.85, "evaluating the candidate")
-        after = evaluate(bb, CANDIDATE, head, data, cfg)
+        after = evaluate(bb, CANDIDATE, head, pairs, cfg)
         clock.lap("eval_candidate_seconds")
         status, reason = promotion_gate(after, before, current, cfg.promote_tolerance)
         metrics = {**_flat(after, ""), **_flat(before, "current_"), **fit_stats, **clock.laps}
@@ -100,14 +104,14 @@ def _train_round(runtime, store: Store, cfg: RewardConfig, reporter, progress, f
                     "parent": current["version"] if incremental else None,
                     "base_model": bb.source, "shares_base": bb.shares_base,
                     "config": to_dict(cfg), "lora": to_dict(runtime.config.lora),
-                    "counts": data.counts, "metrics": metrics, "created_at": now_iso()}
+                    "counts": pairs.counts, "metrics": metrics, "created_at": now_iso()}
         path = publish_candidate(runtime, bb, head, version, manifest)
     finally:
         if CANDIDATE in bb.model.peft_config:
             bb.model.delete_adapter(CANDIDATE)
-    store.add_version("reward", version, status=status, path=str(path), reason=reason,
+    data.add_version("reward", version, status=status, path=str(path), reason=reason,
                       parent=manifest["parent"], base_model=bb.source, config=to_dict(cfg),
-                      metrics=metrics, counts=data.counts,
+                      metrics=metrics, counts=pairs.counts,
                       job_id=getattr(reporter, "job_id", None))
     if reporter is not None:
         reporter.metrics("reward", metrics, version=version)
@@ -115,10 +119,10 @@ def _train_round(runtime, store: Store, cfg: RewardConfig, reporter, progress, f
         load_reward(runtime)  # serve it now (and prove the published copy loads)
     progress(1.0, f"reward v{version} {status}")
     return {"version": version, "status": status, "reason": reason, "metrics": metrics,
-            "counts": data.counts, "path": str(path)}
+            "counts": pairs.counts, "path": str(path)}
 
 
-class _Clock:
+class Clock:
     def __init__(self):
         self.laps, self._t = {}, time.perf_counter()
 
@@ -131,76 +135,26 @@ def _flat(groups: dict, prefix: str) -> dict:
     return {f"{prefix}{g}_{k}": v for g, vals in groups.items() for k, v in vals.items()}
 
 
-# -- history, jobs --------------------------------------------------------------------------------
-def reward_history(store: Store) -> list[dict]:
-    """Per version, oldest first: what the UI's accuracy-history table shows."""
-    out = []
-    for v in store.list_versions("reward"):
-        m, c = v["metrics"], v["counts"]
-        out.append({
-            "version": v["version"], "status": v["status"], "reason": v["reason"],
-            "created_at": v["created_at"], "parent": v["parent"],
-            "heldout_accuracy": m.get("heldout_accuracy"), "heldout_loss": m.get("heldout_loss"),
-            "fresh_accuracy": m.get("fresh_accuracy"),
-            "fresh_accuracy_before": m.get("current_fresh_accuracy"),  # the serving version's
-            "mean_p_chosen": m.get("heldout_mean_p_chosen"),
-            "observed_p_chosen": m.get("heldout_observed_p_chosen"),
-            "ece": m.get("heldout_ece"),
-            "train_pairs": c.get("train_pairs"), "new_pairs": c.get("new_pairs"),
-            "heldout_pairs": c.get("heldout_pairs"), "fresh_pairs": c.get("fresh_pairs"),
-        })
-    return out
+# -- scores for the researcher view -----------------------------------------------------------
+SCORE_LIMIT = 256  # responses per call: a few seconds on the embedded model
+SCORE_CHUNK = 32  # responses per score_texts call, one progress report each
 
 
-def reward_config(base: RewardConfig, params: dict) -> RewardConfig:
-    """`base` with a job's overrides (top-level keys or a "config" dict) applied."""
-    overrides = {**{k: v for k, v in params.items() if k in RewardConfig.__dataclass_fields__},
-                 **(params.get("config") or {})}
-    return from_dict(RewardConfig, {**to_dict(base), **overrides})
-
-
-@handler("train_reward")
-def train_reward_job(runtime, params: dict, reporter) -> dict:
-    cfg = reward_config(runtime.config.reward, params or {})
-    return train_reward(runtime, reporter=reporter, config=cfg,
-                        from_scratch=bool((params or {}).get("from_scratch")))
-
-
-@handler("score")
-def score_job(runtime, params: dict, reporter) -> dict:
-    """Score texts ({"prompts", "responses"}) or stored responses ({"response_ids"} or
-    {"item_ids"}: then also each item's agreement with its latest active ranking)."""
-    scorer = load_reward(runtime, params.get("version"))
-    store, out = runtime.store, {"version": scorer.version}
-    if params.get("item_ids") or params.get("response_ids"):
-        rows = _stored_responses(store, params)
-        scores = scorer.score_texts([r["prompt"] for r in rows], [r["text"] for r in rows])
-        by_id = {r["id"]: s for r, s in zip(rows, scores)}
-        out.update(response_ids=[r["id"] for r in rows], scores=scores)
-        if params.get("item_ids"):
-            out["items"] = [_agreement(store, int(i), by_id) for i in params["item_ids"]]
-    else:
-        out["scores"] = scorer.score_texts(list(params.get("prompts", [])),
-                                           list(params.get("responses", [])))
-    reporter.progress(1.0, f"scored {len(out['scores'])} responses with reward v{scorer.version}")
-    return out
-
-
-def _stored_responses(store: Store, params: dict) -> list[dict]:
-    sql = ("SELECT r.id, r.item_id, r.text, p.text AS prompt FROM responses r "
-           "JOIN prompts p ON p.id = r.prompt_id WHERE ")
-    if params.get("item_ids"):
-        ids = [int(i) for i in params["item_ids"]]
-        sql += f"r.item_id IN ({','.join('?' * len(ids))}) ORDER BY r.item_id, r.position"
-    else:
-        ids = [int(i) for i in params["response_ids"]]
-        sql += f"r.id IN ({','.join('?' * len(ids))}) ORDER BY r.id"
-    return store.rows(sql, ids)
-
-
-def _agreement(store: Store, item_id: int, scores: dict[int, float]) -> dict:
-    pairs = store.rows("SELECT chosen_id, rejected_id FROM active_pairs p JOIN rankings r "
-                       "ON r.id = p.ranking_id WHERE r.item_id = ? AND p.label = 1.0", [item_id])
-    agree = sum(scores.get(p["chosen_id"], 0) > scores.get(p["rejected_id"], 0) for p in pairs)
-    return {"item_id": item_id, "pairs": len(pairs),
-            "agreement": agree / len(pairs) if pairs else None}
+def score_items(runtime, *, reporter, version: int | None = None, limit: int | None = None) -> dict:
+    """Score ranked responses not yet scored by reward `version` (default: the promoted one),
+    newest items first, and store the scores (the researcher view reads them)."""
+    data = runtime.data
+    scorer = load_reward(runtime, version)
+    version = scorer.version
+    rows = data.unscored_responses(version, int(limit or SCORE_LIMIT))
+    added = 0
+    for start in range(0, len(rows), SCORE_CHUNK):
+        chunk = rows[start:start + SCORE_CHUNK]
+        scores = scorer.score_texts([r["prompt"] for r in chunk], [r["text"] for r in chunk])
+        added += data.save_scores(version, {r["id"]: s for r, s in zip(chunk, scores)})
+        reporter.progress((start + len(chunk)) / len(rows),
+                          f"scored {start + len(chunk)}/{len(rows)} responses with reward "
+                          f"v{version}")
+    left = data.unscored_count(version)
+    reporter.progress(1.0, f"reward v{version}: {added} responses scored, {left} left")
+    return {"version": version, "scored": added, "remaining": left}

@@ -13,19 +13,26 @@ from pathlib import Path
 import torch
 
 from rlhf_core import checkpoints, models
-
-from rlhf_core.reward import data as reward_data
 from rlhf_core.config import RewardConfig
 from rlhf_core.losses import bradley_terry_loss, reward_centering_loss, soft_bradley_terry_loss
+from rlhf_core.reward import data as reward_data
 from rlhf_core.reward.data import PrefPair, RewardData
-from rlhf_core.reward.model import (ADAPTER_SUBDIR, CANDIDATE, Backbone, Encoder,
-                                      check_version_dir, collate, forward_scores,
-                                      score_sequences, using_adapter)
+from rlhf_core.reward.model import (
+    ADAPTER_SUBDIR,
+    CANDIDATE,
+    Backbone,
+    Encoder,
+    check_version_dir,
+    collate,
+    forward_scores,
+    score_sequences,
+    using_adapter,
+)
 
 
 # -- the candidate: warm start or fresh, then fit ------------------------------------------------
-def _prepare_candidate(runtime, bb: Backbone, warm_from: dict | None, cfg: RewardConfig,
-                       version: int) -> models.ScalarHead:
+def prepare_candidate(runtime, bb: Backbone, warm_from: dict | None, cfg: RewardConfig,
+                      version: int) -> models.ScalarHead:
     """The candidate adapter + head: a copy of `warm_from` (trainable), else fresh and seeded."""
     if CANDIDATE in bb.model.peft_config:
         bb.model.delete_adapter(CANDIDATE)
@@ -155,14 +162,11 @@ def promotion_gate(after: dict, before: dict, current: dict | None,
 
 def publish_candidate(runtime, bb: Backbone, head, version: int, manifest: dict) -> Path:
     """vNNNN/: reward/adapter_model.safetensors + adapter_config.json, score_head.safetensors,
-    version.json. A directory without a DB row (a worker died after the rename) is set aside."""
-    final = checkpoints.version_dir(runtime.workspace, "reward", version)
-    if final.exists() and runtime.store.get_version("reward", version) is None:
-        os.replace(final, final.with_name(f".orphan-{final.name}-{int(time.time())}"))
-
+    version.json (rlhf_core.checkpoints.publish: one protocol for every kind of version)."""
     def write(tmp: Path) -> None:
         models.save_adapter(bb.model, CANDIDATE, tmp)
         os.replace(tmp / CANDIDATE, tmp / ADAPTER_SUBDIR)
         models.save_head(head, tmp, meta={"kind": "reward", "version": version})
 
-    return checkpoints.publish(runtime.workspace, "reward", version, write, manifest)
+    return checkpoints.publish(runtime.workspace, "reward", version, write, manifest,
+                               recorded=runtime.data.get_version)

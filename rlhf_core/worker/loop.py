@@ -8,16 +8,18 @@ Rules (automatic mode; every step can also be started by hand):
   2. `retrain_every` new rankings since the last reward training -> train_reward;
   3. a promoted reward version no PPO round has used yet -> ppo_round;
   4. a published policy with no batch sampled from it yet -> sample_batch
-     (PPO queues this itself; the rule catches a crash in between).
+     (in manual mode too: a policy round never queues its own follow-up).
+Only this module queues follow-up jobs; training code does not know the queue.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 
-from rlhf_core.data import jobs
-from rlhf_core.config import AppConfig, from_dict
-from rlhf_core.data.store import OPEN_ITEMS_SQL, Store
+from rlhf_core.config import AppConfig
+from rlhf_core.data import jobs, prompts, scores
+from rlhf_core.data.store import Store
+from rlhf_core.workspace import read_config
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ def decide(s: LoopState) -> list[str]:
     out: list[str] = []
     busy = s.active_jobs
     if s.prompts and "sample_batch" not in busy:
-        if s.open_items < s.min_ready or (s.auto and not s.policy_has_batch):
+        if s.open_items < s.min_ready or not s.policy_has_batch:
             out.append("sample_batch")
     if not s.auto:
         return out
@@ -58,31 +60,23 @@ def decide(s: LoopState) -> list[str]:
     return out
 
 
-def read_config(store: Store) -> AppConfig:
-    saved = store.get_setting("config", {})
-    return from_dict(AppConfig, saved) if saved else AppConfig()
-
-
 def gather_state(store: Store, cfg: AppConfig) -> LoopState:
     policy = store.current_version("policy")
     reward = store.current_version("reward")
-    active = {r["kind"] for r in store.rows(
-        "SELECT DISTINCT kind FROM jobs WHERE status IN ('queued', 'running')")}
     pv = policy["version"] if policy else 0
     return LoopState(
         auto=cfg.loop.auto,
-        prompts=store.scalar("SELECT COUNT(*) FROM prompts"),
-        open_items=store.scalar(OPEN_ITEMS_SQL),
+        prompts=prompts.count(store),
+        open_items=store.open_item_count(),
         min_ready=cfg.sampling.min_ready_items,
-        rankings=store.scalar("SELECT COUNT(*) FROM active_rankings WHERE kind = 'rank'"),
+        rankings=store.ranking_count(),
         rankings_at_last_training=store.get_setting("loop.rankings_at_last_training", 0),
         retrain_every=cfg.loop.retrain_every,
         reward_version=reward["version"] if reward else None,
         reward_used_by_ppo=store.get_setting("loop.reward_used_by_ppo", 0),
         policy_version=pv,
-        policy_has_batch=bool(store.scalar(
-            "SELECT COUNT(*) FROM batches WHERE policy_version = ?", [pv])),
-        active_jobs=frozenset(active),
+        policy_has_batch=bool(store.batch_count(pv)),
+        active_jobs=frozenset(jobs.active_kinds(store)),
     )
 
 
@@ -111,23 +105,13 @@ def loop_tick(store: Store) -> list[int]:
 def _queue_scoring(store: Store, state: LoopState) -> list[int]:
     """Score newly ranked responses with the serving reward version (the researcher view).
     Tried once per (version, ranking count), so a failing scorer is not re-queued every tick."""
-    from rlhf_core.data.scores import unscored_count
     if state.reward_version is None or "score_items" in state.active_jobs:
         return []
     attempt = [state.reward_version, state.rankings]
     if store.get_setting("loop.score_attempt") == attempt:
         return []
-    if not unscored_count(store, state.reward_version):
+    if not scores.unscored_count(store, state.reward_version):
         return []
     store.set_setting("loop.score_attempt", attempt)
     return [jobs.enqueue(store, "score_items", {"version": state.reward_version},
                          requested_by="loop", unique=True)]
-
-
-def set_auto(store: Store, on: bool) -> None:
-    """The UI's toggle: persisted in the workspace config so the worker sees it."""
-    from rlhf_core.config import to_dict
-    from rlhf_core.workspace import apply_overrides
-    cfg = apply_overrides(read_config(store), {"loop.auto": bool(on)})
-    store.set_setting("config", to_dict(cfg))
-    store.log_event("auto_loop", None, on=bool(on))

@@ -1,37 +1,108 @@
 """The worker process: the only one that holds models.
 
-It lowers its own priority and caps torch threads so a UI on the same cores
-stays responsive (DESIGN.md: p95 649 ms beside an un-niced 2-thread job,
-312 ms niced), claims jobs, and when idle runs the loop policy (keep items
-ready; in automatic mode, retrain and run PPO rounds).
+It lowers its own priority and caps torch threads so a UI on the same cores stays responsive
+(DESIGN.md: p95 649 ms beside an un-niced 2-thread job, 312 ms niced), claims jobs, runs each
+through the table in handlers.py, and when idle runs the loop policy (loop.py). It reaches the
+workspace's data only through a data interface (data.py: `LocalData`).
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import os
+import socket
 import threading
+import traceback
 from pathlib import Path
+from typing import Callable
 
-from rlhf_core.data import jobs
 from rlhf_core.checkpoints import clean_partial
+from rlhf_core.data.jobs import LEASE_S, JobCancelled
 
 log = logging.getLogger(__name__)
 
-# Modules whose import registers job handlers (optional ones may not exist yet).
-HANDLER_MODULES = ["rlhf_core.labeling.batch", "rlhf_core.labeling.heldout", "rlhf_core.reward.round", "rlhf_core.policy.ppo",
-                   "rlhf_core.worker.loop", "rlhf_core.data.scores"]
+
+class Reporter:
+    """Handed to a job handler: progress (which is also the heartbeat) and metrics."""
+
+    def __init__(self, data, job_id: int, worker: str):
+        self.data, self.job_id, self.worker = data, job_id, worker
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        self.data.report_progress(self.job_id, self.worker, fraction, message)
+
+    def metrics(self, kind: str, values: dict, *, step: int | None = None,
+                version: int | None = None) -> None:
+        self.data.log_metrics(kind, values, step=step, version=version, job_id=self.job_id)
 
 
-def register_handlers() -> list[str]:
-    for name in HANDLER_MODULES:
+class Heartbeat:
+    """Renews the lease from a thread, so one long forward pass is not mistaken for death."""
+
+    def __init__(self, reporter: Reporter, every_s: float = LEASE_S / 4):
+        self.reporter, self.every_s = reporter, every_s
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(self.every_s):
+            try:
+                self.reporter.data.renew_lease(self.reporter.job_id, self.reporter.worker)
+            except Exception:  # a busy DB must not kill the job; the next beat retries
+                log.warning("heartbeat failed", exc_info=True)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=5)
+        return False
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident() % 10000}"
+
+
+def run_one(runtime, worker: str, kinds: list[str] | None = None) -> dict | None:
+    """Claim and run one job. Returns the finished job row, or None if the queue was empty."""
+    from rlhf_core.worker.handlers import HANDLERS
+    data = runtime.data
+    job = data.claim(worker, kinds)
+    if job is None:
+        return None
+    reporter = Reporter(data, job["id"], worker)
+    fn = HANDLERS.get(job["kind"])
+    try:
+        if fn is None:
+            raise ValueError(f"unknown job kind {job['kind']!r}")
+        runtime.refresh_config(data.config())  # read once per claimed job, from one place
+        with Heartbeat(reporter):
+            result = fn(runtime, job["params"] or {}, reporter)
+        data.finish(job["id"], worker, result=result or {})
+    except JobCancelled as exc:
+        data.mark_cancelled(job["id"], worker, str(exc))
+    except Exception as exc:  # a failed job must never take the worker down
+        log.error("job %s (%s) failed:\n%s", job["id"], job["kind"], traceback.format_exc())
+        data.finish(job["id"], worker, error=f"{type(exc).__name__}: {exc}")
+    return data.get_job(job["id"])
+
+
+def worker_loop(runtime, *, stop: threading.Event, idle: Callable | None = None,
+                poll_s: float = 1.0, kinds: list[str] | None = None) -> None:
+    """Run jobs until `stop` is set. `idle()` runs when the queue is empty (the loop policy)."""
+    worker = worker_name()
+    log.info("worker %s started", worker)
+    while not stop.is_set():
         try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            log.warning("job module %s is not available", name)
-    return sorted(jobs.HANDLERS)
+            ran = run_one(runtime, worker, kinds)
+            if ran is None and idle is not None:
+                idle()
+        except Exception:
+            log.error("worker loop error:\n%s", traceback.format_exc())
+            ran = None
+        if ran is None:
+            stop.wait(poll_s)
 
 
 def lower_priority(nice: int, threads: int | None) -> None:
@@ -54,6 +125,8 @@ def lower_priority(nice: int, threads: int | None) -> None:
 def run_worker(workspace: Path, *, stop: threading.Event | None = None, cpu: bool = False,
                nice: int = 10, threads: int | None = None, poll_s: float = 1.0,
                overrides: dict | None = None) -> None:
+    from rlhf_core.worker.data import LocalData
+    from rlhf_core.worker.handlers import HANDLERS
     from rlhf_core.worker.loop import loop_tick
     from rlhf_core.worker.runtime import Runtime
     from rlhf_core.workspace import open_workspace, seed_prompts_if_empty
@@ -63,9 +136,8 @@ def run_worker(workspace: Path, *, stop: threading.Event | None = None, cpu: boo
     if removed:
         log.warning("removed %d partial checkpoint dir(s) left by a crashed worker", removed)
     seed_prompts_if_empty(store, cfg)
-    kinds = register_handlers()
-    log.info("worker handles: %s", ", ".join(kinds))
-    runtime = Runtime(store, cfg, cpu=cpu)
+    log.info("worker handles: %s", ", ".join(sorted(HANDLERS)))
+    runtime = Runtime(LocalData(store, cfg.workspace), cfg, cpu=cpu)
     stop = stop or threading.Event()
     # Between jobs: the loop policy (keep items ready; in automatic mode, train and PPO).
-    jobs.worker_loop(runtime, store, stop=stop, idle=lambda: loop_tick(store), poll_s=poll_s)
+    worker_loop(runtime, stop=stop, idle=lambda: loop_tick(store), poll_s=poll_s)

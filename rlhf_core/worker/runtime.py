@@ -10,23 +10,24 @@ sequence-classification model in `self.reward_base`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 from pathlib import Path
-
-import torch
 
 from rlhf_core import models
 from rlhf_core.checkpoints import version_dir
 from rlhf_core.config import AppConfig
 from rlhf_core.data.store import Store
+from rlhf_core.worker.data import LocalData
 
 log = logging.getLogger(__name__)
 
 
 class Runtime:
-    def __init__(self, store: Store, config: AppConfig, *, cpu: bool = False):
-        self.store = store
+    def __init__(self, data, config: AppConfig, *, cpu: bool = False):
+        # the worker's data interface; a Store is served locally (tests, benches, the CLI)
+        self.data = LocalData(data, config.workspace) if isinstance(data, Store) else data
         self.config = config
         self.workspace = Path(config.workspace)
         self.device = models.device_settings(cpu=cpu)
@@ -36,6 +37,16 @@ class Runtime:
         self.heads: dict[str, models.ScalarHead] = {}
         self.loaded: dict[str, int] = {}  # adapter name -> version loaded into it
         self.reward_base = None
+
+    def refresh_config(self, config: AppConfig) -> None:
+        """Take the workspace's current settings (once per claimed job). Loaded weights stay:
+        a changed base model, reward base or LoRA shape needs a worker restart."""
+        for name in ("model", "reward_model", "lora"):
+            if getattr(config, name) != getattr(self.config, name):
+                log.warning("setting %r changed; restart the worker to use it", name)
+                config = dataclasses.replace(config, **{name: getattr(self.config, name)})
+        self.config = dataclasses.replace(config, workspace=self.config.workspace,
+                                          torch_threads=self.config.torch_threads)
 
     # -- base ------------------------------------------------------------------
     @property
@@ -87,14 +98,14 @@ class Runtime:
         """Activate the adapter of policy `version` (default: current). None means the
         base model (v0): the caller must run under `reference()` then."""
         if version is None:
-            cur = self.store.current_version("policy")
+            cur = self.data.current_version("policy")
             version = cur["version"] if cur else 0
         if version == 0:
             return None
-        cur = self.store.current_version("policy")
+        cur = self.data.current_version("policy")
         name = "policy" if cur and cur["version"] == version else f"policy@v{version}"
         if self.loaded.get(name) != version:
-            row = self.store.get_version("policy", version)
+            row = self.data.get_version("policy", version)
             if row is None or not row.get("path"):
                 raise models.ModelLoadError(f"policy version {version} is not published")
             self.load_adapter_dir(name, Path(row["path"]) / "policy", version=version)
@@ -116,7 +127,3 @@ class Runtime:
 
     def reward_dir(self, version: int) -> Path:
         return version_dir(self.workspace, "reward", version)
-
-    def set_threads(self, n: int | None) -> None:
-        if n:
-            torch.set_num_threads(n)
