@@ -45,6 +45,7 @@ from typing import Callable
 import gradio as gr
 
 from app import api, handlers
+from app.body_limit import with_body_limit
 from app.context import AppContext, load_auth_file
 from app.handlers import MAX_CARDS
 from app.ui_assets import CSS, FOCUS_RANKING_JS, HEAD, SHORTCUTS_MD
@@ -321,6 +322,7 @@ def launch(ctx: AppContext, host: str = "127.0.0.1", port: int = 7860,
     os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "1000")
     os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "1000")
     demo.queue(default_concurrency_limit=4)
+    kwargs["app_kwargs"] = with_body_limit(kwargs.get("app_kwargs"))  # 413 over 64 KB
     demo.launch(server_name=host, server_port=port, share=False,
                 auth=ctx.check_password if ctx.auth_enabled else None,
                 auth_message="rlhf-loop: log in to rank" if ctx.auth_enabled else None,

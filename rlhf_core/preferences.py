@@ -31,10 +31,15 @@ def ranking_to_ties(ranking: list[list]) -> list[tuple]:
 def validate_ranking(ranking, response_ids) -> list[list]:
     """Check a ranking covers every response id exactly once; return it as a list of lists.
 
+    Linear in the size of the ranking, and a ranking naming more ids than there are responses
+    is refused before any of them is read (a request of 40,000 ids costs nothing). An id must
+    equal a known id *and* have its type: 12.0 or True is not the response 12 or 1.
     Raises ValueError with a message an annotator can act on.
     """
     if not isinstance(ranking, (list, tuple)):
         raise ValueError(f"A ranking must be a list of tiers, got {type(ranking).__name__}")
+    known = {(type(rid), rid) for rid in response_ids}
+    _check_size(ranking, len(known))
     tiers = []
     for position, tier in enumerate(ranking, start=1):
         if not isinstance(tier, (list, tuple)):
@@ -44,22 +49,57 @@ def validate_ranking(ranking, response_ids) -> list[list]:
         if not tier:
             raise ValueError(f"Tier {position} is empty: every tier needs at least one response")
         tiers.append(list(tier))
-    known = list(response_ids)
-    ranked = [rid for tier in tiers for rid in tier]
-    unknown = [rid for rid in ranked if rid not in known]
+    seen: set = set()
+    unknown, repeated = [], []
+    for rid in (rid for tier in tiers for rid in tier):
+        key = _key(rid)
+        if key not in known:
+            unknown.append(rid)
+        elif key in seen:
+            repeated.append(rid)
+        seen.add(key)
     if unknown:
         raise ValueError(f"Unknown response ids in the ranking: {_names(unknown)}")
-    repeated = sorted({rid for rid in ranked if ranked.count(rid) > 1}, key=ranked.index)
     if repeated:
         raise ValueError(f"Each response must be ranked once; repeated: {_names(repeated)}")
-    missing = [rid for rid in known if rid not in ranked]
+    missing = [rid for rid in response_ids if (type(rid), rid) not in seen]
     if missing:
         raise ValueError(f"Rank every response; missing: {_names(missing)}")
     return tiers
 
 
+def _check_size(ranking, k: int) -> None:
+    """At most k tiers of at most k ids in all: anything longer has a repeat or a stranger."""
+    named = len(ranking)
+    if named <= k:
+        named = sum(len(t) if isinstance(t, (list, tuple)) else 1 for t in ranking)
+    if named > k:
+        raise ValueError(f"Each response must be ranked once: this ranking names more than {k} "
+                         f"ids for {k} responses")
+
+
+def _key(rid):
+    """(type, id) when the id is hashable; None (never a known key) otherwise."""
+    try:
+        hash(rid)
+    except TypeError:
+        return None
+    return (type(rid), rid)
+
+
 def _names(ids) -> str:
-    return ", ".join(str(rid) for rid in ids)
+    """Each id once, in order, on one short line (an id may be anything a client sent)."""
+    unique: dict = {}
+    for rid in ids:
+        unique.setdefault(_key(rid) or id(rid), rid)
+    return ", ".join(_short(rid) for rid in unique.values())
+
+
+def _short(rid, width: int = 40) -> str:
+    if not isinstance(rid, (str, int, float)):  # no str() of a 900-deep list
+        return f"<{type(rid).__name__}>"
+    text = " ".join(str(rid).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def parse_ranking_text(text: str, labels: list[str]) -> list[list[str]]:

@@ -53,14 +53,62 @@ def test_validate_ranking_returns_lists():
         ("AB", "list of tiers"),
         ([["A"], "B"], "Tier 2 must be a list"),
         ([["A", "B"], [], ["C"]], "Tier 2 is empty"),
-        ([["A", "B"], ["C", "Z"]], "Unknown response ids.*Z"),
-        ([["A", "B"], ["C", "A"]], "repeated: A"),
+        ([["A", "B"], ["Z"]], "Unknown response ids.*Z"),
+        ([["A"], ["C", "A"]], "repeated: A"),
         ([["A"], ["C"]], "missing: B"),
+        ([["A", "B"], ["C", "A"]], "names more than 3 ids for 3 responses"),
+        ([["A"], ["B"], ["C"], ["A"]], "names more than 3 ids"),
     ],
 )
 def test_validate_ranking_errors(ranking, message):
     with pytest.raises(ValueError, match=message):
         validate_ranking(ranking, ["A", "B", "C"])
+
+
+@pytest.mark.parametrize(
+    "ranking",
+    [
+        [[1] * 40_000],  # one id repeated: the request that held the write lock for 13 s
+        [[1]] * 40_000,
+        [[1], [2], [3, *range(1000, 41_000)]],
+        [[1], tuple(range(40_000))],
+    ],
+)
+def test_validate_ranking_refuses_an_oversized_ranking_at_once(ranking):
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="names more than 3 ids"):
+        validate_ranking(ranking, [1, 2, 3])
+    assert time.perf_counter() - t0 < 0.01  # nothing is read past the cap
+
+
+def test_validate_ranking_is_linear_below_the_cap():
+    import time
+
+    ids = list(range(1000, 21_000))  # distinct int objects: no identity short-cuts
+    t0 = time.perf_counter()
+    assert validate_ranking([[i] for i in reversed(ids)], ids)[0] == [20_999]
+    with pytest.raises(ValueError, match="repeated: 1000"):
+        validate_ranking([[1000]] + [[i] for i in ids[:-1]], ids)
+    assert time.perf_counter() - t0 < 0.5  # the quadratic version took 5.9 s here
+
+
+@pytest.mark.parametrize(
+    "ranking,message",
+    [
+        ([[1.0], [2], [3]], "Unknown response ids in the ranking: 1.0"),  # a float is not an id
+        ([[True], [2], [3]], "Unknown response ids in the ranking: True"),  # nor is a bool
+        ([["1"], [2], [3]], "Unknown response ids in the ranking: 1"),
+        ([[[1]], [2], [3]], "Unknown response ids in the ranking: <list>"),  # unhashable
+        ([[{"id": 1}], [2], [3]], "<dict>"),
+        ([["x" * 10_000], [2], [3]], "Unknown response ids in the ranking: x{39}…$"),
+    ],
+)
+def test_validate_ranking_ids_match_by_value_and_type(ranking, message):
+    with pytest.raises(ValueError, match=message) as refused:
+        validate_ranking(ranking, [1, 2, 3])
+    assert "\n" not in str(refused.value) and len(str(refused.value)) < 200
 
 
 # ---- keyboard syntax -----------------------------------------------------------------------

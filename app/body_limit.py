@@ -1,0 +1,66 @@
+"""A cap on request bodies, as ASGI middleware in front of Gradio's routes.
+
+Every call this app serves is a few hundred bytes (a ranking names at most 8 ids; the app has
+no file uploads), so anything much larger is refused with 413 before Gradio parses it: a
+declared Content-Length over the cap at once, a chunked body as soon as it grows past it.
+Attach with `launch(app_kwargs=with_body_limit(app_kwargs))`.
+"""
+from __future__ import annotations
+
+from starlette.middleware import Middleware
+
+MAX_BODY_BYTES = 64 * 1024
+
+
+class BodyLimit:
+    def __init__(self, app, max_bytes: int = MAX_BODY_BYTES):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await _refuse(send, self.max_bytes)
+            return
+        # Read the body here (at most max_bytes are buffered), then replay it to the app.
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await _refuse(send, self.max_bytes)
+                return
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: wait for a disconnect, as usual
+
+        await self.app(scope, replay, send)
+
+
+async def _refuse(send, max_bytes: int) -> None:
+    text = f"request body too large ({max_bytes // 1024} KB at most)".encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                            (b"content-length", str(len(text)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": text})
+
+
+def with_body_limit(app_kwargs: dict | None, max_bytes: int = MAX_BODY_BYTES) -> dict:
+    """FastAPI keyword arguments for Gradio's app with the body cap added to its middleware."""
+    app_kwargs = dict(app_kwargs or {})
+    app_kwargs["middleware"] = [*app_kwargs.get("middleware", ()),
+                                Middleware(BodyLimit, max_bytes=max_bytes)]
+    return app_kwargs
