@@ -91,10 +91,7 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     empty = ~real.any(dim=1)  # (B,)
     if empty.any():
         rows = empty.nonzero().flatten().tolist()
-        raise ValueError(
-            f"shape_rewards: rows {rows} have an all-zero mask (no response tokens), "
-            "so there is no last token to receive the score"
-        )
+        raise ValueError(f"rows {rows} have an all-zero mask: no real token, so no last one")
     # cumsum peaks first at the last real token; argmax returns that first peak
     return real.long().cumsum(dim=1).argmax(dim=1)  # (B,)
 

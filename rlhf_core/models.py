@@ -227,11 +227,18 @@ def load_head(in_dir: Path, hidden_size: int, device="cpu") -> ScalarHead:
     return head.to(device)
 
 
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last real token of each row, for left or right padding.  (B,T)->(B,)"""
-    T = attention_mask.shape[1]
-    positions = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
-    return (positions * attention_mask.long()).argmax(dim=1)
+def pad_sequences(seqs: list[list[int]], pad_id: int, *, side: str = "right",
+                  mask_dtype: torch.dtype = torch.long) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> (ids (B,T), mask (B,T)) padded with `pad_id` on `side`; T = longest."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (B,T)
+    mask = torch.zeros((len(seqs), width), dtype=mask_dtype)  # (B,T)
+    for i, s in enumerate(seqs):
+        if s:
+            cols = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+            ids[i, cols] = torch.tensor(s, dtype=torch.long)
+            mask[i, cols] = 1
+    return ids, mask
 
 
 def hidden_size(model) -> int:

@@ -30,6 +30,14 @@ def chat_prompts(tokenizer, prompts: list[str]) -> list[str]:
                                           add_generation_prompt=True) for p in prompts]
 
 
+def chat_ids(tokenizer, prompt: str, max_tokens: int | None = None) -> list[int]:
+    """Prompt -> chat-templated ids ending with the assistant header; the one encoding of a
+    prompt for sampling, rollouts and reward scoring (last `max_tokens` kept)."""
+    (text,) = chat_prompts(tokenizer, [prompt])
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids[-max_tokens:] if max_tokens else ids
+
+
 def stop_token_ids(tokenizer, model=None) -> list[int]:
     ids = {tokenizer.eos_token_id}
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)

@@ -18,7 +18,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from rlhf_core.advantages import entropy_from_logits
-from rlhf_core.sampling import chat_prompts, stop_token_ids
+from rlhf_core.models import pad_sequences
+from rlhf_core.sampling import chat_ids, stop_token_ids
 
 
 @dataclass
@@ -73,32 +74,14 @@ class Rollout:
 
 
 # -- tokenizing --------------------------------------------------------------------
-def chat_query_ids(tokenizer, prompt: str, max_tokens: int) -> list[int]:
-    """Prompt -> chat-templated ids ending with the assistant header (last max_tokens kept)."""
-    (text,) = chat_prompts(tokenizer, [prompt])
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return ids[-max_tokens:]
-
-
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, width - len(s):] = torch.tensor(s)
-            attn[i, width - len(s):] = 1
-    return ids, attn
+    """Queries: left-padded ids and a long attention mask."""
+    return pad_sequences(seqs, pad_id, side="left")
 
 
 def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.float32)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, :len(s)] = 1.0
-    return ids, mask
+    """Responses: right-padded ids and a float mask (the RL `mask`)."""
+    return pad_sequences(seqs, pad_id, side="right", mask_dtype=torch.float32)
 
 
 def cut_after_stop(tokens: list[int], stop_ids: set[int]) -> tuple[list[int], bool]:
@@ -151,7 +134,7 @@ def generate(model, tokenizer, prompts: list[str], seeds: list[int], *, max_new_
 
     `record_logprobs`: fill `logprobs` and `entropy` from the sampling step's own logits."""
     stop_ids = set(stop_token_ids(tokenizer, model))
-    queries = [chat_query_ids(tokenizer, p, max_prompt_tokens) for p in prompts]
+    queries = [chat_ids(tokenizer, p, max_prompt_tokens) for p in prompts]
     responses: list[list[int]] = []
     has_stop: list[bool] = []
     recorded: list[tuple[torch.Tensor, torch.Tensor]] = []

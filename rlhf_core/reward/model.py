@@ -16,6 +16,8 @@ from typing import Any
 import torch
 
 from rlhf_core import checkpoints, models
+from rlhf_core.advantages import last_token_index
+from rlhf_core.sampling import chat_ids
 
 SERVING = "reward"  # adapter (and head) name of the promoted version
 CANDIDATE = "reward_candidate"  # the version being trained
@@ -80,7 +82,7 @@ def forward_scores(model, head, input_ids, attention_mask) -> torch.Tensor:
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B,T) padding-independent
     hidden = _body(model)(input_ids=input_ids, attention_mask=attention_mask,
                           position_ids=position_ids, use_cache=False).last_hidden_state  # (B,T,H)
-    last = models.last_token_index(attention_mask)  # (B,)
+    last = last_token_index(attention_mask)  # (B,)
     return head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])  # (B,)
 
 
@@ -117,21 +119,14 @@ class Encoder:
     def __call__(self, prompt: str, response: str) -> list[int]:
         tok = self.tokenizer
         if prompt not in self._prompts:
-            chat = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                           add_generation_prompt=True)
-            self._prompts[prompt] = tok(chat, add_special_tokens=False)["input_ids"]
+            self._prompts[prompt] = chat_ids(tok, prompt)
         ids = (self._prompts[prompt] + tok(response, add_special_tokens=False)["input_ids"]
                + [tok.eos_token_id])
         return ids[-self.max_length:]  # too long: drop the prompt's start, keep the scored end
 
 
 def collate(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)  # (B,T) right-padded
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)  # (B,T)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
+    ids, mask = models.pad_sequences(seqs, pad_id)  # (B,T) right-padded
     return ids.to(device), mask.to(device)
 
 
