@@ -367,3 +367,15 @@ def test_next_round_in_a_new_worker_continues_from_published_dirs(runtime):
     with torch.no_grad(), fresh2.policy(1) as model:
         reloaded, _ = policy_logprobs(model, batch, 1.0)
     torch.testing.assert_close(reloaded, v1_logprobs)
+
+
+def test_an_orphan_version_dir_does_not_block_later_rounds(runtime):
+    """Issue 16.2: a round that died between the rename and the DB row left models/policy/v0001
+    without a row; the next rounds publish v1 and v2 instead of FileExistsError for ever."""
+    orphan = runtime.workspace / "models" / "policy" / "v0001"
+    orphan.mkdir(parents=True)
+    (orphan / "junk.bin").write_bytes(b"half a checkpoint")
+    first = ppo_round(runtime, config=replace(TINY, epochs=1), reward_fn=low_id_reward)
+    second = ppo_round(runtime, config=replace(TINY, epochs=1), reward_fn=low_id_reward)
+    assert (first["version"], second["version"]) == (1, 2)
+    assert not (orphan / "junk.bin").exists() and (orphan / "version.json").is_file()
