@@ -13,6 +13,7 @@ import importlib.resources
 import io
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -98,6 +99,8 @@ def _iter_jsonl(text: str) -> Iterator[tuple[int, Any]]:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ImportRejected(f"invalid JSON ({exc.msg} at column {exc.colno})", number) from None
+        except RecursionError:  # e.g. 100,000 nested arrays
+            raise ImportRejected("invalid JSON (nested too deeply)", number) from None
         if isinstance(obj, list):
             raise ImportRejected("expected one JSON object per line (JSON Lines), got an array", number)
         yield number, obj
@@ -146,6 +149,7 @@ def _to_record(obj: Any, line: int) -> dict:
     field, text = _pick_prompt(obj, line)
     if not isinstance(text, str):
         raise ImportRejected(f"{field!r} must be a string, got {_type_name(text)}", line)
+    _check_chars(text, field, line)
     text = text.strip()
     if not text:
         raise ImportRejected(f"empty {field!r}", line)
@@ -159,8 +163,11 @@ def _to_record(obj: Any, line: int) -> dict:
     source_id = obj.get("id")
     if source_id is not None and not isinstance(source_id, (str, int)):
         raise ImportRejected(f"'id' must be a string or integer, got {_type_name(source_id)}", line)
+    for name, value in (("category", category), ("id", source_id)):
+        if isinstance(value, str):
+            _check_chars(value, name, line)
     meta = {k: v for k, v in obj.items()
-            if k not in (field, *RESERVED) and isinstance(k, str) and _json_ok(v)}
+            if k not in (field, *RESERVED) and isinstance(k, str) and _json_ok(k, v, line)}
     return {
         "text": text,
         "category": (category or "").strip() or None,
@@ -201,12 +208,39 @@ def _type_name(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def _json_ok(value: Any) -> bool:
+def _json_ok(key: str, value: Any, line: int) -> bool:
+    """Whether an extra field is JSON data to keep in `meta` (anything else is left out); one
+    that cannot be stored as UTF-8 (a lone surrogate from a "\\ud800" escape) is refused."""
     try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError):
+        encoded = json.dumps({key: value}, allow_nan=False, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):
         return False
+    if _SURROGATE.search(encoded):
+        raise ImportRejected(f"field {key!r} contains a lone surrogate: not valid Unicode", line)
     return True
+
+
+# C0 and C1 control characters and DEL, except tab, newline and carriage return.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+_CONTROL_NAMES = {0x00: "NUL", 0x07: "BEL", 0x08: "BS", 0x0B: "VT", 0x0C: "FF", 0x1B: "ESC",
+                  0x7F: "DEL"}
+
+
+def _check_chars(value: str, field: str, line: int) -> None:
+    """Refuse text a terminal or a database would misread: controls, and lone surrogates (a
+    JSON "\\ud800" escape decodes to one, and it cannot be written as UTF-8)."""
+    found = _SURROGATE.search(value)
+    if found:
+        raise ImportRejected(f"{field!r} contains a lone surrogate U+{ord(found.group()):04X} at "
+                             f"character {found.start() + 1}: not valid Unicode", line)
+    found = _CONTROL.search(value)
+    if found:
+        code = ord(found.group())
+        name = f" ({_CONTROL_NAMES[code]})" if code in _CONTROL_NAMES else ""
+        raise ImportRejected(f"{field!r} contains the control character U+{code:04X}{name} at "
+                             f"character {found.start() + 1}; only tab, newline and carriage "
+                             "return are allowed", line)
 
 
 # ---------------------------------------------------------------- keys and bundled data

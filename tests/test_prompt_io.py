@@ -1,6 +1,7 @@
 """rlhf_core.prompt_io: every import format, every rejection with its line, the writers."""
 
 import json
+import re
 from collections import Counter
 
 import pytest
@@ -220,3 +221,72 @@ def test_write_hf_dataset_round_trips_and_guards_existing(tmp_path):
     write_hf_dataset(target, ROWS[:1], overwrite=True)
     assert [r["text"] for r in read_prompts(target)] == ["Hi\u2028there"]
     assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+# ---------------------------------------------------------------- hostile files (issue 16.8)
+
+
+@pytest.mark.parametrize("escape, code", [
+    ("\\u0000", "U+0000 (NUL)"), ("\\u0007", "U+0007 (BEL)"), ("\\u001b[31m", "U+001B (ESC)"),
+    ("\\u007f", "U+007F (DEL)"), ("\\u009b", "U+009B"), ("\\f", "U+000C (FF)"),
+])
+def test_jsonl_control_characters_are_refused_with_their_line(tmp_path, escape, code):
+    bad = b'{"prompt": "say ' + escape.encode() + b'hi"}'
+    path = _jsonl(tmp_path, [GOOD, GOOD.replace(b"fine", b"also fine"), bad])
+    with pytest.raises(ImportRejected, match=f"control character {re.escape(code)} at "
+                                             "character 5") as info:
+        read_prompts(path)
+    assert info.value.line == 3
+
+
+def test_tab_newline_carriage_return_and_u2028_stay_allowed(tmp_path):
+    path = _jsonl(tmp_path, [b'{"prompt": "a\\tb\\nc\\r\\nd\\u2028e", "category": "x\\ty"}'])
+    assert read_prompts(path)[0]["text"] == "a\tb\nc\r\nd\u2028e"
+
+
+@pytest.mark.parametrize("row, field", [
+    (b"ok\x00\x07,writing", "'prompt'"), (b"\x1b[2Jclear,writing", "'prompt'"),
+    (b"fine,bad\x07", "'category'"),
+])
+def test_csv_control_characters_are_refused_with_their_line(tmp_path, row, field):
+    path = tmp_path / "p.csv"
+    path.write_bytes(b'prompt,category\n"multi\nline",writing\nfine too,x\n' + row + b"\n")
+    with pytest.raises(ImportRejected, match=f"{field} contains the control character") as info:
+        read_prompts(path)
+    assert info.value.line == 5  # the physical line: the quoted cell above spans two
+
+
+def test_jsonl_deep_nesting_is_refused_with_its_line(tmp_path):
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for bad in (deep, b'{"prompt": "x", "extra": ' + deep + b"}"):
+        path = _jsonl(tmp_path, [GOOD, bad])
+        with pytest.raises(ImportRejected, match="nested too deeply") as info:
+            read_prompts(path)
+        assert info.value.line == 2
+
+
+@pytest.mark.parametrize("bad, message", [
+    (b'{"prompt": "half \\ud83d of an emoji"}', "'prompt' contains a lone surrogate U+D83D"),
+    (b'{"prompt": "x", "category": "\\udc00"}', "'category' contains a lone surrogate"),
+    (b'{"prompt": "x", "id": "a\\ud800"}', "'id' contains a lone surrogate"),
+    (b'{"prompt": "x", "source": ["\\ud800"]}', "field 'source' contains a lone surrogate"),
+    (b'{"messages": [{"role": "user", "content": "\\udfff"}]}', "'messages' contains a lone"),
+])
+def test_lone_surrogates_are_refused_with_their_line(tmp_path, bad, message):
+    path = _jsonl(tmp_path, [GOOD, b"", bad])
+    with pytest.raises(ImportRejected, match=re.escape(message)) as info:
+        read_prompts(path)
+    assert info.value.line == 3
+
+
+def test_a_pair_of_surrogate_escapes_is_one_character(tmp_path):
+    path = _jsonl(tmp_path, [b'{"prompt": "ok \\ud83d\\ude00"}'])
+    assert read_prompts(path)[0]["text"] == "ok \U0001F600"
+
+
+def test_a_bad_line_imports_nothing(tmp_path, store):
+    """All or nothing: the store sees the file only once every line is valid."""
+    path = _jsonl(tmp_path, [GOOD] * 3 + [b'{"prompt": "bell \\u0007"}'] + [b'{"prompt": "z"}'])
+    with pytest.raises(ImportRejected, match="line 4"):
+        store.add_prompts(read_prompts(path), source="t")
+    assert store.scalar("SELECT COUNT(*) FROM prompts") == 0
