@@ -8,6 +8,7 @@ A per-round table is printed and written as CSV and JSON.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import json
 import logging
@@ -17,6 +18,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import httpx
 
 from rlhf_core.data import jobs
 from rlhf_core.evaluation import win_rate
@@ -66,12 +69,58 @@ class RoundRow:
     notes: list = field(default_factory=list)
 
 
+class AnnotatorGaveUp(RuntimeError):
+    """A scripted annotator's calls kept failing: the run stops instead of going on short."""
+
+
+# What a flaky connection or a busy server looks like from gradio_client: worth a retry.
+TRANSIENT = (concurrent.futures.CancelledError, concurrent.futures.TimeoutError, TimeoutError,
+             ConnectionError, OSError, httpx.TransportError)
+
+
+def connect_client(url: str):
+    from gradio_client import Client  # imported on use: `rlhf --help` and the CLI stay light
+    return Client(url, verbose=False)
+
+
+class AnnotatorClient:
+    """One scripted annotator's connection to the app. Each has its own gradio_client session:
+    Gradio answers one call per session at a time, and two calls in flight on one session can
+    lose a reply. A transient failure is retried with exponential backoff on a new session; a
+    submit retried with the same submission key lands as "saved" or "duplicate", never twice."""
+
+    def __init__(self, url: str, name: str, *, retries: int = 5, backoff_s: float = 0.5,
+                 connect=None):
+        self.url, self.name, self.retries, self.backoff_s = url, name, retries, backoff_s
+        self._connect = connect or connect_client
+        self.client = self._connect(url)
+        self.retried = 0
+
+    def call(self, *args, api_name: str):
+        for attempt in range(self.retries + 1):
+            try:
+                return self.client.predict(*args, api_name=api_name)
+            except TRANSIENT as exc:
+                if attempt == self.retries:
+                    raise AnnotatorGaveUp(f"{self.name}: {api_name} failed {attempt + 1} times; "
+                                          f"last error {type(exc).__name__}: {exc}") from exc
+                self.retried += 1
+                log.warning("%s: %s failed (%s), retry %d", self.name, api_name,
+                            type(exc).__name__, attempt + 1)
+                time.sleep(self.backoff_s * 2 ** attempt)
+                try:
+                    self.client = self._connect(self.url)  # a fresh session
+                except TRANSIENT:
+                    pass  # the next attempt fails and backs off again
+
+
 class Simulation:
-    def __init__(self, store, cfg, client, *, oracle_spec: str, annotators: int, noise: float,
-                 seed: int, eval_samples: int):
-        self.store, self.cfg, self.client = store, cfg, client
+    def __init__(self, store, cfg, url: str, *, oracle_spec: str, annotators: int,
+                 noise: float, seed: int, eval_samples: int, connect=None):
+        self.store, self.cfg, self.url, self._connect = store, cfg, url, connect
         self.oracle = load_oracle(oracle_spec)
         self.annotators = [f"sim-{i + 1}" for i in range(annotators)]
+        self.clients: dict[str, AnnotatorClient] = {}
         self.noise, self.seed, self.eval_samples = noise, seed, eval_samples
         self.labels = 0
         self._pending = 0
@@ -82,13 +131,29 @@ class Simulation:
         """Rank `n` more items, the annotators working concurrently."""
         target = self.labels + n
         deadline = time.monotonic() + timeout_s
-        threads = [threading.Thread(target=self._annotate, args=(name, target, deadline, i))
+        failures: list[BaseException] = []
+
+        def run(name: str, i: int) -> None:
+            try:
+                self._annotate(name, target, deadline, i)
+            except BaseException as exc:  # reported after the join: the run fails loudly
+                failures.append(exc)
+
+        threads = [threading.Thread(target=run, args=(name, i), name=name)
                    for i, name in enumerate(self.annotators)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+        if failures:
+            raise AnnotatorGaveUp(f"{len(failures)} scripted annotator(s) stopped: "
+                                  + "; ".join(f"{type(e).__name__}: {e}" for e in failures))
         return self.labels
+
+    def client_for(self, name: str) -> AnnotatorClient:
+        if name not in self.clients:
+            self.clients[name] = AnnotatorClient(self.url, name, connect=self._connect)
+        return self.clients[name]
 
     def _annotate(self, name: str, target: int, deadline: float, i: int) -> None:
         rng = random.Random(f"{self.seed}-{name}-{target}")
@@ -108,7 +173,8 @@ class Simulation:
                 time.sleep(1.0)
 
     def _rank_one(self, name: str, rng: random.Random) -> bool:
-        item = self.client.predict(name, api_name="/get_item").get("item")
+        client = self.client_for(name)
+        item = client.call(name, api_name="/get_item").get("item")
         if not item:
             return False
         texts = [r["text"] for r in item["responses"]]
@@ -116,8 +182,9 @@ class Simulation:
                       self.noise, rng)
         ranking = " > ".join("=".join(item["responses"][j]["label"] for j in tier)
                              for tier in tiers)
-        res = self.client.predict(name, item["id"], item.get("token") or "", uuid.uuid4().hex,
-                                  ranking, False, False, False, "", 1.0, api_name="/submit")
+        key = uuid.uuid4().hex  # one key for every retry of this submission
+        res = client.call(name, item["id"], item.get("token") or "", key, ranking, False, False,
+                          False, "", 1.0, api_name="/submit")
         if not res.get("ok"):
             log.warning("%s: submit refused: %s", name, res.get("message"))
         return bool(res.get("ok"))
@@ -206,8 +273,6 @@ def write_table(rows: list[RoundRow], out: Path) -> None:
 
 def main(args, start_app) -> list[RoundRow]:
     """`start_app(workspace) -> (url, stop)` starts UI + worker (the app layer provides it)."""
-    from gradio_client import Client
-
     from rlhf_core.workspace import open_workspace, parse_settings, seed_prompts_if_empty
     lpr = args.labels_per_round
     # The simulator paces the loop itself: one batch of a round's size per policy version
@@ -225,8 +290,7 @@ def main(args, start_app) -> list[RoundRow]:
     out = args.out or cfg.workspace / "simulate" / time.strftime("run-%Y%m%d-%H%M%S")
     rows: list[RoundRow] = []
     try:
-        client = Client(url, verbose=False)
-        sim = Simulation(store, cfg, client, oracle_spec=args.oracle, annotators=args.annotators,
+        sim = Simulation(store, cfg, url, oracle_spec=args.oracle, annotators=args.annotators,
                          noise=args.noise, seed=args.seed, eval_samples=args.eval_samples)
         for r in range(1, args.rounds + 1):
             rows.append(sim.round(r, lpr))
