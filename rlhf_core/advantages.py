@@ -96,6 +96,22 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     return real.long().cumsum(dim=1).argmax(dim=1)  # (B,)
 
 
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                estimator: str = "k1") -> torch.Tensor:
+    """Per-token KL(pi || pi_ref) estimate from the sampled tokens' log-probs, same shape.
+
+    k1 = logprobs - ref_logprobs (unbiased, can be negative per token);
+    k3 = (r - 1) - log r with r = exp(ref_logprobs - logprobs) (unbiased and always >= 0).
+    """
+    log_ratio = logprobs - ref_logprobs  # log pi/pi_ref
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        log_r = -log_ratio  # log pi_ref/pi
+        return torch.expm1(log_r) - log_r  # expm1 keeps precision when r is close to 1
+    raise ValueError(f"unknown KL estimator {estimator!r}, use 'k1' or 'k3'")
+
+
 def shape_rewards(
     scores: torch.Tensor,
     logprobs: torch.Tensor,
@@ -107,18 +123,9 @@ def shape_rewards(
     """Per-token rewards = -kl_coef * kl, plus the sequence score at the last real token.
 
     scores (B,), logprobs / ref_logprobs / mask (B,T) -> (rewards, kl), both (B,T), 0 on padding.
-    k1 = logprobs - ref_logprobs (unbiased, can be negative per token);
-    k3 = (r - 1) - log r with r = exp(ref_logprobs - logprobs) (unbiased and always >= 0).
+    `estimator`: "k1" or "k3" (see `kl_estimate`).
     """
-    log_ratio = logprobs - ref_logprobs  # (B,T) log pi/pi_ref
-    if estimator == "k1":
-        kl = log_ratio
-    elif estimator == "k3":
-        log_r = -log_ratio  # (B,T) log pi_ref/pi
-        kl = torch.expm1(log_r) - log_r  # expm1 keeps precision when r is close to 1
-    else:
-        raise ValueError(f"shape_rewards: unknown KL estimator {estimator!r}, use 'k1' or 'k3'")
-    kl = zero_padding(kl, mask)  # (B,T)
+    kl = zero_padding(kl_estimate(logprobs, ref_logprobs, estimator), mask)  # (B,T)
     last = last_token_index(mask)  # (B,)
     score_col = scores.to(kl.dtype).reshape(-1, 1)  # (B,1)
     # the reward model judges the whole response, so its score lands on the token that ends it
@@ -169,3 +176,35 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     # product so neither the value (0 * -inf) nor its gradient becomes nan
     logp = torch.where(p > 0, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
     return -(p * logp).sum(dim=-1)  # (B,T)
+
+
+# -- critic-free baselines: K samples of one prompt judge each other -------------------------------
+def _groups(scores: torch.Tensor, group_size: int, least: int) -> torch.Tensor:
+    """(B,) -> (B/G, G), the G samples of one prompt in a row; checks B and G."""
+    if group_size < least:
+        raise ValueError(f"group_size must be at least {least}, got {group_size}")
+    if scores.dim() != 1 or scores.shape[0] % group_size:
+        raise ValueError(f"scores of shape {tuple(scores.shape)} do not split into groups of "
+                         f"{group_size}: pass (B,) with B a multiple of group_size")
+    return scores.reshape(-1, group_size)
+
+
+def group_advantages(scores: torch.Tensor, group_size: int, scale: str = "std") -> torch.Tensor:
+    """GRPO's advantage (B,): each score minus its group's mean, divided by (the group's unbiased
+    std + 1e-4) with `scale="std"`, not divided with `"none"` (Dr. GRPO). The `group_size`
+    samples of one prompt are contiguous in `scores` (B,)."""
+    if scale not in ("std", "none"):
+        raise ValueError(f"group_advantages: unknown scale {scale!r}, use 'std' or 'none'")
+    groups = _groups(scores, group_size, 2 if scale == "std" else 1)  # (B/G, G)
+    centered = groups - groups.mean(dim=1, keepdim=True)  # (B/G, G)
+    if scale == "std":  # a group of equal scores has std 0: advantages 0, not nan
+        centered = centered / (groups.std(dim=1, keepdim=True) + 1e-4)
+    return centered.reshape(-1)  # (B,)
+
+
+def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE leave-one-out (B,): each score minus the mean of the other `group_size - 1`
+    scores of its group (contiguous in `scores`), an unbiased baseline without a critic."""
+    groups = _groups(scores, group_size, 2)  # (B/G, G)
+    others = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)  # (B/G, G)
+    return (groups - others).reshape(-1)  # (B,)

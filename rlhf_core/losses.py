@@ -1,4 +1,5 @@
-"""Pure losses: the clipped PPO policy and value losses and the Bradley-Terry reward losses.
+"""Pure losses: the clipped PPO policy and value losses, GRPO's and DPO's policy losses, and the
+Bradley-Terry reward losses.
 
 Shapes: `B` sequences, `T` response tokens, `mask` (B,T) 1.0 on real tokens. PPO losses are
 token-level masked means (every real token weighs the same, whatever its sequence length).
@@ -8,12 +9,14 @@ Stats are detached 0-dim tensors, ready for logging without keeping the graph al
 import torch
 import torch.nn.functional as F
 
-from rlhf_core.advantages import masked_mean
+from rlhf_core.advantages import kl_estimate, masked_mean
 
 __all__ = [
     "masked_mean",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "grpo_loss",
+    "dpo_loss",
     "bradley_terry_loss",
     "soft_bradley_terry_loss",
     "reward_centering_loss",
@@ -70,6 +73,47 @@ def ppo_value_loss(
     with torch.no_grad():
         vf_clipfrac = masked_mean((vf_losses_clipped > vf_losses).to(values.dtype), mask)
     return loss, {"vf_clipfrac": vf_clipfrac.detach()}
+
+
+def grpo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float,
+    kl_coef: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO: per token max(-A*ratio, -A*clip(ratio, 1+-eps)) + kl_coef * k3(ref, logprobs),
+    masked mean over every real token of the batch. `advantages` (B,) (one per sequence, e.g.
+    `group_advantages`) is broadcast over the tokens; the KL to the reference is in the loss,
+    not in the reward. Stats: `kl` (masked mean of k3), `clipfrac`, `approx_kl`, `ratio_mean`.
+    """
+    advantages = advantages.reshape(-1, 1).expand_as(logprobs)  # (B,) -> (B,T)
+    pg_loss, stats = ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps)
+    kl = masked_mean(kl_estimate(logprobs, ref_logprobs.detach(), "k3"), mask)  # ()
+    # the two terms are masked means over the same tokens: their sum is the per-token mean
+    loss = pg_loss + kl_coef * kl
+    return loss, {**stats, "kl": kl.detach(), "pg_loss": pg_loss.detach()}
+
+
+def dpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DPO on (B,) summed response log-probs: z = beta*((chosen - rejected) - (ref_chosen -
+    ref_rejected)); loss = mean(-(1-ls)*logsigmoid(z) - ls*logsigmoid(-z)) (ls > 0: cDPO, a
+    share of flipped labels). Stats: `reward_accuracy` (share of z > 0), `margin` (mean z)."""
+    ref_chosen_logps, ref_rejected_logps = ref_chosen_logps.detach(), ref_rejected_logps.detach()
+    z = beta * ((chosen_logps - rejected_logps) - (ref_chosen_logps - ref_rejected_logps))  # (B,)
+    losses = -(1.0 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    with torch.no_grad():
+        stats = {"reward_accuracy": (z > 0).to(z.dtype).mean(), "margin": z.mean()}
+    return losses.mean(), {k: v.detach() for k, v in stats.items()}
 
 
 def bradley_terry_loss(

@@ -8,9 +8,12 @@ from rlhf_core.advantages import (
     compute_gae,
     entropy_from_logits,
     explained_variance,
+    group_advantages,
+    kl_estimate,
     masked_mean,
     masked_var,
     masked_whiten,
+    rloo_advantages,
     shape_rewards,
 )
 
@@ -209,3 +212,77 @@ def test_entropy_from_logits():
     assert ent.item() == pytest.approx(math.log(2.0))
     ent.sum().backward()
     assert torch.isfinite(banned.grad).all()
+
+
+# ---- critic-free baselines: GRPO and RLOO --------------------------------------------------
+
+
+GROUP_SCORES = [1.0, 2.0, 3.0, 6.0, 0.0, 0.0]  # two prompts x G = 3, contiguous
+
+
+def group_loop(scores, G, fn):
+    """Apply fn(score, the other scores of its group, the whole group) with plain python."""
+    out = []
+    for start in range(0, len(scores), G):
+        group = scores[start:start + G]
+        for i, s in enumerate(group):
+            out.append(fn(s, group[:i] + group[i + 1:], group))
+    return out
+
+
+def test_group_advantages_std_hand_example():
+    adv = group_advantages(torch.tensor(GROUP_SCORES, dtype=DTYPE), 3)
+    # group [1,2,3]: mean 2, unbiased std sqrt((1+0+1)/2) = 1 -> [-1, 0, 1] / 1.0001
+    # group [6,0,0]: mean 2, unbiased std sqrt((16+4+4)/2) = sqrt(12) = 3.4641016
+    #   -> [4, -2, -2] / 3.4642016 = [1.1546672, -0.5773336, -0.5773336]
+    expected = [-0.99990001, 0.0, 0.99990001, 1.1546672060, -0.5773336030, -0.5773336030]
+    torch.testing.assert_close(adv, torch.tensor(expected, dtype=DTYPE))
+
+    def by_hand(s, others, group):
+        mean = sum(group) / len(group)
+        std = math.sqrt(sum((x - mean) ** 2 for x in group) / (len(group) - 1))
+        return (s - mean) / (std + 1e-4)
+    torch.testing.assert_close(adv, torch.tensor(group_loop(GROUP_SCORES, 3, by_hand),
+                                                 dtype=DTYPE))
+
+
+def test_group_advantages_without_scale_and_equal_scores():
+    adv = group_advantages(torch.tensor(GROUP_SCORES, dtype=DTYPE), 3, scale="none")
+    torch.testing.assert_close(adv, torch.tensor([-1.0, 0.0, 1.0, 4.0, -2.0, -2.0], dtype=DTYPE))
+    # a group whose samples all scored the same teaches nothing: 0, not nan (std 0 + 1e-4)
+    same = group_advantages(torch.tensor([5.0, 5.0, 1.0, 3.0], dtype=DTYPE), 2)
+    torch.testing.assert_close(same, torch.tensor([0.0, 0.0, -1 / (math.sqrt(2) + 1e-4),
+                                                   1 / (math.sqrt(2) + 1e-4)], dtype=DTYPE))
+
+
+def test_rloo_advantages_hand_example():
+    adv = rloo_advantages(torch.tensor(GROUP_SCORES, dtype=DTYPE), 3)
+    # [1,2,3]: 1-(2+3)/2 = -1.5, 2-(1+3)/2 = 0, 3-(1+2)/2 = 1.5
+    # [6,0,0]: 6-(0+0)/2 = 6, 0-(6+0)/2 = -3, -3
+    torch.testing.assert_close(adv, torch.tensor([-1.5, 0.0, 1.5, 6.0, -3.0, -3.0], dtype=DTYPE))
+    loop = group_loop(GROUP_SCORES, 3, lambda s, others, _: s - sum(others) / len(others))
+    torch.testing.assert_close(adv, torch.tensor(loop, dtype=DTYPE))
+    # G = 2: each sample against the other one
+    torch.testing.assert_close(rloo_advantages(torch.tensor([1.0, 4.0]), 2),
+                               torch.tensor([-3.0, 3.0]))
+
+
+def test_group_baselines_reject_bad_shapes():
+    with pytest.raises(ValueError, match="groups of 4"):
+        group_advantages(torch.zeros(6), 4)
+    with pytest.raises(ValueError, match="at least 2"):
+        rloo_advantages(torch.zeros(3), 1)
+    with pytest.raises(ValueError, match="at least 2"):
+        group_advantages(torch.zeros(3), 1)
+    assert group_advantages(torch.tensor([3.0, 4.0]), 1, scale="none").tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="unknown scale"):
+        group_advantages(torch.zeros(4), 2, scale="mad")
+
+
+def test_kl_estimate_k1_k3():
+    lp = torch.tensor([-1.0, -2.0], dtype=DTYPE)
+    ref = torch.tensor([-0.5, -3.0], dtype=DTYPE)
+    torch.testing.assert_close(kl_estimate(lp, ref, "k1"), torch.tensor([-0.5, 1.0], dtype=DTYPE))
+    # log r = ref - lp = [0.5, -1]: e^0.5 - 1.5 = 0.1487212707, e^-1 - 1 + 1 = 0.3678794412
+    torch.testing.assert_close(kl_estimate(lp, ref, "k3"),
+                               torch.tensor([0.1487212707, 0.3678794412], dtype=DTYPE))

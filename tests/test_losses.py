@@ -5,6 +5,8 @@ import torch
 
 from rlhf_core.losses import (
     bradley_terry_loss,
+    dpo_loss,
+    grpo_loss,
     masked_mean,
     ppo_policy_loss,
     ppo_value_loss,
@@ -163,3 +165,88 @@ def test_reward_centering_loss():
 def test_masked_mean_ignores_padding():
     x = torch.tensor([[2.0, 4.0, 99.0]])
     assert masked_mean(x, torch.tensor([[1.0, 1.0, 0.0]])).item() == pytest.approx(3.0)
+
+
+# ---- GRPO ----------------------------------------------------------------------------------
+
+
+def grpo_example():
+    # row 0: A = +1, ratios 1.5, 1.0; row 1: A = -2, ratio 0.5, then padding with absurd numbers
+    old = torch.tensor([[-1.0, -2.0], [-0.5, -9.0]], dtype=DTYPE)
+    ratios = torch.tensor([[1.5, 1.0], [0.5, 7.0]], dtype=DTYPE)
+    logprobs = (old + ratios.log()).detach().requires_grad_()
+    # log r = ref - logprobs on real tokens: 0.5, 0.0, -1.0
+    ref = (logprobs.detach() + torch.tensor([[0.5, 0.0], [-1.0, 30.0]], dtype=DTYPE))
+    advantages = torch.tensor([1.0, -2.0], dtype=DTYPE)
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]], dtype=DTYPE)
+    return logprobs, old, ref, advantages, mask
+
+
+def test_grpo_loss_hand_example():
+    logprobs, old, ref, advantages, mask = grpo_example()
+    loss, stats = grpo_loss(logprobs, old, ref, advantages, mask, clip_eps=0.2, kl_coef=0.1)
+    # clipped surrogate per token:
+    #   (0,0) A=+1, r=1.5: max(-1.5, -1.2) = -1.2 (clipped branch)
+    #   (0,1) A=+1, r=1.0: -1.0
+    #   (1,0) A=-2, r=0.5: max(1.0, 1.6) = 1.6 (clipped branch)     mean -0.6/3 = -0.2
+    # k3 = e^(log r) - 1 - log r: e^0.5 - 1.5 = 0.1487212707, 0, e^-1 = 0.3678794412
+    #   mean 0.5166007119 / 3 = 0.1722002373
+    # loss = -0.2 + 0.1 * 0.1722002373 = -0.1827799763
+    assert loss.item() == pytest.approx(-0.1827799763, rel=1e-9)
+    assert stats["kl"].item() == pytest.approx(0.1722002373, rel=1e-9)
+    assert stats["clipfrac"].item() == pytest.approx(2 / 3)
+    assert stats["pg_loss"].item() == pytest.approx(-0.2)
+    loss.backward()
+    # d/dlp: the clipped tokens give no surrogate gradient, (0,1) gives -A*r/3 = -1/3;
+    # d k3/d lp = 1 - e^(log r), times 0.1/3: (0,0) 0.1*(1-e^0.5)/3 = -0.0216240424,
+    # (1,0) 0.1*(1-e^-1)/3 = 0.0210706853; padding: 0
+    expected = [[-0.0216240424, -1 / 3], [0.0210706853, 0.0]]
+    torch.testing.assert_close(logprobs.grad, torch.tensor(expected, dtype=DTYPE))
+
+
+def test_grpo_loss_on_policy_is_minus_mean_advantage_per_token():
+    """ratio 1 and logprobs = ref: the loss is the token-weighted mean of -A (no KL)."""
+    lp = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]], dtype=DTYPE)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]], dtype=DTYPE)
+    loss, stats = grpo_loss(lp, lp.clone(), lp.clone(), torch.tensor([0.5, -1.0], dtype=DTYPE),
+                            mask, 0.2, 0.5)
+    # 3 tokens of -0.5 and one of +1.0: (-1.5 + 1.0) / 4 = -0.125
+    assert loss.item() == pytest.approx(-0.125)
+    assert stats["kl"].item() == 0.0 and stats["approx_kl"].item() == 0.0
+
+
+# ---- DPO -----------------------------------------------------------------------------------
+
+
+def dpo_example():
+    t = lambda xs: torch.tensor(xs, dtype=DTYPE)  # noqa: E731
+    chosen = t([-10.0, -8.0]).requires_grad_()
+    rejected = t([-14.0, -6.0]).requires_grad_()
+    return chosen, rejected, t([-11.0, -9.0]), t([-13.0, -8.0])
+
+
+def test_dpo_loss_hand_example():
+    chosen, rejected, ref_chosen, ref_rejected = dpo_example()
+    loss, stats = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.5)
+    # pair 0: (-10+14) - (-11+13) = 4 - 2 = 2 -> z = 1.0; pair 1: -2 - (-1) = -1 -> z = -0.5
+    # loss = mean(log(1+e^-z)) = (0.3132616875 + 0.9740769842) / 2 = 0.6436693358
+    z = [1.0, -0.5]
+    assert loss.item() == pytest.approx(sum(softplus_neg(x) for x in z) / 2, rel=1e-12)
+    assert loss.item() == pytest.approx(0.6436693358, rel=1e-9)
+    assert stats["reward_accuracy"].item() == 0.5 and stats["margin"].item() == 0.25
+    loss.backward()
+    # d loss / d chosen = -beta * sigmoid(-z) / B: -0.25*0.2689414214, -0.25*0.6224593312
+    torch.testing.assert_close(chosen.grad, torch.tensor([-0.0672353553, -0.1556148328],
+                                                         dtype=DTYPE))
+    torch.testing.assert_close(rejected.grad, -chosen.grad)
+
+
+def test_dpo_loss_label_smoothing_and_detached_reference():
+    chosen, rejected, ref_chosen, ref_rejected = dpo_example()
+    ref_chosen.requires_grad_()
+    loss, _ = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.5, label_smoothing=0.1)
+    # per pair 0.9*log(1+e^-z) + 0.1*log(1+e^z): z=1: 0.9*0.3132616875 + 0.1*1.3132616875
+    # = 0.4132616875; z=-0.5: 0.9*0.9740769842 + 0.1*0.4740769842 = 0.9240769842
+    assert loss.item() == pytest.approx((0.4132616875 + 0.9240769842) / 2, rel=1e-9)
+    loss.backward()
+    assert ref_chosen.grad is None  # the reference is a constant
