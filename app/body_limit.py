@@ -13,16 +13,21 @@ MAX_BODY_BYTES = 64 * 1024
 
 
 class BodyLimit:
-    def __init__(self, app, max_bytes: int = MAX_BODY_BYTES):
-        self.app, self.max_bytes = app, max_bytes
+    """`prefixes`: {path prefix: cap} for routes that take more (the remote workers' uploads,
+    which carry their own per-chunk and per-version caps)."""
+
+    def __init__(self, app, max_bytes: int = MAX_BODY_BYTES, prefixes: dict | None = None):
+        self.app, self.max_bytes, self.prefixes = app, max_bytes, dict(prefixes or {})
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        path = scope.get("path", "")
+        cap = next((c for p, c in self.prefixes.items() if path.startswith(p)), self.max_bytes)
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await _refuse(send, self.max_bytes)
+        if declared is not None and (not declared.isdigit() or int(declared) > cap):
+            await _refuse(send, cap)
             return
         # Read the body here (at most max_bytes are buffered), then replay it to the app.
         chunks, size = [], 0
@@ -32,8 +37,8 @@ class BodyLimit:
                 return
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
-            if size > self.max_bytes:
-                await _refuse(send, self.max_bytes)
+            if size > cap:
+                await _refuse(send, cap)
                 return
             if not message.get("more_body", False):
                 break
@@ -58,9 +63,10 @@ async def _refuse(send, max_bytes: int) -> None:
     await send({"type": "http.response.body", "body": text})
 
 
-def with_body_limit(app_kwargs: dict | None, max_bytes: int = MAX_BODY_BYTES) -> dict:
+def with_body_limit(app_kwargs: dict | None, max_bytes: int = MAX_BODY_BYTES,
+                    prefixes: dict | None = None) -> dict:
     """FastAPI keyword arguments for Gradio's app with the body cap added to its middleware."""
     app_kwargs = dict(app_kwargs or {})
     app_kwargs["middleware"] = [*app_kwargs.get("middleware", ()),
-                                Middleware(BodyLimit, max_bytes=max_bytes)]
+                                Middleware(BodyLimit, max_bytes=max_bytes, prefixes=prefixes)]
     return app_kwargs

@@ -87,14 +87,42 @@ def cmd_serve(a, store=None, cfg=None):
 
 
 def cmd_worker(a):
-    from rlhf_core.worker.run import run_worker
+    from rlhf_core.worker.run import run_remote_worker, run_worker
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    token = a.token or os.environ.get("RLHF_WORKER_TOKEN")
+    kinds = [k.strip() for k in a.kinds.split(",") if k.strip()] if a.kinds else None
     try:
-        run_worker(Path(a.workspace), stop=stop, cpu=a.cpu, nice=a.nice, threads=a.threads,
-                   overrides=overrides_from(a))
+        if a.server:
+            if not token:
+                raise ValueError("--server needs a worker token: --token or $RLHF_WORKER_TOKEN "
+                                 "(create one on the app host: rlhf worker-token create NAME)")
+            run_remote_worker(a.server, token, Path(a.cache or Path(a.workspace) / "remote"),
+                              stop=stop, cpu=a.cpu, nice=a.nice, threads=a.threads,
+                              kinds=kinds, overrides=overrides_from(a))
+        else:
+            run_worker(Path(a.workspace), stop=stop, cpu=a.cpu, nice=a.nice, threads=a.threads,
+                       overrides=overrides_from(a), kinds=kinds)
     except KeyboardInterrupt:
         stop.set()
+
+
+def cmd_worker_token(a):
+    from rlhf_core.data import tokens
+    store, _ = open_ws(a)
+    if a.action == "create":
+        secret = tokens.create(store, a.name or "")
+        print(f"worker token {a.name!r} (shown once; only its hash is stored):\n{secret}\n"
+              f"on the GPU host: RLHF_WORKER_TOKEN={secret} rlhf worker --server URL")
+    elif a.action == "revoke":
+        if not tokens.revoke(store, a.name or ""):
+            raise ValueError(f"no active worker token named {a.name!r}")
+        print(f"revoked {a.name!r}: its next call is refused")
+    else:
+        for t in tokens.list_tokens(store):
+            state = f"revoked {t['revoked_at']}" if t["revoked_at"] else "active"
+            print(f"{t['name']:<24} {state:<34} created {t['created_at']} "
+                  f"last used {t['last_used_at'] or '-'}")
 
 
 def cmd_import_prompts(a):
@@ -210,7 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("serve", cmd_serve, "start only the ranking UI (a worker runs elsewhere)",
          "rlhf serve --port 7860 --auth users.json", [model_flags, serve_flags]),
         ("worker", cmd_worker, "start only the worker that samples and trains",
-         "rlhf worker --workspace ws", [model_flags, _worker_flags]),
+         "rlhf worker --workspace ws   |   rlhf worker --server https://app.example "
+         "--kinds ppo_round,train_reward", [model_flags, _worker_flags]),
+        ("worker-token", cmd_worker_token, "create, list or revoke remote workers' tokens",
+         "rlhf worker-token create gpu-1", [_token_args]),
         ("import-prompts", cmd_import_prompts, "import prompts from JSONL, CSV or a datasets dir",
          "rlhf import-prompts prompts.jsonl", [_file_arg]),
         ("export", cmd_export, "export preference pairs (TRL prompt/chosen/rejected) and rankings",
@@ -239,6 +270,18 @@ def _worker_flags(p):
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even if a GPU is present")
     p.add_argument("--nice", type=int, default=10, help="priority drop (default 10)")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    p.add_argument("--kinds", help="only these job kinds, comma-separated (e.g. sample_batch "
+                                   "for a sampler beside a trainer); default: all")
+    p.add_argument("--server", help="the app's URL: work remotely through its worker API "
+                                    "(no shared disk; the workspace is not opened)")
+    p.add_argument("--token", help="the worker token for --server (or $RLHF_WORKER_TOKEN)")
+    p.add_argument("--cache", help="with --server: where versions are kept (default "
+                                   "WORKSPACE/remote)")
+
+
+def _token_args(p):
+    p.add_argument("action", choices=["create", "list", "revoke"])
+    p.add_argument("name", nargs="?", help="the worker's name (create, revoke)")
 
 
 def _job_flags(p):

@@ -43,6 +43,7 @@ import os
 from typing import Callable
 
 import gradio as gr
+from starlette.routing import Mount
 
 from app import api, handlers
 from app.body_limit import with_body_limit
@@ -52,6 +53,9 @@ from app.ui_assets import CSS, FOCUS_RANKING_JS, HEAD, SHORTCUTS_MD
 from app.ui_dashboard import build_dashboard_tab
 from app.ui_research import build_research_tab
 from app.ui_status import build_status_tab, wire_status_tab
+from app.worker_api import PREFIX as WORKER_API_PREFIX
+from app.worker_api import build_app as build_worker_app
+from app.worker_api import start_loop_ticker
 from rlhf_core.data.annotation import LABELS
 
 
@@ -322,7 +326,14 @@ def launch(ctx: AppContext, host: str = "127.0.0.1", port: int = 7860,
     os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "1000")
     os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "1000")
     demo.queue(default_concurrency_limit=4)
-    kwargs["app_kwargs"] = with_body_limit(kwargs.get("app_kwargs"))  # 413 over 64 KB
+    # remote workers' door (app/worker_api.py): its own token auth and upload caps
+    app_kwargs = dict(kwargs.get("app_kwargs") or {})
+    worker_app = build_worker_app(ctx.store, ctx.workspace)
+    app_kwargs["routes"] = [*app_kwargs.get("routes", ()),
+                            Mount(WORKER_API_PREFIX, app=worker_app)]
+    kwargs["app_kwargs"] = with_body_limit(  # 413 over 64 KB; upload chunks up to their cap
+        app_kwargs, prefixes={WORKER_API_PREFIX: worker_app.state.api.chunk_bytes + 4096})
+    start_loop_ticker(ctx.store)  # the loop policy for remote workers (only with a token)
     demo.launch(server_name=host, server_port=port, share=False,
                 auth=ctx.check_password if ctx.auth_enabled else None,
                 auth_message="rlhf-loop: log in to rank" if ctx.auth_enabled else None,

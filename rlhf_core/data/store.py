@@ -127,6 +127,12 @@ MIGRATIONS: list[str] = [
         reward_version INTEGER NOT NULL, score REAL NOT NULL, created_at TEXT NOT NULL,
         UNIQUE (response_id, reward_version));
     """,
+    # Remote workers' tokens (rlhf_core.data.tokens): only a hash is stored.
+    """
+    CREATE TABLE worker_tokens (
+        id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, token_hash TEXT NOT NULL UNIQUE,
+        created_at TEXT NOT NULL, revoked_at TEXT, last_used_at TEXT);
+    """,
 ]
 
 

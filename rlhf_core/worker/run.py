@@ -124,7 +124,7 @@ def lower_priority(nice: int, threads: int | None) -> None:
 
 def run_worker(workspace: Path, *, stop: threading.Event | None = None, cpu: bool = False,
                nice: int = 10, threads: int | None = None, poll_s: float = 1.0,
-               overrides: dict | None = None) -> None:
+               overrides: dict | None = None, kinds: list[str] | None = None) -> None:
     from rlhf_core.worker.data import LocalData
     from rlhf_core.worker.handlers import HANDLERS
     from rlhf_core.worker.loop import loop_tick
@@ -140,4 +140,31 @@ def run_worker(workspace: Path, *, stop: threading.Event | None = None, cpu: boo
     runtime = Runtime(LocalData(store, cfg.workspace), cfg, cpu=cpu)
     stop = stop or threading.Event()
     # Between jobs: the loop policy (keep items ready; in automatic mode, train and PPO).
-    worker_loop(runtime, stop=stop, idle=lambda: loop_tick(store), poll_s=poll_s)
+    worker_loop(runtime, stop=stop, idle=lambda: loop_tick(store), poll_s=poll_s, kinds=kinds)
+
+
+def run_remote_worker(server: str, token: str, cache: Path, *, stop: threading.Event | None = None,
+                      cpu: bool = False, nice: int = 10, threads: int | None = None,
+                      poll_s: float = 1.0, kinds: list[str] | None = None,
+                      overrides: dict | None = None) -> None:
+    """A worker on a host that shares nothing with the app but the network: the app's worker
+    API (app/worker_api.py) is its data interface, `cache` holds the versions it downloaded
+    or wrote. The app runs the loop policy; this process only claims `kinds` of jobs."""
+    from rlhf_core.worker.remote import RemoteData
+    from rlhf_core.worker.runtime import Runtime
+    cache = Path(cache).expanduser().resolve()
+    cache.mkdir(parents=True, exist_ok=True)
+    data = RemoteData(server, token, cache, worker=worker_name(), overrides=overrides)
+    cfg = data.config()  # also proves the token before any model loads
+    lower_priority(nice, threads or cfg.torch_threads)
+    removed = clean_partial(cache)
+    if removed:
+        log.warning("removed %d partial checkpoint dir(s) left by a crashed worker", removed)
+    log.info("remote worker for %s (cache %s), kinds: %s", server, cache,
+             ", ".join(kinds) if kinds else "all")
+    runtime = Runtime(data, cfg, cpu=cpu)
+    stop = stop or threading.Event()
+    try:
+        worker_loop(runtime, stop=stop, idle=None, poll_s=poll_s, kinds=kinds)
+    finally:
+        data.close()
