@@ -78,6 +78,7 @@ class WorkerApi:
         self._replies: OrderedDict = OrderedDict()  # (worker, call id) -> reply: retried calls
         self._lock = threading.Lock()
         self._sha: dict = {}  # (path, size, mtime) -> sha256
+        self._touched: dict = {}  # token id -> when its last_used_at was written
 
     # -- auth ------------------------------------------------------------------------------
     def authenticate(self, request: Request) -> tuple[dict, str]:
@@ -86,6 +87,10 @@ class WorkerApi:
         row = tokens.verify(self.store, token)
         if row is None:
             raise ApiError(401, "unknown or revoked worker token", "unauthorized")
+        now = time.monotonic()
+        if now - self._touched.get(row["id"], -60.0) >= 60.0:  # "last used", once a minute
+            self._touched[row["id"]] = now
+            tokens.touch(self.store, row["id"])
         return row, identity(row, request)
 
     # -- verbs -----------------------------------------------------------------------------
