@@ -20,6 +20,9 @@ from rlhf_core.preferences import format_ranking_text, parse_ranking_text
 
 MAX_CARDS = len(LABELS)
 MAX_DRAFTS = 20
+MAX_DRAFT_NOTE_CHARS = 1000  # 20 drafts stay far below the 64 KB request cap (app/body_limit.py)
+MAX_RANKING_CHARS = 1000
+MAX_DRAFT_RANKING_CHARS = 200  # "a=b=c=d=e=f=g=h" is 15: a longer one is not worth keeping
 WAITING = ("**Nothing to rank right now: the worker is sampling the next batch.** "
            "This page checks again every few seconds (or press *Next item*).")
 _NAME_RE = re.compile(r"^[\w .@+-]+$")
@@ -115,6 +118,8 @@ def tiers_from_text(text: str, state: dict, *, all_bad: bool = False) -> list[li
     """Keyboard text ("bacd", "b a=c d") or JSON tiers (ids or labels) -> tiers of response ids."""
     labels = state["labels"]
     text = (text or "").strip()
+    if len(text) > MAX_RANKING_CHARS:  # a ranking names at most 8 cards; refuse before parsing
+        raise Refused(f"a ranking is at most {MAX_RANKING_CHARS} characters")
     if not text:
         if all_bad:  # "all bad" without an order: one tie, kept out of training pairs
             return [list(labels.values())]
@@ -122,8 +127,8 @@ def tiers_from_text(text: str, state: dict, *, all_bad: bool = False) -> list[li
     if text.startswith("["):
         try:
             tiers = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise Refused(f"ranking JSON is invalid: {exc}") from None
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise Refused(f"ranking JSON is invalid: {str(exc)[:120]}") from None
         if not isinstance(tiers, list) or not all(isinstance(t, list) for t in tiers):
             raise Refused("ranking JSON must be a list of tiers, e.g. [[12], [10, 11], [13]]")
         return [[labels.get(str(x).upper(), x) if isinstance(x, str) else x for x in t]
@@ -196,7 +201,8 @@ def save_draft(drafts: dict | None, state: dict | None, *, ranking: str = "", no
     if state:
         drafts.pop(str(state["id"]), None)
         if ranking or note or flag or all_bad:
-            drafts[str(state["id"])] = {"ranking": ranking or "", "note": note or "",
+            drafts[str(state["id"])] = {"ranking": (ranking or "")[:MAX_DRAFT_RANKING_CHARS],
+                                        "note": (note or "")[:MAX_DRAFT_NOTE_CHARS],
                                         "flag": bool(flag), "all_bad": bool(all_bad)}
     return dict(list(drafts.items())[-MAX_DRAFTS:])
 

@@ -1,6 +1,8 @@
 """app.handlers / app.api / app.status on a real SQLite store (no Gradio server)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from app import api, handlers, status
@@ -236,3 +238,21 @@ def test_jobs_html_escapes_messages():
     html = status.jobs_html([{"id": 1, "kind": "ppo_round", "status": "failed", "progress": 0.5,
                               "message": None, "error": "<img src=x onerror=alert(1)>"}])
     assert "<img" not in html and "width:50%" in html
+
+
+def test_hostile_ranking_text_gets_a_message_not_an_error():
+    """Deeply nested JSON (a RecursionError) and overlong text are refused with one line."""
+    state = {"id": 1, "labels": {"A": 10, "B": 11}}
+    for text in ("[" * 5000, "a" * 5000, "[[" + "1," * 3000 + "1]]"):
+        with pytest.raises(handlers.Refused) as exc:
+            handlers.tiers_from_text(text, state)
+        assert "\n" not in str(exc.value) and len(str(exc.value)) < 200
+
+
+def test_drafts_stay_small_enough_for_the_request_cap():
+    from app.body_limit import MAX_BODY_BYTES
+    drafts = None
+    for i in range(handlers.MAX_DRAFTS + 5):
+        drafts = handlers.save_draft(drafts, {"id": i}, ranking="ab" * 900, note="n" * 50_000)
+    assert len(drafts) == handlers.MAX_DRAFTS
+    assert len(json.dumps(drafts)) < MAX_BODY_BYTES / 2
