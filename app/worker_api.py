@@ -334,7 +334,7 @@ def build_app(store, workspace: Path, **limits) -> FastAPI:
 _TICKERS: dict[str, threading.Event] = {}
 
 
-def start_loop_ticker(store, every_s: float = 2.0) -> threading.Event:
+def start_loop_ticker(store, every_s: float = 1.0) -> threading.Event:
     """Apply the loop policy every few seconds from the app process while any worker token is
     active: a remote worker has no database to run it on (a local worker also runs it between
     jobs; queueing is idempotent). One thread per database file; set the event to stop it."""

@@ -6,6 +6,10 @@ The real worker (a child process, niced, `app.launcher.start_worker`) runs the a
 model and sampled the first batch (v0) before the clock starts. `min_ready_items = 0`, so the
 loop does not re-sample v0 when the first batch is used up. The split comes from the jobs table:
 each job's run time, plus waiting (queue polling, job hand-offs).
+
+`--remote` also runs the same loop with a remote worker (issue 12): the app serves its worker
+API on loopback, the worker has its own directory and reaches the app only over HTTP (token,
+version downloads and uploads); the ratio remote / local is the transfer overhead.
 """
 from __future__ import annotations
 
@@ -62,7 +66,34 @@ def wait_for(pred, timeout: float, what: str, poll: float = 0.25):
     raise TimeoutError(f"waited {timeout} s for {what}")
 
 
-def run(quick: bool = False) -> dict:
+def start_remote(store, cfg, home: Path):
+    """The UI (and its worker API) in this process, a worker child with only a URL and a token;
+    returns a stop function."""
+    import os
+    import subprocess
+    import sys
+
+    from app.context import AppContext
+    from app.launcher import free_port, stop_worker
+    from app.ui import launch
+    from rlhf_core.data import tokens
+    token = tokens.create(store, "bench")
+    port = free_port()
+    demo = launch(AppContext.from_config(cfg, store=store), port=port, prevent_thread_lock=True,
+                  quiet=True)
+    home.mkdir(parents=True, exist_ok=True)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "worker", "--server", f"http://127.0.0.1:{port}/",
+         "--workspace", str(home), "--model", common.embedded_model_dir()],
+        env=os.environ | {"RLHF_WORKER_TOKEN": token}, cwd=home)
+
+    def stop():
+        stop_worker(worker)
+        demo.close()
+    return stop
+
+
+def run(quick: bool = False, remote: bool = False) -> dict:
     from app.launcher import start_worker, stop_worker
     from rlhf_core.workspace import open_workspace
     retrain_every = 8
@@ -73,7 +104,11 @@ def run(quick: bool = False) -> dict:
         store.add_prompts([{"text": f"Loop prompt {i}: tell me about "
                             + " and ".join(rng.sample(WORDS, 2))} for i in range(40)],
                           source="bench", heldout_fraction=0.25)
-        worker = start_worker(cfg.workspace)
+        if remote:
+            stop = start_remote(store, cfg, Path(tmp) / "gpu-host")
+        else:
+            local = start_worker(cfg.workspace)
+            stop = lambda: stop_worker(local)  # noqa: E731
         try:
             # items stream in: wait for the whole v0 batch (its job done), then count them
             wait_for(lambda: store.scalar(
@@ -93,7 +128,7 @@ def run(quick: bool = False) -> dict:
             rows = store.rows("SELECT id, kind, status, created_at, started_at, finished_at, "
                               "params FROM jobs ORDER BY id")
         finally:
-            stop_worker(worker)
+            stop()
             store.close()
     split, other = {}, 0.0
     for j in rows:
@@ -114,7 +149,8 @@ def run(quick: bool = False) -> dict:
     split_r["waiting_s"] = round(total - sum(v for v in split_r.values()), 2)
     kinds = [j["kind"] for j in rows if _ts(j["started_at"]) and t0 - 0.5 <= _ts(j["started_at"])
              <= t_end]
-    return {"bench": "B5 loop latency", "total_s": round(total, 2), "split": split_r,
+    return {"bench": "B5 loop latency", "worker": "remote (HTTP)" if remote else "local",
+            "total_s": round(total, 2), "split": split_r,
             "jobs_in_window": kinds, "new_policy_version": new["v"],
             "setting": {k: v for k, v in overrides(quick, retrain_every).items() if k != "model"},
             "note": "real worker child (nice 10); model already loaded; clock starts at the "
@@ -124,8 +160,14 @@ def run(quick: bool = False) -> dict:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--remote", action="store_true",
+                    help="also run it with a remote worker and report remote / local")
     args = ap.parse_args(argv)
     res = run(args.quick)
+    if args.remote:
+        far = run(args.quick, remote=True)
+        res = {**res, "remote": far, "remote_over_local": round(far["total_s"] / res["total_s"],
+                                                                 3)}
     common.write_result("b5_loop", res)
     print(res)
     return res
