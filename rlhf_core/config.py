@@ -105,6 +105,24 @@ class PPOConfig:
     # less per round); recomputed anyway under bf16, where incremental decoding and a full
     # forward round differently enough to move the first PPO ratio away from 1
     logprobs_from_sampling: bool = True
+    # critic-free rounds (loop.algorithm grpo / rloo / dpo): the round's sample budget,
+    # prompts_per_round x rollouts_per_prompt sequences, is spent as groups of `group_size`
+    # samples of one prompt that are judged against each other (no value model)
+    group_size: int = 4
+    grpo_scale: str = "std"  # GRPO divides by the group's std; "none" only centres (Dr. GRPO)
+    dpo_beta: float = 0.1
+    dpo_label_smoothing: float = 0.0
+    dpo_human_share: float = 0.25  # share of a DPO round's pairs taken from people's rankings
+
+    def __post_init__(self):  # the settings of the critic-free rounds
+        if self.group_size < 2:
+            raise ValueError(f"ppo.group_size={self.group_size!r} is not allowed: use >= 2")
+        if self.grpo_scale not in ("std", "none"):
+            raise ValueError(f"ppo.grpo_scale={self.grpo_scale!r} is not allowed: std or none")
+        if not (self.dpo_beta > 0 and 0 <= self.dpo_label_smoothing <= 0.5
+                and 0 <= self.dpo_human_share <= 0.9):
+            raise ValueError("ppo.dpo_beta must be > 0, ppo.dpo_label_smoothing in [0, 0.5], "
+                             "ppo.dpo_human_share in [0, 0.9]")
 
 
 @dataclass(frozen=True)
@@ -119,6 +137,12 @@ class LoopConfig:
     overlap: int = 1  # annotators per item (>1 for agreement studies)
     assignment_ttl_s: int = 1800
     score_items: bool = True  # score ranked responses for the researcher view (costs worker time)
+    algorithm: str = "ppo"  # the policy round: "ppo" | "grpo" | "rloo" | "dpo" (see README)
+
+    def __post_init__(self):
+        if self.algorithm not in ("ppo", "grpo", "rloo", "dpo"):
+            raise ValueError(f"loop.algorithm={self.algorithm!r} is not allowed: use one of "
+                             "'ppo', 'grpo', 'rloo', 'dpo'")
 
 
 @dataclass(frozen=True)

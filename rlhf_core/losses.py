@@ -17,6 +17,7 @@ __all__ = [
     "ppo_value_loss",
     "grpo_loss",
     "dpo_loss",
+    "policy_drift",
     "bradley_terry_loss",
     "soft_bradley_terry_loss",
     "reward_centering_loss",
@@ -45,12 +46,18 @@ def ppo_policy_loss(
     # the max is the pessimistic bound: no credit for moving the ratio beyond the trust region
     loss = masked_mean(torch.maximum(pg_losses, pg_losses_clipped), mask)  # ()
     with torch.no_grad():
-        stats = {
-            "clipfrac": masked_mean((pg_losses_clipped > pg_losses).to(ratio.dtype), mask),
-            "approx_kl": 0.5 * masked_mean(log_ratio**2, mask),
-            "ratio_mean": masked_mean(ratio, mask),
-        }
-    return loss, {k: v.detach() for k, v in stats.items()}
+        clipfrac = masked_mean((pg_losses_clipped > pg_losses).to(ratio.dtype), mask)
+    return loss, {"clipfrac": clipfrac.detach(), **policy_drift(logprobs, old_logprobs, mask)}
+
+
+def policy_drift(logprobs: torch.Tensor, old_logprobs: torch.Tensor,
+                 mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """How far the policy moved from the one that sampled (B,T): `approx_kl`
+    (0.5 * masked mean of the squared log-ratio) and `ratio_mean`; detached."""
+    with torch.no_grad():
+        log_ratio = logprobs - old_logprobs  # (B,T)
+        return {"approx_kl": 0.5 * masked_mean(log_ratio**2, mask),
+                "ratio_mean": masked_mean(torch.exp(log_ratio), mask)}
 
 
 def ppo_value_loss(

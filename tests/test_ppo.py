@@ -263,8 +263,8 @@ def test_approx_kl_gate_aborts_and_restores_policy(runtime):
 
 def test_job_handler_reports_health_error(runtime, monkeypatch):
     import rlhf_core.worker.handlers as handlers
-    real = handlers.ppo_round
-    monkeypatch.setattr(handlers, "ppo_round",
+    real = handlers.policy_round
+    monkeypatch.setattr(handlers, "policy_round",
                         lambda rt, **kw: real(rt, reward_fn=nan_reward, **kw))
     job_id = jobs.enqueue(runtime.data.store, "ppo_round",
                           {"prompts_per_round": 2, "epochs": 1, "max_new_tokens": 4})

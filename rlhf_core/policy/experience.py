@@ -1,12 +1,16 @@
-"""PPO round, steps 1-3 (the experience): rollout, scores / reference log-probs / values,
+"""Policy rounds, steps 1-3 (the experience): rollout, scores / reference log-probs / values,
 advantages.
 
 Each step fills fields of the `Rollout` (rollout.py) for this rank's shard; `rollout_stats`
 gathers the round metrics over all ranks and `check_rollout` is the gate before any update.
+`collect_experience` (steps 1-2) serves every algorithm: PPO samples `rollouts_per_prompt`
+responses per prompt and asks the critic; the critic-free rounds (grpo.py, dpo.py) sample
+groups of `group_size` with the same sequence budget and skip the critic.
 """
 from __future__ import annotations
 
 import random
+import time
 
 import torch
 
@@ -34,10 +38,15 @@ def rollout_prompts(data, n: int, seed: int) -> list[str]:
     return [r["text"] for r in picked]
 
 
-def rollout_step(runtime, config: PPOConfig, plan: Plan, dist, prompts=None) -> Rollout:
-    """This rank's shard of prompts x rollouts_per_prompt responses from the policy."""
-    prompts = prompts or rollout_prompts(runtime.data, config.prompts_per_round, plan.seed)
-    rows = [p for p in prompts for _ in range(config.rollouts_per_prompt)]
+def rollout_step(runtime, config: PPOConfig, plan: Plan, dist, prompts=None, *,
+                 per_prompt: int | None = None) -> Rollout:
+    """This rank's shard of prompts x `per_prompt` responses (default rollouts_per_prompt) from
+    the policy, a prompt's responses contiguous. Without `prompts`, as many train prompts as
+    keep the round's budget of prompts_per_round x rollouts_per_prompt sequences."""
+    per_prompt = per_prompt or config.rollouts_per_prompt
+    n_prompts = max(1, config.prompts_per_round * config.rollouts_per_prompt // per_prompt)
+    prompts = prompts or rollout_prompts(runtime.data, n_prompts, plan.seed)
+    rows = [p for p in prompts for _ in range(per_prompt)]
     if len(rows) % dist.world_size:
         raise ValueError(f"{len(rows)} rollouts do not split over {dist.world_size} processes")
     n = len(rows) // dist.world_size
@@ -54,16 +63,43 @@ def rollout_step(runtime, config: PPOConfig, plan: Plan, dist, prompts=None) -> 
                         record_logprobs=record)
 
 
+def collect_experience(runtime, config: PPOConfig, plan: Plan, dist, score_fn, out,
+                       prompts=None, *, per_prompt: int | None = None,
+                       critic: bool = True) -> tuple[Rollout, dict]:
+    """Steps 1-2: sample this rank's rollout, then score it; returns it with the two timings."""
+    out.progress(0.02, f"v{plan.version}: generating")
+    t0 = time.perf_counter()
+    rollout = rollout_step(runtime, config, plan, dist, prompts, per_prompt=per_prompt)  # 1.
+    times = {"time_generate": time.perf_counter() - t0}
+    out.progress(0.25, f"v{plan.version}: scoring")
+    t0 = time.perf_counter()
+    score_step(runtime, rollout, config, score_fn, critic=critic)  # 2.
+    times["time_score"] = time.perf_counter() - t0
+    return rollout, times
+
+
 # -- 2. score, reference log-probs, values -----------------------------------------------------
 @torch.no_grad()
-def score_step(runtime, rollout: Rollout, config: PPOConfig, score_fn) -> None:
-    """Reference log-probs, values and scores; the policy's log-probs only when the rollout
-    did not record them while sampling."""
-    model, head = runtime.model, runtime.heads["value"]
+def score_step(runtime, rollout: Rollout, config: PPOConfig, score_fn, *,
+               critic: bool = True) -> None:
+    """Reference log-probs, values (with `critic`) and scores; the policy's log-probs only when
+    the rollout did not record them while sampling."""
+    forward_step(runtime, rollout, config, critic=critic)
+    with autocast(runtime.device):
+        scores = torch.as_tensor(score_fn(rollout), dtype=torch.float32).to(rollout.mask.device)
+    # a response that never stopped is penalised (TRL's missing_eos_penalty)
+    rollout.scores = scores.reshape(-1) + config.missing_eos_penalty * (~rollout.has_stop).float()
+
+
+@torch.no_grad()
+def forward_step(runtime, rollout: Rollout, config: PPOConfig, *, critic: bool = True) -> None:
+    """Fill `ref_logprobs`, `values` (with `critic`) and, unless recorded while sampling,
+    `logprobs` and `entropy`: one chunk of `minibatch_size` rows at a time, 0 on padding."""
+    model = runtime.model
     chunks = list(_chunks(len(rollout), config.minibatch_size))
     recorded = rollout.logprobs is not None
-    parts = {"ref_logprobs": [], "values": []} | ({} if recorded else
-                                                  {"logprobs": [], "entropy": []})
+    parts = {"ref_logprobs": []} | ({"values": []} if critic else {}) | (
+        {} if recorded else {"logprobs": [], "entropy": []})
     with autocast(runtime.device):
         for idx in chunks:
             batch = rollout.select(idx)
@@ -75,17 +111,15 @@ def score_step(runtime, rollout: Rollout, config: PPOConfig, score_fn) -> None:
                 parts["entropy"].append(entropy.float())
             with runtime.reference():
                 ref_logprobs, _ = policy_logprobs(model, batch, config.temperature)
-            model.set_adapter("value")
             parts["ref_logprobs"].append(ref_logprobs.float())
-            parts["values"].append(critic_values(model, head, batch).float())
-        scores = torch.as_tensor(score_fn(rollout), dtype=torch.float32).to(rollout.mask.device)
+            if critic:
+                model.set_adapter("value")
+                parts["values"].append(critic_values(model, runtime.heads["value"], batch).float())
     model.set_adapter("policy")
     T = rollout.mask.shape[1]  # chunks come trimmed to their own width (Rollout.select)
-    for k in ("logprobs", "entropy", "ref_logprobs", "values"):  # 0 on padding
+    for k in ("logprobs", "entropy", "ref_logprobs") + (("values",) if critic else ()):
         v = cat_to_width(parts[k], T) if k in parts else getattr(rollout, k)
-        setattr(rollout, k, torch.where(rollout.mask.bool(), v.float(), 0.0))
-    # a response that never stopped is penalised (TRL's missing_eos_penalty)
-    rollout.scores = scores.reshape(-1) + config.missing_eos_penalty * (~rollout.has_stop).float()
+        setattr(rollout, k, torch.where(rollout.mask.bool(), v.float(), 0.0))  # 0 on padding
 
 
 def _chunks(n: int, size: int):
@@ -94,11 +128,16 @@ def _chunks(n: int, size: int):
 
 
 # -- 3. KL-shaped rewards, GAE, whitening ---------------------------------------------------------
-def advantages_step(rollout: Rollout, config: PPOConfig, plan: Plan, dist) -> None:
-    _gate_finite(rollout, plan)  # before shaping: a nan score must not reach GAE
+def kl_step(rollout: Rollout, config: PPOConfig, plan: Plan) -> None:
+    """The finite gate, then per-token KL to the reference and KL-shaped rewards (B,T)."""
+    gate_finite(rollout, plan)  # before shaping: a nan score must not reach the advantages
     rollout.rewards, rollout.kl = shape_rewards(rollout.scores, rollout.logprobs,
                                                 rollout.ref_logprobs, rollout.mask,
                                                 plan.kl_coef, config.kl_estimator)
+
+
+def advantages_step(rollout: Rollout, config: PPOConfig, plan: Plan, dist) -> None:
+    kl_step(rollout, config, plan)
     advantages, rollout.returns = compute_gae(rollout.rewards, rollout.values, rollout.mask,
                                               config.gamma, config.lam)  # (B,T) each
     if config.whiten_advantages:  # over every rank's tokens, like one big batch
@@ -108,10 +147,13 @@ def advantages_step(rollout: Rollout, config: PPOConfig, plan: Plan, dist) -> No
     rollout.advantages = advantages
 
 
-def _gate_finite(rollout: Rollout, plan: Plan) -> None:
+def gate_finite(rollout: Rollout, plan: Plan) -> None:
+    """Gate 5a': every score and per-token number of the rollout is finite (values if any)."""
     m = rollout.mask.bool()
     for name in ("scores", "logprobs", "ref_logprobs", "values"):
         t = getattr(rollout, name)
+        if t is None:  # no critic in this round
+            continue
         t = t if name == "scores" else t[m]
         if not torch.isfinite(t).all():
             raise PPOHealthError(f"non-finite {name} in the rollout",
@@ -126,14 +168,25 @@ def rollout_stats(rollout: Rollout, plan: Plan, dist) -> dict:
     kl_seq = g(rollout.kl.sum(dim=1))  # (B,) KL of each sequence
     lengths = mask.sum(dim=1)  # (B,)
     entropy = g(rollout.entropy).sum() / mask.sum()
-    ev = explained_variance(g(rollout.values), g(rollout.returns), mask)
-    return {"reward_mean": scores.mean().item(), "reward_std": scores.std().item(),
-            "kl": kl_seq.mean().item(), "kl_coef": plan.kl_coef,
-            "rlhf_reward": (scores - plan.kl_coef * kl_seq).mean().item(),
-            "entropy": entropy.item(), "explained_variance": ev.item(),
-            "response_length": lengths.mean().item(),
-            "stop_rate": g(rollout.has_stop.float()).mean().item(),
-            "n_sequences": int(mask.shape[0])}
+    stats = {"reward_mean": scores.mean().item(), "reward_std": scores.std().item(),
+             "kl": kl_seq.mean().item(), "kl_coef": plan.kl_coef,
+             "rlhf_reward": (scores - plan.kl_coef * kl_seq).mean().item(),
+             "entropy": entropy.item(), "response_length": lengths.mean().item(),
+             "stop_rate": g(rollout.has_stop.float()).mean().item(),
+             "n_sequences": int(mask.shape[0])}
+    if rollout.values is not None:  # a critic to judge
+        ev = explained_variance(g(rollout.values), g(rollout.returns), mask)
+        stats["explained_variance"] = ev.item()
+    return stats
+
+
+def checked_stats(rollout: Rollout, config: PPOConfig, plan: Plan, dist, out,
+                  extra: dict) -> dict:
+    """5a: the round's rollout metrics (with `extra`, e.g. timings), gated, then logged."""
+    stats = rollout_stats(rollout, plan, dist) | extra
+    check_rollout(stats, config, plan)
+    out.metrics(stats, step=out.step0, version=plan.version)
+    return stats
 
 
 def check_rollout(stats: dict, config: PPOConfig, plan: Plan) -> None:

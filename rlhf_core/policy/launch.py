@@ -1,4 +1,5 @@
-"""A PPO round as a multi-process (DDP) job under `accelerate launch`.
+"""A policy round (PPO, or GRPO / RLOO with `--set loop.algorithm=grpo`) as a multi-process
+(DDP) job under `accelerate launch`.
 
 Several GPUs, one machine:
     accelerate launch --multi_gpu --num_processes 4 -m rlhf_core.policy.launch --workspace W
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
     from accelerate import Accelerator
 
     from rlhf_core.data.store import Store
-    from rlhf_core.policy.ppo import ppo_round
+    from rlhf_core.policy.rounds import policy_round
     from rlhf_core.worker.runtime import Runtime
     from rlhf_core.workspace import DB_NAME
 
@@ -119,8 +120,8 @@ def main(argv=None) -> int:
     if args.reward_fn:
         module, _, attr = args.reward_fn.partition(":")
         reward_fn = getattr(importlib.import_module(module), attr)
-    result = ppo_round(runtime, config=app.ppo, reward_fn=reward_fn,
-                       dist=AccelerateDist(accelerator))
+    result = policy_round(runtime, algorithm=app.loop.algorithm, config=app.ppo,
+                          reward_fn=reward_fn, dist=AccelerateDist(accelerator))
     if accelerator.is_main_process:
         text = json.dumps(result, indent=2, default=str)
         if args.result_json:

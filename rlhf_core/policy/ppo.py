@@ -19,24 +19,16 @@ covers the whole rollout the multi-process round equals the single-process one u
 """
 from __future__ import annotations
 
-import time
-
 from rlhf_core.config import PPOConfig
-from rlhf_core.policy.experience import (
-    advantages_step,
-    check_rollout,
-    rollout_stats,
-    rollout_step,
-    score_step,
-)
+from rlhf_core.policy.experience import advantages_step, checked_stats, collect_experience
 
 # The round reads top to bottom here; each step lives in setup / experience / train / publish.
 from rlhf_core.policy.publish import Output, publish_step
 from rlhf_core.policy.setup import (
-    PPOHealthError,
+    PPOHealthError,  # noqa: F401 (raised by the gates; importers catch it from here)
     SingleProcess,
+    guard_round,
     plan_round,
-    restore_adapters,
     reward_source,
     setup_actor_critic,
 )
@@ -58,29 +50,10 @@ def ppo_round(runtime, *, config: PPOConfig | None = None, reporter=None, reward
         plan = plan_round(runtime, config, dist)
         score_fn = reward_source(runtime, reward_fn, plan)
         saved = setup_actor_critic(runtime, plan, config)
-        try:
-            times = {}
-            out.progress(0.02, f"v{plan.version}: generating")
-            t0 = time.perf_counter()
-            rollout = rollout_step(runtime, config, plan, dist, prompts)  # 1. rollout
-            times["time_generate"] = time.perf_counter() - t0
-            out.progress(0.25, f"v{plan.version}: scoring")
-            t0 = time.perf_counter()
-            score_step(runtime, rollout, config, score_fn)  # 2. scores, ref, values
-            times["time_score"] = time.perf_counter() - t0
+        with guard_round(runtime, saved, plan, out):  # any failure: the parent keeps serving
+            rollout, times = collect_experience(runtime, config, plan, dist, score_fn, out,
+                                                prompts)  # 1. rollout, 2. scores, ref, values
             advantages_step(rollout, config, plan, dist)  # 3. KL shaping, GAE, whitening
-            stats = rollout_stats(rollout, plan, dist) | times
-            check_rollout(stats, config, plan)  # 5a. gates before any update
-            out.metrics(stats, step=out.step0, version=plan.version)
-            t0 = time.perf_counter()
-            train = train_step(runtime, rollout, config, plan, dist, out)  # 4. PPO epochs (+5b)
-            stats |= train | {"time_train": time.perf_counter() - t0}
-            out.metrics({"time_train": stats["time_train"]}, step=out.step0, version=plan.version)
-        except PPOHealthError as exc:
-            restore_adapters(runtime, saved)
-            out.event("ppo_aborted", version=plan.version, reason=exc.reason)
-            raise
-        except BaseException:
-            restore_adapters(runtime, saved)
-            raise
+            stats = checked_stats(rollout, config, plan, dist, out, times)  # 5a. gates first
+            stats |= train_step(runtime, rollout, config, plan, dist, out)  # 4. epochs (+5b)
         return publish_step(runtime, config, plan, stats, dist, out)  # 6.

@@ -1,4 +1,10 @@
-"""PPO round, step 6 and output: publish the next policy version; metrics, progress, events."""
+"""Policy rounds, step 6 and output: publish the next policy version; metrics, progress, events.
+
+Every algorithm publishes the same layout (`policy/` adapter; PPO adds its critic in `value/`)
+and records which algorithm made the version, with its settings, in the manifest and the
+version row (`config.algorithm`). Metrics of every algorithm go to the "ppo" metric kind, the
+one the Dashboard plots (reward, KL, entropy, length per step).
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,36 +17,45 @@ from rlhf_core.policy.setup import Plan
 
 
 # -- 6. publish ---------------------------------------------------------------------------------------
-def publish_step(runtime, config: PPOConfig, plan: Plan, stats: dict, dist, out) -> dict:
-    """Rank 0 writes policy/ + value/ (adapter, head) atomically, then the version row."""
+def publish_step(runtime, config: PPOConfig, plan: Plan, stats: dict, dist, out, *,
+                 critic: bool = True) -> dict:
+    """Rank 0 writes policy/ (+ value/: adapter, head, with a critic) atomically, then the
+    version row."""
     if config.adaptive_kl:
         ctl = AdaptiveKLController(plan.kl_coef, config.target_kl, config.kl_horizon)
         stats["kl_coef_next"] = ctl.update(stats["kl"], stats["n_sequences"])
     else:
         stats["kl_coef_next"] = plan.kl_coef
-    stats["critic_init"] = plan.critic_init
+    if critic:
+        stats["critic_init"] = plan.critic_init
     result = {"status": "published", "version": plan.version, "parent": plan.parent,
-              "reward_version": plan.reward_version, "metrics": stats}
+              "reward_version": plan.reward_version, "algorithm": plan.algorithm,
+              "metrics": stats}
+    settings = to_dict(config) | {"algorithm": plan.algorithm}  # provenance of the version
     if dist.is_main:
-        model, head = runtime.model, runtime.heads["value"]
+        model = runtime.model
 
         def write(tmp: Path) -> None:
             models.save_adapter(model, "policy", tmp)
-            models.save_adapter(model, "value", tmp)
-            models.save_head(head, tmp / "value", meta={"role": "value", "version": plan.version})
+            if critic:
+                models.save_adapter(model, "value", tmp)
+                models.save_head(runtime.heads["value"], tmp / "value",
+                                 meta={"role": "value", "version": plan.version})
 
-        manifest = {k: result[k] for k in ("version", "parent", "reward_version")}
-        manifest |= {"kind": "policy", "config": to_dict(config), "metrics": stats,
+        manifest = {k: result[k] for k in ("version", "parent", "reward_version", "algorithm")}
+        manifest |= {"kind": "policy", "config": settings, "metrics": stats,
                      "base_model": runtime.config.model}
         path = publish(runtime.workspace, "policy", plan.version, write, manifest,
                        recorded=runtime.data.get_version)
         runtime.data.add_version("policy", plan.version, status="published", path=str(path),
                                   parent=plan.parent, reward_version=plan.reward_version,
-                                  base_model=str(runtime.config.model), config=to_dict(config),
+                                  base_model=str(runtime.config.model), config=settings,
                                   metrics=stats, job_id=out.job_id)
         result["path"] = str(path)
     dist.barrier()  # other ranks return once the version exists
-    runtime.loaded["policy"] = runtime.loaded["value"] = plan.version
+    runtime.loaded["policy"] = plan.version
+    if critic:
+        runtime.loaded["value"] = plan.version
     out.progress(1.0, f"published policy v{plan.version}")
     return result
 

@@ -39,7 +39,8 @@ class Rollout:
     entropy: torch.Tensor | None = None  # (B,T) policy entropy (nats)
     rewards: torch.Tensor | None = None  # (B,T) KL-shaped
     kl: torch.Tensor | None = None  # (B,T) per-token KL estimate
-    advantages: torch.Tensor | None = None  # (B,T) GAE (whitened)
+    advantages: torch.Tensor | None = None  # (B,T) GAE (whitened), or a sequence's, broadcast
+    seq_advantages: torch.Tensor | None = None  # (B,) GRPO / RLOO: one per sequence
     returns: torch.Tensor | None = None  # (B,T) advantages + values
 
     def __len__(self) -> int:
@@ -153,17 +154,24 @@ def generate(model, tokenizer, prompts: list[str], seeds: list[int], *, max_new_
             has_stop.append(stopped)
         if record_logprobs:
             recorded.append(sampler.recorded())
-    query_ids, query_mask = left_pad(queries, tokenizer.pad_token_id)
-    response_ids, mask = right_pad(responses, tokenizer.pad_token_id)
-    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    rollout = Rollout(prompts=list(prompts), responses=texts, query_ids=query_ids.to(device),
-                      query_mask=query_mask.to(device), response_ids=response_ids.to(device),
-                      mask=mask.to(device), has_stop=torch.tensor(has_stop, device=device))
+    rollout = build_rollout(tokenizer, prompts, queries, responses, has_stop, device)
     if record_logprobs:  # chunks generate different lengths
-        T = mask.shape[1]
+        T = rollout.mask.shape[1]
         rollout.logprobs = cat_to_width([lp for lp, _ in recorded], T).to(device)
         rollout.entropy = cat_to_width([e for _, e in recorded], T).to(device)
     return rollout
+
+
+def build_rollout(tokenizer, prompts: list[str], queries: list[list[int]],
+                  responses: list[list[int]], has_stop: list[bool], device) -> Rollout:
+    """A Rollout of token lists: queries left-padded, responses right-padded with the RL mask,
+    texts decoded (special tokens skipped)."""
+    query_ids, query_mask = left_pad(queries, tokenizer.pad_token_id)
+    response_ids, mask = right_pad(responses, tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    return Rollout(prompts=list(prompts), responses=texts, query_ids=query_ids.to(device),
+                   query_mask=query_mask.to(device), response_ids=response_ids.to(device),
+                   mask=mask.to(device), has_stop=torch.tensor(has_stop, device=device))
 
 
 def cat_to_width(parts: list[torch.Tensor], width: int) -> torch.Tensor:

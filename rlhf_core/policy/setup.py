@@ -1,13 +1,15 @@
 """PPO round, step 0 and shared types: the plan, the reward source, the actor and the critic.
 
 `Plan` is what a round fixes up front; `SingleProcess` the collective operations of one process
-(DDP: launch.AccelerateDist); `PPOHealthError` what every health gate raises. The actor is
-the `policy` LoRA adapter, the critic the `value` adapter plus a scalar head (initialised from
-the reward model when it shares the base). `snapshot_adapters` / `restore_adapters` let an
+(DDP: launch.AccelerateDist); `PPOHealthError` what every health gate raises (in every policy
+round: PPO, GRPO, RLOO, DPO). The actor is the `policy` LoRA adapter, the critic the `value`
+adapter plus a scalar head (initialised from the reward model when it shares the base; the
+critic-free rounds have none). `snapshot_adapters` / `restore_adapters` / `guard_round` let an
 aborted round leave the in-memory policy as it found it.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -57,6 +59,7 @@ class Plan:
     kl_coef: float
     reward_version: int | None = None
     critic_init: str = ""
+    algorithm: str = "ppo"  # which round: ppo | grpo | rloo | dpo (recorded with the version)
     scorer: object = dataclasses.field(default=None, repr=False)  # the reward model, if used
 
 
@@ -65,7 +68,7 @@ def aborted(plan: Plan, reason: str) -> dict:
 
 
 # -- 0. plan, reward, actor and critic ----------------------------------------------------
-def plan_round(runtime, config: PPOConfig, dist) -> Plan:
+def plan_round(runtime, config: PPOConfig, dist, algorithm: str = "ppo") -> Plan:
     data = runtime.data
     cur = data.current_version("policy")
     parent = cur["version"] if cur else 0
@@ -74,7 +77,7 @@ def plan_round(runtime, config: PPOConfig, dist) -> Plan:
     if config.adaptive_kl and cur and "kl_coef_next" in (cur.get("metrics") or {}):
         kl_coef = float(cur["metrics"]["kl_coef_next"])  # the controller continues
     return Plan(version=version, parent=parent, seed=config.seed * 100_003 + version,
-                kl_coef=kl_coef)
+                kl_coef=kl_coef, algorithm=algorithm)
 
 
 def reward_source(runtime, reward_fn, plan: Plan):
@@ -108,14 +111,22 @@ def reset_adapter(model, name: str, seed: int) -> None:
                 module.reset_lora_parameters(name, True)
 
 
-def setup_actor_critic(runtime, plan: Plan, config: PPOConfig) -> dict:
-    """Make `policy` hold the parent version and `value` + head the critic; return a snapshot."""
+def setup_actor(runtime, plan: Plan) -> dict:
+    """Make `policy` hold the parent version (no critic); return a snapshot of it."""
     model = runtime.model
     if plan.parent == 0:
         reset_adapter(model, "policy", plan.seed)  # the base model, as a seeded identity adapter
         runtime.loaded["policy"] = 0
     else:
         runtime.use_policy(plan.parent)  # loads the parent's adapter into `policy` if needed
+    model.set_adapter("policy")
+    return snapshot_adapters(runtime, roles=("policy",))
+
+
+def setup_actor_critic(runtime, plan: Plan, config: PPOConfig) -> dict:
+    """Make `policy` hold the parent version and `value` + head the critic; return a snapshot."""
+    model = runtime.model
+    setup_actor(runtime, plan)
     parent_dir = runtime.policy_dir(plan.parent) / "value" if plan.parent else None
     if runtime.loaded.get("value") == plan.parent and plan.parent and "value" in runtime.heads:
         plan.critic_init = "continued"
@@ -154,12 +165,14 @@ def init_critic(runtime, plan: Plan) -> None:
         runtime.device.device)
 
 
-def snapshot_adapters(runtime) -> dict:
+def snapshot_adapters(runtime, roles: tuple[str, ...] = ("policy", "value")) -> dict:
+    """The trainable adapters of `roles` (and the value head with `value`), copied."""
     model = runtime.model
-    return {"policy": {n: p.detach().clone() for n, p in adapter_params(model, "policy").items()},
-            "value": {n: p.detach().clone() for n, p in adapter_params(model, "value").items()},
-            "head": copy.deepcopy(runtime.heads["value"].state_dict()),
-            "loaded": dict(runtime.loaded)}
+    saved = {role: {n: p.detach().clone() for n, p in adapter_params(model, role).items()}
+             for role in roles}
+    if "value" in roles:
+        saved["head"] = copy.deepcopy(runtime.heads["value"].state_dict())
+    return saved | {"loaded": dict(runtime.loaded)}
 
 
 def restore_adapters(runtime, saved: dict) -> None:
@@ -168,8 +181,24 @@ def restore_adapters(runtime, saved: dict) -> None:
     with torch.no_grad():
         for role in ("policy", "value"):
             params = adapter_params(model, role)
-            for n, v in saved[role].items():
+            for n, v in saved.get(role, {}).items():
                 params[n].copy_(v)
-    runtime.heads["value"].load_state_dict(saved["head"])
+    if "head" in saved:
+        runtime.heads["value"].load_state_dict(saved["head"])
     runtime.loaded.update(saved["loaded"])
     model.set_adapter("policy")
+
+
+@contextlib.contextmanager
+def guard_round(runtime, saved: dict, plan: Plan, out):
+    """Any failure inside restores the snapshot `saved`; a health gate also logs the abort."""
+    try:
+        yield
+    except PPOHealthError as exc:
+        restore_adapters(runtime, saved)
+        out.event("ppo_aborted", version=plan.version, reason=exc.reason,
+                  algorithm=plan.algorithm)
+        raise
+    except BaseException:
+        restore_adapters(runtime, saved)
+        raise

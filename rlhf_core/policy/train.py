@@ -1,10 +1,15 @@
-"""PPO round, step 4 (+ gate 5b): PPO epochs over the rollout, one minibatch at a time.
+"""Policy rounds, step 4 (+ gate 5b): epochs over the rollout, one minibatch at a time.
 
-Each minibatch does a policy forward/backward with `policy` active, then a value
+Each PPO minibatch does a policy forward/backward with `policy` active, then a value
 forward/backward with `value` active (disjoint parameters: the summed gradients are those of
-`pg_loss + vf_coef * vf_loss`); gradients are all-reduced by hand across ranks.
+`pg_loss + vf_coef * vf_loss`); gradients are all-reduced by hand across ranks. The policy
+loss is an `objective` (PPO's clipped surrogate by default; GRPO's in grpo.py); a round
+without a critic passes `critic=False`. `run_epochs` is the loop every round shares (DPO's
+minibatches are pairs): shuffle, update, gate, step, log.
 """
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -14,28 +19,51 @@ from rlhf_core.policy.rollout import Rollout, autocast, critic_values, policy_lo
 from rlhf_core.policy.setup import Plan, PPOHealthError, aborted, adapter_params
 
 
-# -- 4. PPO epochs ----------------------------------------------------------------------------------
-def train_step(runtime, rollout: Rollout, config: PPOConfig, plan: Plan, dist, out) -> dict:
-    model, head = runtime.model, runtime.heads["value"]
+def ppo_objective(logprobs, batch: Rollout, config: PPOConfig, plan: Plan):
+    """PPO's (and RLOO's) policy loss: the clipped surrogate on per-token advantages."""
+    return ppo_policy_loss(logprobs, batch.logprobs, batch.advantages, batch.mask,
+                           config.clip_eps)
+
+
+# -- 4. epochs -------------------------------------------------------------------------------------
+def train_step(runtime, rollout: Rollout, config: PPOConfig, plan: Plan, dist, out, *,
+               objective=ppo_objective, critic: bool = True) -> dict:
+    model = runtime.model
     policy = list(adapter_params(model, "policy").values())
-    critic = list(adapter_params(model, "value").values()) + list(head.parameters())
-    params = policy + critic
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.Adam(params, lr=config.lr, eps=1e-5)  # CleanRL's eps
+    critic_params = (list(adapter_params(model, "value").values())
+                     + list(runtime.heads["value"].parameters())) if critic else []
+    params = policy + critic_params
     mb = config.minibatch_size // dist.world_size  # this rank's share of a minibatch
     if mb < 1:
         raise ValueError("minibatch_size must be at least the number of processes")
-    steps_per_epoch = -(-len(rollout) // mb)
+
+    def update(idx):
+        batch = rollout.select(idx.to(rollout.mask.device))
+        return minibatch_update(runtime, batch, config, dist, params, policy, critic_params,
+                                objective=objective, plan=plan)
+    return run_epochs(runtime, len(rollout), mb, config, plan, dist, out, params, update)
+
+
+def run_epochs(runtime, n: int, mb: int, config: PPOConfig, plan: Plan, dist, out, params,
+               update, label: str = "step") -> dict:
+    """`config.epochs` passes over `n` rows in seeded random minibatches of `mb`:
+    `update(idx)` computes the gradients and returns the minibatch's stats, then the gate,
+    the optimizer step and the metrics. Returns the last epoch's mean stats and the time."""
+    t0 = time.perf_counter()
+    model = runtime.model
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=config.lr, eps=1e-5)  # CleanRL's eps
+    steps_per_epoch = -(-n // mb)
     total, step, history = config.epochs * steps_per_epoch, 0, []
+    name = plan.algorithm.upper()
     _train_mode(model, config.gradient_checkpointing)
     try:
         for epoch in range(config.epochs):
             gen = torch.Generator().manual_seed(plan.seed + 7919 * epoch + dist.rank)
-            perm = torch.randperm(len(rollout), generator=gen)
-            for start in range(0, len(rollout), mb):
-                batch = rollout.select(perm[start:start + mb].to(rollout.mask.device))
-                stats = minibatch_update(runtime, batch, config, dist, params, policy, critic)
+            perm = torch.randperm(n, generator=gen)
+            for start in range(0, n, mb):
+                stats = update(perm[start:start + mb])
                 stats["epoch"] = epoch
                 _gate_minibatch(stats, config, plan)
                 optimizer.step()
@@ -43,20 +71,24 @@ def train_step(runtime, rollout: Rollout, config: PPOConfig, plan: Plan, dist, o
                 history.append(stats)
                 out.metrics(stats, step=out.step0 + step, version=plan.version)
                 step += 1
-                out.progress(0.3 + 0.65 * step / total, f"v{plan.version}: PPO step {step}/{total}")
+                out.progress(0.3 + 0.65 * step / total,
+                             f"v{plan.version}: {name} {label} {step}/{total}")
     finally:
         _eval_mode(model, config.gradient_checkpointing)
         model.set_adapter("policy")
     last = [h for h in history if h["epoch"] == config.epochs - 1]
     summary = {k: sum(h[k] for h in last) / len(last) for k in last[0] if k != "epoch"}
-    return summary | {"first_ratio": history[0]["ratio_mean"],
+    seconds = time.perf_counter() - t0
+    out.metrics({"time_train": seconds}, step=out.step0, version=plan.version)
+    return summary | {"first_ratio": history[0]["ratio_mean"], "time_train": seconds,
                       "first_approx_kl": history[0]["approx_kl"], "ppo_steps": len(history)}
 
 
 def minibatch_update(runtime, batch: Rollout, config: PPOConfig, dist, params, policy,
-                     critic) -> dict:
-    """Backward of pg_loss + vf_coef * vf_loss (global token mean), then all-reduce and clip."""
-    model, head = runtime.model, runtime.heads["value"]
+                     critic, *, objective=ppo_objective, plan: Plan | None = None) -> dict:
+    """Backward of the objective (+ vf_coef * vf_loss with a critic), each a global token mean,
+    then all-reduce and clip."""
+    model = runtime.model
     n_tokens = batch.mask.sum()
     global_tokens = dist.sum(n_tokens.clone())
     # each rank's masked mean, re-weighted so the mean over ranks is the global token mean
@@ -64,27 +96,35 @@ def minibatch_update(runtime, batch: Rollout, config: PPOConfig, dist, params, p
     with autocast(runtime.device):
         model.set_adapter("policy")
         logprobs, entropy = policy_logprobs(model, batch, config.temperature, with_entropy=True)
-        pg_loss, pg_stats = ppo_policy_loss(logprobs, batch.logprobs, batch.advantages,
-                                            batch.mask, config.clip_eps)
-    _backward_if_finite(pg_loss * scale, policy)
-    with autocast(runtime.device):
-        model.set_adapter("value")
-        values = critic_values(model, head, batch)
-        vf_loss, vf_stats = ppo_value_loss(values, batch.values, batch.returns, batch.mask,
-                                           config.value_clip_eps)
-    _backward_if_finite(config.vf_coef * vf_loss * scale, critic)
-    dist.all_reduce_grads(params)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-    local = {"pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(),
-             "entropy": (entropy * batch.mask).sum() / n_tokens, **pg_stats, **vf_stats}
+        pg_loss, pg_stats = objective(logprobs, batch, config, plan)
+    backward_if_finite(pg_loss * scale, policy)
+    # an objective may report its surrogate part as pg_loss; "loss" is what was minimised
+    local = {"loss": pg_loss.detach(), "pg_loss": pg_loss.detach(),
+             "entropy": (entropy * batch.mask).sum() / n_tokens, **pg_stats}
+    if critic:
+        with autocast(runtime.device):
+            model.set_adapter("value")
+            values = critic_values(model, runtime.heads["value"], batch)
+            vf_loss, vf_stats = ppo_value_loss(values, batch.values, batch.returns, batch.mask,
+                                               config.value_clip_eps)
+        backward_if_finite(config.vf_coef * vf_loss * scale, critic)
+        local |= {"vf_loss": vf_loss.detach(), **vf_stats}
+    grad_norm = reduce_and_clip(dist, params, config.max_grad_norm)
     # token-weighted means over ranks: equal to the single-process minibatch's statistics
     stats = {k: (dist.sum(v.float() * n_tokens) / global_tokens).item() for k, v in local.items()}
-    stats["loss"] = stats["pg_loss"] + config.vf_coef * stats["vf_loss"]
-    stats["grad_norm"] = grad_norm.item()
+    if critic:
+        stats["loss"] += config.vf_coef * stats["vf_loss"]
+    stats["grad_norm"] = grad_norm
     return stats
 
 
-def _backward_if_finite(loss, params) -> None:
+def reduce_and_clip(dist, params, max_grad_norm: float) -> float:
+    """All-reduce the gradients over ranks, clip their global norm; the norm before clipping."""
+    dist.all_reduce_grads(params)
+    return torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
+
+
+def backward_if_finite(loss, params) -> None:
     if torch.isfinite(loss):
         loss.backward()
     else:  # keep the collectives in step; the gate on the gathered loss aborts the round
@@ -94,9 +134,9 @@ def _backward_if_finite(loss, params) -> None:
 
 def _gate_minibatch(stats: dict, config: PPOConfig, plan: Plan) -> None:
     bad = [k for k in ("loss", "pg_loss", "vf_loss", "grad_norm")
-           if not torch.isfinite(torch.tensor(stats[k]))]
+           if k in stats and not torch.isfinite(torch.tensor(stats[k]))]
     if bad:
-        reason = f"non-finite {', '.join(bad)} in a PPO minibatch"
+        reason = f"non-finite {', '.join(bad)} in a {plan.algorithm.upper()} minibatch"
     elif stats["approx_kl"] > config.max_approx_kl:
         reason = f"approx_kl {stats['approx_kl']:.3g} > max_approx_kl {config.max_approx_kl}"
     else:
