@@ -155,6 +155,15 @@ def cmd_export(a):
     print(f"exported {n} pairs to {out} and {len(rankings)} rankings beside it")
 
 
+def cmd_export_policy(a):
+    from rlhf_core.policy.export import export_policy
+    store, cfg = open_ws(a)
+    res = export_policy(store, cfg, Path(a.out), version=a.version, merge=a.merge,
+                        overwrite=a.overwrite)
+    form = "merged model" if res["merged"] else f"LoRA adapter for {res['base_model']}"
+    print(f"exported policy v{res['version']} to {res['out']} ({form}, with a model card)")
+
+
 def cmd_status(a):
     store, _ = open_ws(a)
     status = store.status()
@@ -246,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
          "rlhf import-prompts prompts.jsonl", [_file_arg]),
         ("export", cmd_export, "export preference pairs (TRL prompt/chosen/rejected) and rankings",
          "rlhf export pairs.jsonl --format jsonl", [_export_args]),
+        ("export-policy", cmd_export_policy, "export a trained policy as a Hugging Face model "
+         "(LoRA adapter, or --merge for a standalone model) with a model card",
+         "rlhf export-policy my-policy --merge", [_export_policy_args]),
         ("status", cmd_status, "counts, versions and jobs", "rlhf status --json", [_json_flag]),
         ("sample", cmd_sample, "sample a labeling batch now, with a progress bar",
          "rlhf sample --prompts 8", [model_flags, _job_flags, _prompts_flag]),
@@ -303,6 +315,14 @@ def _export_args(p):
     p.add_argument("--format", choices=["jsonl", "hf"], default="jsonl")
     p.add_argument("--include-ties", action="store_true", help="also export tie pairs (label 0.5)")
     p.add_argument("--overwrite", action="store_true")
+
+
+def _export_policy_args(p):
+    p.add_argument("out", help="output directory")
+    p.add_argument("--version", type=int, help="policy version (default: the current one)")
+    p.add_argument("--merge", action="store_true",
+                   help="fold the adapter into the base weights: a model that loads without peft")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
 
 
 def _json_flag(p):

@@ -270,3 +270,10 @@ def add_lora_adapter(model, name: str, settings: LoraSettings) -> None:
     import dataclasses as _dc
     task_type = next(iter(model.peft_config.values())).task_type
     model.add_adapter(name, _dc.replace(lora_config(settings), task_type=task_type))
+
+
+def merged_policy(base_source: str, adapter_dir: Path, tokenizer):
+    """The base causal LM with a policy LoRA adapter folded into its weights (a plain model)."""
+    from peft import PeftModel
+    base = load_causal_lm(base_source, tokenizer)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
