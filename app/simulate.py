@@ -2,9 +2,9 @@
 
 Each round: the annotators rank `--labels-per-round` items through the app's
 public API (`gradio_client`, the same endpoints a script or person uses), then
-the reward model is retrained, a PPO round runs when it was promoted, and the
-oracle judges the new policy against the reference on held-out prompts.
-A per-round table is printed and written as CSV and JSON.
+the reward model is retrained, a policy round (`--algorithm` ppo | grpo | rloo |
+dpo) runs when it was promoted, and the oracle judges the new policy against the
+reference on held-out prompts. A per-round table is printed and written as CSV and JSON.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 
 from rlhf_core.data import jobs
-from rlhf_core.evaluation import win_rate
+from rlhf_core.evaluation import distinct_n, win_rate
 from rlhf_core.oracles import check_tiers, compare, load_oracle, noisy
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,10 @@ def add_arguments(p) -> None:
     p.add_argument("--noise", type=float, default=0.0, help="share of random rankings")
     p.add_argument("--eval-samples", type=int, default=2, dest="eval_samples",
                    help="samples per held-out prompt for the oracle's win-rate")
+    p.add_argument("--eval-prompts", type=int, dest="eval_prompts",
+                   help="judge on at most this many held-out prompts (default: all)")
+    p.add_argument("--algorithm", choices=("ppo", "grpo", "rloo", "dpo"),
+                   help="the policy round (saved as loop.algorithm; default: the workspace's)")
     p.add_argument("--url", help="drive an app already running here (same workspace); "
                                  "default: start one on a free loopback port")
     p.add_argument("--model", help="policy base (default: the embedded model)")
@@ -65,6 +69,9 @@ class RoundRow:
     kl: float | None = None
     mean_tokens: float | None = None
     reference_tokens: float | None = None
+    distinct_2: float | None = None  # of the policy's held-out samples
+    algorithm: str = ""
+    policy_seconds: float | None = None  # the policy round job alone
     seconds: float = 0.0
     notes: list = field(default_factory=list)
 
@@ -116,12 +123,14 @@ class AnnotatorClient:
 
 class Simulation:
     def __init__(self, store, cfg, url: str, *, oracle_spec: str, annotators: int,
-                 noise: float, seed: int, eval_samples: int, connect=None):
+                 noise: float, seed: int, eval_samples: int, connect=None,
+                 eval_prompts: int | None = None):
         self.store, self.cfg, self.url, self._connect = store, cfg, url, connect
         self.oracle = load_oracle(oracle_spec)
         self.annotators = [f"sim-{i + 1}" for i in range(annotators)]
         self.clients: dict[str, AnnotatorClient] = {}
         self.noise, self.seed, self.eval_samples = noise, seed, eval_samples
+        self.eval_prompts = eval_prompts
         self.labels = 0
         self._pending = 0
         self._lock = threading.Lock()
@@ -206,6 +215,7 @@ class Simulation:
         """The oracle's win-rate of `version` against the reference on held-out prompts."""
         result = self.run_job("eval_policy", {"policy_version": version, "baseline": 0,
                                               "samples_per_prompt": self.eval_samples,
+                                              "max_prompts": self.eval_prompts,
                                               "seed": self.seed + 99})
         wins = ties = losses = 0
         for s in result["samples"]:
@@ -216,6 +226,7 @@ class Simulation:
         samples = result["samples"]
         return {**win_rate(wins, ties, losses),
                 "mean_tokens": sum(s["policy_tokens"] for s in samples) / max(1, len(samples)),
+                "distinct_2": distinct_n([s["policy"] for s in samples], 2),
                 "reference_tokens": sum(s["baseline_tokens"] for s in samples) / max(1, len(samples))}
 
     def round(self, r: int, labels_per_round: int) -> RoundRow:
@@ -228,7 +239,10 @@ class Simulation:
         row.heldout_acc = metrics.get("heldout_accuracy")
         row.fresh_acc = metrics.get("fresh_accuracy")
         if reward.get("status") == "promoted" or self.store.current_version("reward"):
-            ppo = self.run_job("ppo_round")
+            t_policy = time.monotonic()
+            ppo = self.run_job("ppo_round", {"algorithm": self.cfg.loop.algorithm})
+            row.policy_seconds = round(time.monotonic() - t_policy, 1)
+            row.algorithm = ppo.get("algorithm", self.cfg.loop.algorithm)
             row.kl = (ppo.get("metrics") or {}).get("kl", ppo.get("kl"))
         else:
             row.notes.append(f"reward not promoted: {reward.get('reason')}")
@@ -237,6 +251,7 @@ class Simulation:
             ev = self.evaluate(row.policy_version)
             row.win_rate, row.win_lo, row.win_hi = ev["rate"], ev["lo"], ev["hi"]
             row.comparisons, row.mean_tokens = ev["n"], ev["mean_tokens"]
+            row.distinct_2 = ev["distinct_2"]
             row.reference_tokens = ev["reference_tokens"]
         row.seconds = round(time.monotonic() - t0, 1)
         return row
@@ -247,7 +262,8 @@ def format_table(rows: list[RoundRow]) -> str:
     def f(v, spec=".2f"):
         return "-" if v is None else format(v, spec)
     head = (f"{'round':>5} {'labels':>6} {'reward':>7} {'heldout':>7} {'fresh':>6} {'policy':>6} "
-            f"{'win-rate [95% CI]':>22} {'n':>4} {'KL':>6} {'tokens':>6} {'ref':>5} {'sec':>6}")
+            f"{'win-rate [95% CI]':>22} {'n':>4} {'KL':>6} {'tokens':>6} {'ref':>5} {'dist-2':>6} "
+            f"{'algo':>5} {'policy s':>8} {'sec':>6}")
     lines = [head]
     for r in rows:
         win = "-" if r.win_rate is None else f"{r.win_rate:.0%} [{r.win_lo:.0%}, {r.win_hi:.0%}]"
@@ -256,7 +272,8 @@ def format_table(rows: list[RoundRow]) -> str:
         lines.append(f"{r.round:>5} {r.labels:>6} {rv:>7} {f(r.heldout_acc):>7} "
                      f"{f(r.fresh_acc):>6} {'v%d' % r.policy_version:>6} {win:>22} "
                      f"{r.comparisons:>4} {f(r.kl):>6} {f(r.mean_tokens, '.1f'):>6} "
-                     f"{f(r.reference_tokens, '.1f'):>5} {r.seconds:>6.0f}")
+                     f"{f(r.reference_tokens, '.1f'):>5} {f(r.distinct_2):>6} "
+                     f"{r.algorithm or '-':>5} {f(r.policy_seconds, '.0f'):>8} {r.seconds:>6.0f}")
     return "\n".join(lines) + "\n(* = candidate not promoted)"
 
 
@@ -280,7 +297,9 @@ def main(args, start_app) -> list[RoundRow]:
     # reward model and PPO train, and no researcher-view scoring.
     overrides = {"model": args.model, "sampling.max_new_tokens": args.max_new_tokens,
                  "sampling.min_ready_items": 0, "sampling.prompts_per_batch": lpr,
-                 "loop.auto": False, "loop.score_items": False, **parse_settings(args.settings)}
+                 "loop.auto": False, "loop.score_items": False,
+                 "loop.algorithm": getattr(args, "algorithm", None),
+                 **parse_settings(args.settings)}
     store, cfg = open_workspace(args.workspace, **overrides)
     seed_prompts_if_empty(store, cfg)
     stop = None
@@ -291,7 +310,8 @@ def main(args, start_app) -> list[RoundRow]:
     rows: list[RoundRow] = []
     try:
         sim = Simulation(store, cfg, url, oracle_spec=args.oracle, annotators=args.annotators,
-                         noise=args.noise, seed=args.seed, eval_samples=args.eval_samples)
+                         noise=args.noise, seed=args.seed, eval_samples=args.eval_samples,
+                         eval_prompts=getattr(args, "eval_prompts", None))
         for r in range(1, args.rounds + 1):
             rows.append(sim.round(r, lpr))
             write_table(rows, out)

@@ -73,3 +73,23 @@ def test_simulate_two_rounds_end_to_end(tmp_path, tiny_model_dir, judge_module):
     data = json.loads((tmp_path / "table.json").read_text())
     assert [d["round"] for d in data] == [1, 2]
     assert (tmp_path / "table.csv").read_text().startswith("round,labels,")
+
+
+def test_simulate_runs_the_chosen_algorithm(tmp_path, tiny_model_dir, judge_module):
+    """`--algorithm dpo` reaches the worker's policy round; the table says which ran, the
+    policy round's own seconds and the diversity of the judged samples."""
+    ws = tmp_path / "ws"
+    store, _ = open_workspace(ws, model=str(tiny_model_dir), torch_threads=1, **{
+        "sampling.max_new_tokens": 8, "reward.min_pairs": 4, "ppo.max_new_tokens": 8,
+        "ppo.prompts_per_round": 4, "loop.ab_fraction": 0.0})
+    store.add_prompts([{"text": f"question number {i}: say something"} for i in range(30)],
+                      source="test")
+    args = _args(ws, tmp_path / "table", oracle="judge_mod:judge", rounds=1,
+                 labels_per_round=6, annotators=1, eval_samples=1, eval_prompts=3,
+                 algorithm="dpo")
+    (row,) = simulate.main(args, start_app)
+    assert row.algorithm == "dpo" and row.policy_seconds > 0 and row.comparisons == 3
+    assert row.distinct_2 is not None and 0.0 <= row.distinct_2 <= 1.0
+    version = store.current_version("policy")
+    assert version["version"] == 1 and version["config"]["algorithm"] == "dpo"
+    assert "dpo" in simulate.format_table([row])
