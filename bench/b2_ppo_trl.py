@@ -88,8 +88,7 @@ def ours_side(ws: Path, quick: bool) -> dict:
     load_s = time.perf_counter() - t_load
     rss_loaded = _vm_rss_mb()
     t0 = time.perf_counter()
-    res = ppo_round(runtime, config=config, prompts=PROMPTS[:config.prompts_per_round],
-                    enqueue_sampling=False)
+    res = ppo_round(runtime, config=config, prompts=PROMPTS[:config.prompts_per_round])
     wall = time.perf_counter() - t0
     m = res["metrics"]
     n_trainable = sum(p.numel() for n, p in model.named_parameters()

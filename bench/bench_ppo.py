@@ -101,7 +101,7 @@ def main(argv=None) -> dict:
         load_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         result = ppo_round(runtime, config=config, reporter=BenchReporter(store, sampler),
-                           reward_fn=reward_fn, enqueue_sampling=False)
+                           reward_fn=reward_fn)
         round_s = time.perf_counter() - t0
         store.close()
     sampler.stop()
