@@ -1,5 +1,10 @@
 """`rlhf`: thin commands over rlhf_core. Every command takes --workspace DIR
-(default: $RLHF_WORKSPACE, else ./workspace) and has an example in its help."""
+(default: $RLHF_WORKSPACE, else ./workspace) and has an example in its help.
+
+Only the commands in CREATE_WORKSPACE create a missing workspace; the others refuse one. Bad
+input (a flag, a file, a workspace, a busy port) ends in one line `rlhf CMD: error: ...` and
+exit status 1; RLHF_DEBUG=1 shows the traceback. Anything else is a bug and keeps its traceback.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,12 +12,24 @@ import json
 import logging
 import os
 import signal
+import socket
+import sqlite3
 import sys
 import threading
 from pathlib import Path
 
 from rlhf_core.config import EMBEDDED_MODEL, ModelLoadError, default_workspace
+from rlhf_core.data.store import WorkspaceError
 from rlhf_core.workspace import parse_settings
+
+# `up` and `worker` start a loop on a workspace; `import-prompts` is how one is filled before;
+# `simulate` and `sample` are self-contained runs. status, export, serve, train-reward, ppo and
+# worker-token read what is there: on a typo'd --workspace they say so instead of creating one.
+CREATE_WORKSPACE = ("up", "worker", "import-prompts", "simulate", "sample")
+
+
+class CommandError(RuntimeError):
+    """A command that could not do what was asked, for a reason its message states."""
 
 
 def model_flags(p):
@@ -50,7 +67,7 @@ def overrides_from(a) -> dict:
 
 def open_ws(a):
     from rlhf_core.workspace import open_workspace
-    return open_workspace(a.workspace, **overrides_from(a))
+    return open_workspace(a.workspace, create=a.command in CREATE_WORKSPACE, **overrides_from(a))
 
 
 def serve_flags(p):
@@ -58,6 +75,30 @@ def serve_flags(p):
     p.add_argument("--port", type=int, default=int(os.environ.get("RLHF_PORT", 7860)))
     p.add_argument("--auth", type=Path, dest="auth_file",
                    help="JSON or CSV of user,password,role (annotator|researcher): enables login")
+    p.add_argument("--insecure-no-auth", action="store_true", dest="insecure_no_auth",
+                   help="allow a --host beyond loopback without --auth (everybody who can reach "
+                        "it may start jobs and switch the automatic loop on)")
+
+
+def check_serving(a) -> None:
+    """Before anything starts: a readable auth file, no login-less exposure beyond loopback
+    unless asked for, and a free port (Gradio would fail after building the whole UI)."""
+    from app.login_guard import is_loopback
+    if a.auth_file is not None:
+        from app.context import load_auth_file
+        if not a.auth_file.is_file():
+            raise CommandError(f"auth file {a.auth_file} does not exist")
+        load_auth_file(a.auth_file)
+    elif not is_loopback(a.host) and not a.insecure_no_auth:
+        raise CommandError(f"refusing to serve on {a.host} without login: pass --auth FILE, or "
+                           "--insecure-no-auth to let everybody who can reach it in")
+    with socket.socket(socket.AF_INET6 if ":" in a.host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
+        try:
+            s.bind((a.host, a.port))
+        except OSError as exc:
+            raise CommandError(f"cannot listen on {a.host}:{a.port} ({exc.strerror or exc}): "
+                               "is another server running there? pick one with --port") from None
 
 
 # -- commands -----------------------------------------------------------------------------
@@ -83,11 +124,13 @@ def cmd_serve(a, store=None, cfg=None):
     from app.ui import launch
     ctx = AppContext.from_config(cfg, store=store, auth_file=a.auth_file)
     print(f"rlhf-loop UI on http://{a.host}:{a.port}  (workspace {cfg.workspace})", flush=True)
-    launch(ctx, host=a.host, port=a.port, auth_file=a.auth_file)
+    launch(ctx, host=a.host, port=a.port, auth_file=a.auth_file,
+           allow_no_auth=a.insecure_no_auth)
 
 
 def cmd_worker(a):
     from rlhf_core.worker.run import run_remote_worker, run_worker
+    check_models_resolve(a)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     token = a.token or os.environ.get("RLHF_WORKER_TOKEN")
@@ -131,7 +174,7 @@ def cmd_import_prompts(a):
     try:
         records, stats = read_prompts_with_stats(a.file)
     except ImportRejected as exc:
-        sys.exit(f"import rejected, nothing was added: {a.file}: {exc}")
+        raise CommandError(f"import rejected, nothing was added: {a.file}: {exc}") from None
     result = store.add_prompts(records, source=str(a.file),
                                heldout_fraction=cfg.reward.heldout_fraction)
     print(f"{result['added']} prompts added, {result['duplicates']} already present, "
@@ -141,17 +184,21 @@ def cmd_import_prompts(a):
 def cmd_export(a):
     from rlhf_core.data import annotation
     from rlhf_core.prompt_io import write_hf_dataset, write_jsonl
+    out = Path(a.out)
+    beside = out.with_name((out.stem if a.format == "jsonl" else out.name) + ".rankings.jsonl")
+    # One rule for both formats, checked for both targets before anything is written.
+    taken = [str(t) for t in (out, beside)
+             if t.exists() and not (t.is_dir() and not any(t.iterdir()))]
+    if taken and not a.overwrite:
+        raise CommandError(f"{' and '.join(taken)} already exist{'s' * (len(taken) == 1)}: "
+                           "pass --overwrite to replace, or choose another OUT")
     store, _ = open_ws(a)
     pairs = annotation.export_pairs(store, include_ties=a.include_ties)
     rankings = annotation.export_rankings(store)
-    out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if a.format == "jsonl":
-        n = write_jsonl(out, pairs)
-        write_jsonl(out.with_name(out.stem + ".rankings.jsonl"), rankings)
-    else:
-        n = write_hf_dataset(out, pairs, overwrite=a.overwrite)
-        write_jsonl(out.with_name(out.name + ".rankings.jsonl"), rankings)
+    write = write_jsonl if a.format == "jsonl" else write_hf_dataset
+    n = write(out, pairs, overwrite=a.overwrite)
+    write_jsonl(beside, rankings, overwrite=a.overwrite)
     print(f"exported {n} pairs to {out} and {len(rankings)} rankings beside it")
 
 
@@ -187,6 +234,7 @@ def _run_job_here(a, kind: str, params: dict):
     from rlhf_core.worker.run import lower_priority, run_one, worker_name
     from rlhf_core.worker.runtime import Runtime
     from rlhf_core.workspace import seed_prompts_if_empty
+    check_models_resolve(a)
     store, cfg = open_ws(a)
     seed_prompts_if_empty(store, cfg)
     lower_priority(0, cfg.torch_threads)
@@ -209,13 +257,37 @@ def _run_job_here(a, kind: str, params: dict):
                 bar.refresh()
     t = threading.Thread(target=follow, daemon=True)
     t.start()
+    quiet = QuietJobFailure()  # the one-line error below says it; RLHF_DEBUG=1 for the traceback
+    logging.getLogger("rlhf_core.worker.run").addFilter(quiet)
     row = run_one(runtime, worker_name(), kinds=[kind])
     done.set()
     bar.n = 100 if row and row["status"] == "done" else bar.n
     bar.close()
     if row is None or row["status"] != "done":
-        sys.exit(f"{kind} failed: {row and row['error']}")
+        hint = " (RLHF_DEBUG=1 shows the traceback)" if quiet.dropped else ""
+        raise CommandError(f"job {job_id} ({kind}) failed: {row and row['error']}{hint}")
     print(json.dumps(row["result"], indent=2, default=str))
+
+
+class QuietJobFailure(logging.Filter):
+    """Drops the worker's job-failure log (a traceback) in a one-shot command, unless
+    RLHF_DEBUG is set: the command ends with the job's error in one line."""
+    dropped = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if os.environ.get("RLHF_DEBUG") or not str(record.msg).startswith("job %s (%s) failed"):
+            return True
+        self.dropped = True
+        return False
+
+
+def check_models_resolve(a) -> None:
+    """A process about to load the model: a --model / --reward-model Hub id must resolve before
+    it is saved (the workspace check covers its shape, directories and the embedded model)."""
+    from rlhf_core.workspace import check_model_source
+    for source in (getattr(a, "model", None), getattr(a, "reward_model", None)):
+        if source:
+            check_model_source(source, hub=True)
 
 
 def cmd_sample(a):
@@ -271,7 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, description=help_, epilog=f"example: {example}",
                             formatter_class=argparse.RawDescriptionHelpFormatter)
         sp.add_argument("--workspace", default=str(default_workspace()),
-                        help="workspace folder (default: $RLHF_WORKSPACE or ./workspace)")
+                        help="workspace folder (default: $RLHF_WORKSPACE or ./workspace); "
+                             + ("created if missing" if name in CREATE_WORKSPACE
+                                else "must exist"))
         for add in adders:
             add(sp)
         sp.set_defaults(func=fn)
@@ -341,9 +415,26 @@ def main(argv=None):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     try:
+        if hasattr(args, "host"):
+            check_serving(args)
         args.func(args)
-    except (ValueError, ModelLoadError) as exc:  # bad input: a clear message, no traceback
-        sys.exit(f"rlhf {args.command}: error: {exc}")
+    except USER_ERRORS as exc:  # bad input: a clear message, no traceback
+        if os.environ.get("RLHF_DEBUG"):
+            raise
+        sys.exit(f"rlhf {args.command}: error: {error_line(exc)}")
+
+
+# Errors about what the user gave: flags, files, the workspace, the machine (a busy port, a
+# full disk). A TargetExists export is a FileExistsError (OSError).
+USER_ERRORS = (ValueError, ModelLoadError, WorkspaceError, CommandError, OSError,
+               sqlite3.DatabaseError)
+
+
+def error_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, sqlite3.DatabaseError):
+        return f"the workspace database cannot be used: {text}"
+    return text
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 and the researcher buttons that queue jobs. No Gradio here."""
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 from app.context import AppContext
 from app.handlers import esc
 from rlhf_core.data import jobs
@@ -24,15 +27,36 @@ def status_markdown(status: dict) -> str:
             f"{c['skips']} | {c['flagged']} | {c['pairs']} | {c['annotators']} |")
 
 
-def jobs_html(job_rows: list[dict]) -> str:
-    """Every job as a row with an HTML progress bar (messages escaped: they may quote errors)."""
+# An absolute path inside a message: POSIX (not after a word, "." or ":", so URLs and "1/2" are
+# left alone) or a Windows drive path.
+_ABS_PATH = re.compile(r"(?<![\w.:/~-])(?:/[^\s'\"<>:,;()\[\]{}|]+)+|\b[A-Za-z]:\\[^\s'\"<>|]+")
+
+
+def hide_paths(text: str, workspace: str | Path | None) -> str:
+    """Absolute paths in a job message as the annotators may see them: relative to the workspace
+    when inside it, else only the file's name (a server's layout is not everybody's business)."""
+    root = str(Path(workspace)) if workspace else None
+
+    def short(m: re.Match) -> str:
+        path = m.group(0)
+        if root and (path == root or path.startswith(root.rstrip("/\\") + "/")):
+            return path[len(root):].lstrip("/") or "."
+        return re.split(r"[/\\]", path.rstrip("/\\"))[-1] or path
+    return _ABS_PATH.sub(short, text)
+
+
+def jobs_html(job_rows: list[dict], workspace: str | Path | None = None,
+              full_paths: bool = False) -> str:
+    """Every job as a row with an HTML progress bar (messages escaped: they may quote errors).
+    Absolute paths in messages are shortened (hide_paths) unless `full_paths` (researchers)."""
     if not job_rows:
         return '<div class="rl-jobs rl-empty">No jobs yet.</div>'
     rows = []
     for j in job_rows:
         pct = int(round(100 * float(j.get("progress") or 0)))
         colour = _STATUS_COLOURS.get(j["status"], "#888")
-        detail = j.get("error") or j.get("message") or ""
+        detail = str(j.get("error") or j.get("message") or "")
+        detail = detail if full_paths else hide_paths(detail, workspace)
         rows.append(
             f'<div class="rl-job" data-status="{esc(j["status"])}">'
             f'<span class="rl-job-name">#{j["id"]} {esc(j["kind"])}</span>'
@@ -43,11 +67,13 @@ def jobs_html(job_rows: list[dict]) -> str:
     return f'<div class="rl-jobs">{"".join(rows)}</div>'
 
 
-def status_view(ctx: AppContext) -> dict:
+def status_view(ctx: AppContext, viewer: str | None = None) -> dict:
+    """The panel for `viewer`: a researcher sees job messages with their full paths."""
     try:
         status = ctx.store.status()
         return {"status_md": status_markdown(status),
-                "jobs_html": jobs_html(jobs.list_jobs(ctx.store, limit=30))}
+                "jobs_html": jobs_html(jobs.list_jobs(ctx.store, limit=30), ctx.workspace,
+                                       full_paths=ctx.is_researcher(viewer))}
     except Exception as exc:  # a locked or migrating DB must not break the page
         return {"status_md": f"status unavailable: {esc(exc)}"}
 
@@ -60,4 +86,4 @@ def start_job(ctx: AppContext, annotator: str | None, kind: str) -> dict:
         return {"ok": False, "message": "only researchers may start jobs"}
     job_id = jobs.enqueue(ctx.store, kind, requested_by=annotator, unique=True)
     return {"ok": True, "job_id": job_id, "message": f"job #{job_id} ({kind}) is queued",
-            **status_view(ctx)}
+            **status_view(ctx, annotator)}

@@ -23,8 +23,12 @@ def build_status_tab(c: dict) -> None:
 def wire_status_tab(ctx: AppContext, demo: gr.Blocks, c: dict) -> None:
     outs = [c["status_md"], c["jobs_html"], c["job_message"]]
 
-    def refresh():
-        out = status.status_view(ctx)
+    def refresh(annotator, request: gr.Request):
+        try:  # who looks decides whether job messages show full paths (researchers only)
+            viewer = handlers.session_user(ctx, annotator, getattr(request, "username", None))
+        except handlers.Refused:
+            viewer = None
+        out = status.status_view(ctx, viewer)
         return {c[k]: v for k, v in out.items() if k in c}
 
     def make_start(kind: str):
@@ -44,7 +48,8 @@ def wire_status_tab(ctx: AppContext, demo: gr.Blocks, c: dict) -> None:
             return upd
         return on_click
 
-    demo.load(refresh, None, outs, api_visibility="private")
-    c["timer"].tick(refresh, None, outs, show_progress="hidden", api_visibility="private")
+    demo.load(refresh, [c["annotator"]], outs, api_visibility="private")
+    c["timer"].tick(refresh, [c["annotator"]], outs, show_progress="hidden",
+                    api_visibility="private")
     for button, kind in zip(c["job_buttons"], status.JOB_BUTTONS.values()):
         button.click(make_start(kind), [c["annotator"]], outs, api_visibility="private")

