@@ -379,3 +379,26 @@ def test_an_orphan_version_dir_does_not_block_later_rounds(runtime):
     second = ppo_round(runtime, config=replace(TINY, epochs=1), reward_fn=low_id_reward)
     assert (first["version"], second["version"]) == (1, 2)
     assert not (orphan / "junk.bin").exists() and (orphan / "version.json").is_file()
+
+
+@pytest.mark.timeout(240)
+def test_a_worker_runs_a_queued_round_on_two_processes(ppo_model_dir, tmp_path):
+    """Issue 12.4: `rlhf worker --processes 2` takes a policy round from the queue and runs it
+    under accelerate launch; rank 0 reports progress and publishes as the worker holding the
+    job, the other rank touches neither the database nor the app."""
+    store, cfg = open_workspace(tmp_path / "ws", model=str(ppo_model_dir))
+    store.add_prompts([{"text": p} for p in PROMPTS], source="test", heldout_fraction=0.25)
+    publish_random_reward(Runtime(store, cfg, cpu=True))
+    job_id = jobs.enqueue(store, "ppo_round", {
+        "prompts_per_round": 4, "rollouts_per_prompt": 2, "max_new_tokens": 8, "epochs": 1,
+        "minibatch_size": 8, "generation_batch_size": 8})
+    runtime = Runtime(store, cfg, cpu=True, processes=2)
+    job = run_one(runtime, "gpu-host:1")
+    assert job["id"] == job_id and job["status"] == "done", job["error"]
+    assert job["result"]["processes"] == 2 and job["result"]["version"] == 1
+    assert job["result"]["metrics"]["n_sequences"] == 8  # both ranks' shares
+    assert job["message"] == "published policy v1"  # rank 0 reported, as this worker
+    row = store.get_version("policy", 1)
+    assert row["job_id"] == job_id and row["reward_version"] == 1
+    assert {m["job_id"] for m in store.metric_series("ppo")} == {job_id}
+    assert runtime._model is None  # the worker itself loaded no model

@@ -82,6 +82,13 @@ def parse_args(argv=None):
                     "(reward_fn(prompts, responses, response_ids) -> Tensor(B)); for tests")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     ap.add_argument("--result-json", type=Path, help="rank 0 writes the round's result here")
+    # started by a worker for a job it holds (rlhf_core.worker.handlers): every rank reads the
+    # worker's snapshot; rank 0 alone reports and publishes, as that worker
+    ap.add_argument("--snapshot", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--job-id", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--server", help=argparse.SUPPRESS)
+    ap.add_argument("--algorithm", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 
@@ -101,34 +108,111 @@ def round_config(workspace: Path, settings: list[str]) -> AppConfig:
     return dataclasses.replace(cfg, workspace=workspace)
 
 
+def rank_data(args, is_main: bool):
+    """(data, reporter, closer) of this rank for a job a worker holds (--snapshot)."""
+    from rlhf_core.worker.run import Reporter
+    from rlhf_core.worker.snapshot import SnapshotData
+    snapshot = json.loads(args.snapshot.read_text())
+    writer = None
+    if is_main:
+        if args.server:
+            from rlhf_core.worker.remote import RemoteData
+            writer = RemoteData(args.server, os.environ["RLHF_WORKER_TOKEN"], args.workspace,
+                                worker=args.worker)
+        else:
+            from rlhf_core.data.store import Store
+            from rlhf_core.worker.data import LocalData
+            from rlhf_core.workspace import DB_NAME
+            writer = LocalData(Store(args.workspace / DB_NAME), args.workspace)
+    data = SnapshotData(snapshot, writer)
+    reporter = Reporter(writer, args.job_id, args.worker) if writer is not None else None
+    return data, reporter, (writer.close if hasattr(writer, "close") else lambda: None)
+
+
+def free_tcp_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_launched(runtime, *, algorithm: str, config, reporter, processes: int) -> dict:
+    """A worker's job as `accelerate launch` with `processes` ranks on this host: the worker
+    writes the snapshot every rank reads, rank 0 reports progress and publishes as this
+    worker, and the round's result comes back through a file."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    from rlhf_core.worker.snapshot import take_snapshot, write_snapshot
+    cfg = dataclasses.replace(runtime.config, ppo=config,
+                              loop=dataclasses.replace(runtime.config.loop, algorithm=algorithm))
+    data = runtime.data
+    accelerate = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
+    with tempfile.TemporaryDirectory(dir=runtime.workspace, prefix=".round-") as tmp:
+        snap = write_snapshot(Path(tmp) / "snapshot.json",
+                              take_snapshot(data, cfg, with_pairs=algorithm == "dpo"))
+        out = Path(tmp) / "result.json"
+        cpu = runtime.device.device.type == "cpu"
+        cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--dynamo_backend", "no",
+               "--main_process_port", str(free_tcp_port()),
+               *(["--mixed_precision", "no"] if cpu else []),
+               "-m", "rlhf_core.policy.launch", "--workspace", str(runtime.workspace),
+               "--snapshot", str(snap), "--job-id", str(reporter.job_id),
+               "--worker", reporter.worker, "--algorithm", algorithm,
+               "--threads", str(max(1, torch.get_num_threads() // processes)),
+               "--result-json", str(out), *(["--cpu"] if cpu else [])]
+        env = dict(os.environ)
+        if getattr(data, "server", None):  # a remote worker: rank 0 calls the app as it
+            cmd += ["--server", data.server]
+            env["RLHF_WORKER_TOKEN"] = data.token
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0 or not out.is_file():
+            tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
+            raise RuntimeError(f"the {processes}-process round failed (exit {proc.returncode}):"
+                               f"\n{tail}")
+        result = json.loads(out.read_text())
+    result["processes"] = processes
+    return result
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from accelerate import Accelerator
 
-    from rlhf_core.data.store import Store
     from rlhf_core.policy.rounds import policy_round
     from rlhf_core.worker.runtime import Runtime
-    from rlhf_core.workspace import DB_NAME
 
-    app = round_config(args.workspace, args.settings)
     accelerator = Accelerator(cpu=args.cpu)
     torch.set_num_threads(args.threads)
-    store = Store(app.workspace / DB_NAME)
-    runtime = Runtime(store, app, cpu=args.cpu)
+    args.workspace = args.workspace.expanduser().resolve()
+    reporter = None
+    if args.snapshot:  # a worker's job: nothing but rank 0 touches the app or the database
+        data, reporter, close = rank_data(args, accelerator.is_main_process)
+        app = dataclasses.replace(data.config(), workspace=args.workspace)
+    else:
+        from rlhf_core.data.store import Store
+        from rlhf_core.workspace import DB_NAME
+        app = round_config(args.workspace, args.settings)
+        data = Store(app.workspace / DB_NAME)
+        close = data.close
+    runtime = Runtime(data, app, cpu=args.cpu)
     reward_fn = None
     if args.reward_fn:
         module, _, attr = args.reward_fn.partition(":")
         reward_fn = getattr(importlib.import_module(module), attr)
-    result = policy_round(runtime, algorithm=app.loop.algorithm, config=app.ppo,
-                          reward_fn=reward_fn, dist=AccelerateDist(accelerator))
+    result = policy_round(runtime, algorithm=args.algorithm or app.loop.algorithm,
+                          config=app.ppo, reward_fn=reward_fn, reporter=reporter,
+                          dist=AccelerateDist(accelerator))
     if accelerator.is_main_process:
         text = json.dumps(result, indent=2, default=str)
         if args.result_json:
             args.result_json.write_text(text)
         print(text)
     accelerator.wait_for_everyone()
-    store.close()
+    close()
     return 0
 
 

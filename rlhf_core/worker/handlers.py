@@ -10,6 +10,7 @@ from __future__ import annotations
 from rlhf_core.config import with_overrides
 from rlhf_core.labeling.batch import sample_batch
 from rlhf_core.labeling.heldout import eval_policy
+from rlhf_core.policy.launch import run_launched
 from rlhf_core.policy.rounds import policy_round
 from rlhf_core.reward.round import score_items, train_reward
 
@@ -32,8 +33,12 @@ def ppo_round_job(runtime, params: dict, reporter) -> dict:
     """The policy round (kind `ppo_round` for every algorithm): `params["algorithm"]` or the
     workspace's `loop.algorithm` picks ppo / grpo / rloo / dpo; other params override `ppo`."""
     algorithm = with_overrides(runtime.config.loop, params).algorithm  # validated there
-    return policy_round(runtime, algorithm=algorithm,
-                        config=with_overrides(runtime.config.ppo, params), reporter=reporter)
+    config = with_overrides(runtime.config.ppo, params)
+    processes = getattr(runtime, "processes", 1)
+    if processes > 1:  # `rlhf worker --processes N`: accelerate launch, rank 0 reports
+        return run_launched(runtime, algorithm=algorithm, config=config, reporter=reporter,
+                            processes=processes)
+    return policy_round(runtime, algorithm=algorithm, config=config, reporter=reporter)
 
 
 def eval_policy_job(runtime, params: dict, reporter) -> dict:

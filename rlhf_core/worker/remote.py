@@ -44,6 +44,7 @@ class RemoteData:
     def __init__(self, server: str, token: str, workspace: Path, *, worker: str,
                  overrides: dict | None = None, retry_s: float = 300.0, timeout_s: float = 120.0,
                  transport: httpx.BaseTransport | None = None):
+        self.server, self.token = server, token  # a multi-process round's rank 0 reuses them
         self.base = server.rstrip("/") + API
         self.workspace = Path(workspace)
         self.overrides = {k: v for k, v in (overrides or {}).items() if v is not None}

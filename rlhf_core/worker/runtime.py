@@ -25,10 +25,11 @@ log = logging.getLogger(__name__)
 
 
 class Runtime:
-    def __init__(self, data, config: AppConfig, *, cpu: bool = False):
+    def __init__(self, data, config: AppConfig, *, cpu: bool = False, processes: int = 1):
         # the worker's data interface; a Store is served locally (tests, benches, the CLI)
         self.data = LocalData(data, config.workspace) if isinstance(data, Store) else data
         self.config = config
+        self.processes = processes  # > 1: policy rounds run as `accelerate launch` (launch.py)
         self.workspace = Path(config.workspace)
         self.device = models.device_settings(cpu=cpu)
         self.lock = threading.RLock()  # one job uses the models at a time
