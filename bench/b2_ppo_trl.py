@@ -43,7 +43,10 @@ def setup(ws: Path) -> dict:
     from rlhf_core.worker.runtime import Runtime
     from rlhf_core.workspace import open_workspace
     common.set_threads()
-    store, cfg = open_workspace(ws, model=common.embedded_model_dir())
+    # a PPO bench needs a serving reward model, not evidence: 8 rankings never clear the
+    # promotion gate (RewardConfig.promote_min_heldout_pairs), so it is off here
+    store, cfg = open_workspace(ws, model=common.embedded_model_dir(), **{
+        "reward.promote_min_heldout_pairs": 0, "reward.promote_min_accuracy": 0.0})
     add_rankings(store, 8, start=0, seed=0)
     runtime = Runtime(store, cfg, cpu=not _cuda())
     res = train_reward(runtime)

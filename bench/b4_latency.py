@@ -134,7 +134,10 @@ def prepare_workspace(ws: Path, n_items: int) -> None:
     from bench.bench_reward import add_rankings
     from rlhf_core.data import annotation
     from rlhf_core.workspace import open_workspace
-    store, cfg = open_workspace(ws, model=common.embedded_model_dir())
+    # a PPO bench needs a serving reward model, not evidence: 8 rankings never clear the
+    # promotion gate (RewardConfig.promote_min_heldout_pairs), so it is off here
+    store, cfg = open_workspace(ws, model=common.embedded_model_dir(), **{
+        "reward.promote_min_heldout_pairs": 0, "reward.promote_min_accuracy": 0.0})
     add_rankings(store, 8, start=0, seed=0)  # 8 ranked K=4 items -> 48 pairs for train_reward
     rng = random.Random(1)
     recs = [{"text": f"Bench prompt {i}: describe {rng.choice(['a lake', 'a city', 'a song'])}"}

@@ -104,6 +104,12 @@ class RewardConfig:
     use_margin: bool = False
     center_coef: float = 0.0
     promote_tolerance: float = 0.02
+    # evidence before a version serves (reward/train.promotion_gate): this many strict
+    # held-out pairs, and the low end of the Wilson interval (z = promote_z; 1.96: 95%) on
+    # held-out accuracy at or above promote_min_accuracy
+    promote_min_heldout_pairs: int = 20
+    promote_z: float = 1.96
+    promote_min_accuracy: float = 0.5  # 0.5: a coin flip
     min_pairs: int = 8
     head_init_std: float = 0.02
     seed: int = 0
@@ -249,6 +255,8 @@ LIMITS = {
     "reward.max_length": Range(8), "reward.heldout_fraction": Range(0, 0.9),
     "reward.replay_ratio": AT_LEAST_0, "reward.center_coef": AT_LEAST_0,
     "reward.promote_tolerance": AT_LEAST_0, "reward.min_pairs": AT_LEAST_1,
+    "reward.promote_min_heldout_pairs": AT_LEAST_0, "reward.promote_z": AT_LEAST_0,
+    "reward.promote_min_accuracy": SHARE,
     "reward.head_init_std": AT_LEAST_0, "reward.seed": AT_LEAST_0,
     "reward.margin_scale": AT_LEAST_0, "reward.max_grad_norm": POSITIVE,
     "reward.eval_batch_size": AT_LEAST_1,

@@ -56,7 +56,9 @@ def test_a_whole_loop_with_a_remote_worker(tmp_path, tiny_model_dir):
         "sampling.max_new_tokens": 6, "sampling.prompts_per_batch": 6, "sampling.k": 3,
         "sampling.min_ready_items": 2, "reward.min_pairs": 4, "ppo.max_new_tokens": 6,
         "ppo.prompts_per_round": 4, "ppo.epochs": 1, "loop.ab_fraction": 0.0,
-        "loop.retrain_every": 4, "loop.score_items": False})
+        "loop.retrain_every": 4, "loop.score_items": False,
+        # the flow, not the evidence: 4 rankings never clear the reward promotion gate
+        "reward.promote_min_heldout_pairs": 0, "reward.promote_min_accuracy": 0.0})
     store.add_prompts([{"text": f"question {i}: say something"} for i in range(24)],
                       source="test")
     token = tokens.create(store, "gpu-1")

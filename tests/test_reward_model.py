@@ -30,6 +30,26 @@ WORDS = ("the quick brown fox jumps over lazy dog hello world how are you today 
          "write short poem about sea").split()
 MARKER = "yes"
 FAST = RewardConfig(lr=1e-2, epochs=4, rankings_per_step=4, min_pairs=8)
+# Tests that need a promoted version but not learning (12 prompts: ~12 held-out pairs).
+NO_GATE = replace(FAST, promote_min_heldout_pairs=0, promote_min_accuracy=0.0)
+# Tests that check learning. Over 10 tiny-model inits x 2 seeds (40 trainings, shared and
+# separate base) FAST ended as low as 0.57 held-out accuracy, barely trained; this setting
+# scored >= 0.977 on every one of the 40 (44 held-out pairs each), about 2 s per training.
+LEARN = replace(FAST, lr=5e-3, epochs=8)
+# What "learned" means, with margins no init or release rounding flips: held-out accuracy of
+# at least 0.8 (the same 40 models untrained scored 0.07-0.73 on those pairs: the pairs of one
+# prompt move together, so chance reaches far), and a mean P(chosen) of at least 0.57 (an
+# untrained head, std 0.02, scores everything near 0: 0.493-0.505; trained: >= 0.64).
+MIN_ACCURACY, MIN_P_CHOSEN = 0.8, 0.57
+# A warm-started round: at LEARN's lr, 2 of 10 inits forgot (held-out 0.55 and 0.70 from 1.0;
+# Adam's first steps move every weight by about lr); at this one 12 of 12 kept >= v1's.
+# Tolerance 0.1: one held-out pair is 0.018 there, and the gate has its own tests below.
+FINE_TUNE = replace(LEARN, lr=1e-3, epochs=4, promote_tolerance=0.1)
+
+
+def assert_learned(metrics: dict, prefix: str = "heldout") -> None:
+    assert metrics[f"{prefix}_accuracy"] >= MIN_ACCURACY, metrics
+    assert metrics[f"{prefix}_mean_p_chosen"] >= MIN_P_CHOSEN, metrics
 
 
 @pytest.fixture(autouse=True)
@@ -71,6 +91,19 @@ def seed_rankings(store, n: int, *, start: int = 0, flip_train: bool = False,
                                   token=item["token"], submission_key=f"k-{item['id']}",
                                   tiers=tiers)
     return pids
+
+
+def marker_pairs(n: int, seed: int) -> tuple[list[str], list[str], list[str]]:
+    """(prompts, responses with the marker, the same responses without it), like seed_rankings'."""
+    rng = random.Random(seed)
+    prompts, marked, plain = [], [], []
+    for i in range(n):
+        prompts.append(f"prompt {900 + i}: " + " ".join(rng.choice(WORDS) for _ in range(5)))
+        words = [rng.choice(WORDS) for _ in range(rng.randint(3, 6))]
+        plain.append(" ".join(words))
+        words.insert(rng.randint(0, len(words)), MARKER)
+        marked.append(" ".join(words))
+    return prompts, marked, plain
 
 
 def make_runtime(store, model_dir, cfg=FAST, **kw) -> Runtime:
@@ -118,6 +151,48 @@ def test_pair_metrics_hand_values():
     assert m["ece"] == pytest.approx(abs(0.7311 - 0.5), abs=1e-3)  # one bin, conf .731, acc .5
 
 
+def _held(accuracy, pairs):
+    return {"heldout": {"accuracy": accuracy, "strict_pairs": pairs}}
+
+
+def test_gate_first_version_needs_pairs_and_an_interval_above_chance():
+    gate, cfg, v1 = reward_train.promotion_gate, RewardConfig(), {"version": 1}
+    status, reason = gate(_held(0.9, 12), {}, None, cfg)  # 12 < 20 pairs
+    assert status == "rejected" and "not enough evidence" in reason
+    assert "on 12 pairs (at least 20 needed)" in reason and "promote_min_heldout_pairs" in reason
+    # issue 11.8: v1 at 0.500 on 24 pairs; the 95% Wilson interval is [0.314, 0.686]
+    status, reason = gate(_held(0.5, 24), {}, None, cfg)
+    assert status == "rejected" and "[0.314, 0.686] reaches below 0.5" in reason
+    # on 24 pairs 17 right is the fewest whose interval clears 0.5 (16/24: low end 0.467)
+    assert gate(_held(16 / 24, 24), {}, None, cfg)[0] == "rejected"
+    status, reason = gate(_held(17 / 24, 24), {}, None, cfg)
+    assert status == "promoted" and reason.startswith("first reward version, held-out accuracy "
+                                                      "0.708 on 24 pairs")
+    assert "95% interval [0.508, 0.851]" in reason
+    # ... and v2 at 0.500 vs v1's 0.500 (issue 11.8) is no longer promoted either
+    status, reason = gate(_held(0.5, 24), _held(0.5, 24), v1, cfg)
+    assert status == "rejected" and reason.endswith("v1 keeps serving")
+    assert gate(_held(None, 0), {}, None, cfg)[0] == "rejected"
+
+
+def test_gate_later_version_within_tolerance_of_the_current():
+    gate, cfg, v1 = reward_train.promotion_gate, RewardConfig(), {"version": 1}
+    status, reason = gate(_held(0.89, 100), _held(0.9, 100), v1, cfg)  # 0.01 below, tol 0.02
+    assert status == "promoted" and "v1 had 0.900 on the same pairs (tolerance 0.02)" in reason
+    status, reason = gate(_held(0.85, 100), _held(0.9, 100), v1, cfg)
+    assert status == "rejected" and "worse than v1's 0.900" in reason
+    assert "tolerance 0.02" in reason and reason.endswith("v1 keeps serving")
+    assert gate(_held(0.95, 19), _held(0.5, 19), v1, cfg)[0] == "rejected"  # too few pairs
+    # the rules are config: no pairs needed and no floor turn the gate off
+    off = replace(cfg, promote_min_heldout_pairs=0, promote_min_accuracy=0.0)
+    assert gate(_held(None, 0), {}, None, off)[0] == "promoted"
+    assert gate(_held(None, 0), {}, v1, off) == (
+        "promoted", "no held-out pairs to compare on: promoted without the accuracy gate")
+    # z = 0: the interval shrinks to the point estimate
+    assert gate(_held(0.55, 40), {}, None, replace(cfg, promote_z=0.0))[0] == "promoted"
+    assert gate(_held(0.55, 40), {}, None, cfg)[0] == "rejected"
+
+
 def test_replay_and_steps_keep_rankings_whole_and_are_seeded():
     pairs = [_pair(i, ranking=i // 3) for i in range(30)]  # 10 rankings of 3 pairs
     a, b = reward_data.replay_sample(pairs, 7, seed=1), reward_data.replay_sample(pairs, 7, seed=1)
@@ -130,14 +205,14 @@ def test_replay_and_steps_keep_rankings_whole_and_are_seeded():
 # -- training ----------------------------------------------------------------------------------
 def test_learns_separable_preference_and_publishes_safetensors(store, tiny_model_dir):
     seed_rankings(store, 40)
-    runtime = make_runtime(store, tiny_model_dir)
+    runtime = make_runtime(store, tiny_model_dir, cfg=LEARN)
     base_before = {n: p.detach().clone() for n, p in runtime.model.named_parameters()
                    if "lora_" not in n}
     policy_before = {n: p.detach().clone() for n, p in runtime.model.named_parameters()
                      if ".policy." in n}
     res = reward_model.train_reward(runtime)
-    assert res["status"] == "promoted" and res["version"] == 1
-    assert res["metrics"]["heldout_accuracy"] >= 0.9, res["metrics"]
+    assert res["status"] == "promoted" and res["version"] == 1, res["reason"]
+    assert_learned(res["metrics"])
     assert res["counts"]["heldout_strict"] > 0 and res["counts"]["train_ties"] > 0
 
     # Parameters changed; the base weights and the policy adapter did not.
@@ -147,7 +222,7 @@ def test_learns_separable_preference_and_publishes_safetensors(store, tiny_model
     lora_b = [p for n, p in params.items() if ".reward." in n and "lora_B" in n]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # LoRA B starts at zero
     scorer = reward_model.load_reward(runtime)
-    fresh_head = models.ScalarHead(runtime.hidden_size, FAST.head_init_std, FAST.seed + 1)
+    fresh_head = models.ScalarHead(runtime.hidden_size, LEARN.head_init_std, LEARN.seed + 1)
     assert not torch.equal(scorer.head.linear.weight, fresh_head.linear.weight)
     assert scorer.version == 1 and scorer.shares_base and scorer.adapter_name == "reward"
 
@@ -158,16 +233,18 @@ def test_learns_separable_preference_and_publishes_safetensors(store, tiny_model
             "score_head.safetensors", "version.json"} <= set(files)
     assert not [f for f in files if f.endswith((".bin", ".pt", ".pkl", ".pth"))]
     manifest = json.loads((path / "version.json").read_text())
-    assert manifest["config"]["lr"] == FAST.lr and manifest["counts"]["max_pair_id"] > 0
+    assert manifest["config"]["lr"] == LEARN.lr and manifest["counts"]["max_pair_id"] > 0
     assert manifest["metrics"]["heldout_accuracy"] == res["metrics"]["heldout_accuracy"]
 
-    # The scorer prefers a marker response to the same response without it.
-    prompt = "prompt 99: hello world"
-    assert sum(a > b for a, b in zip(
-        scorer.score_texts([prompt] * 3, ["the sea yes", "how yes are you", "yes fox dog"]),
-        scorer.score_texts([prompt] * 3, ["the sea", "how are you", "fox dog"]))) >= 2
+    # The scorer prefers a marker response to the same response without it: 40 new pairs, 36
+    # needed (16 inits: 38-40 trained). Untrained models also reach 0-39 here (inserting one
+    # token moves a random score one way), so assert_learned above is what proves learning.
+    prompts, marked, plain = marker_pairs(40, seed=7)
+    assert sum(a > b for a, b in zip(scorer.score_texts(prompts, marked),
+                                     scorer.score_texts(prompts, plain))) >= 36
     hist = reports.reward_history(store)
-    assert hist[0]["version"] == 1 and hist[0]["heldout_accuracy"] >= 0.9
+    assert hist[0]["version"] == 1
+    assert hist[0]["heldout_accuracy"] == res["metrics"]["heldout_accuracy"]
     assert hist[0]["mean_p_chosen"] is not None and hist[0]["ece"] is not None
 
 
@@ -179,7 +256,7 @@ def test_no_pickle_or_torch_load_in_reward_code():
 
 def test_score_ids_is_padding_invariant_and_matches_score_texts(store, tiny_model_dir):
     seed_rankings(store, 12)
-    runtime = make_runtime(store, tiny_model_dir)
+    runtime = make_runtime(store, tiny_model_dir, cfg=NO_GATE)
     reward_model.train_reward(runtime)
     scorer = reward_model.load_reward(runtime)
     enc = reward_scoring.Encoder(runtime.tokenizer, 320)
@@ -197,13 +274,13 @@ def test_score_ids_is_padding_invariant_and_matches_score_texts(store, tiny_mode
 
 def test_incremental_update_warm_starts_and_replays(store, tiny_model_dir):
     seed_rankings(store, 40)
-    runtime = make_runtime(store, tiny_model_dir)
+    runtime = make_runtime(store, tiny_model_dir, cfg=LEARN)
     first = reward_model.train_reward(runtime)
     old_pairs = reward_data.load_pairs(annotation.training_pairs(store))
     v1 = reward_model.load_reward(runtime)
     v1_scores = v1.score_texts(["p", "q"], ["yes sea", "the dog"])
     seed_rankings(store, 12, start=40)
-    second = reward_model.train_reward(runtime)
+    second = reward_model.train_reward(runtime, config=FINE_TUNE)
     c = second["counts"]
     assert second["status"] == "promoted", second["reason"]
     assert store.current_version("reward")["parent"] == 1
@@ -213,7 +290,7 @@ def test_incremental_update_warm_starts_and_replays(store, tiny_model_dir):
     # Fresh accuracy of the serving version was measured before it was replaced.
     assert second["metrics"]["current_fresh_accuracy"] is not None
     assert second["metrics"]["current_fresh_strict_pairs"] == c["fresh_strict"]
-    assert accuracy_on(reward_model.load_reward(runtime), old_pairs) >= 0.9
+    assert accuracy_on(reward_model.load_reward(runtime), old_pairs) >= MIN_ACCURACY
     # A scorer held from before keeps scoring as v1, without evicting v2 from the serving slot.
     assert v1.score_texts(["p", "q"], ["yes sea", "the dog"]) == pytest.approx(v1_scores, abs=1e-6)
     assert runtime.loaded["reward"] == 2 and v1.adapter_name == "reward@v1"
@@ -223,8 +300,8 @@ def test_incremental_update_warm_starts_and_replays(store, tiny_model_dir):
 
 def test_gate_rejects_worse_candidate_and_current_keeps_serving(store, tiny_model_dir):
     seed_rankings(store, 40)
-    runtime = make_runtime(store, tiny_model_dir)
-    reward_model.train_reward(runtime)
+    runtime = make_runtime(store, tiny_model_dir, cfg=LEARN)
+    assert reward_model.train_reward(runtime)["status"] == "promoted"
     before = reward_model.load_reward(runtime).score_texts(["p"], ["yes the sea"])
     seed_rankings(store, 40, start=40, flip_train=True)  # annotators now contradict themselves
     res = reward_model.train_reward(runtime, config=replace(FAST, replay_ratio=0.0, epochs=8))
@@ -258,7 +335,7 @@ def test_all_ties_is_refused(store, tiny_model_dir):
 
 def test_missing_or_corrupt_version_dir_keeps_previous_serving(store, tiny_model_dir):
     seed_rankings(store, 12)
-    runtime = make_runtime(store, tiny_model_dir)
+    runtime = make_runtime(store, tiny_model_dir, cfg=NO_GATE)
     reward_model.train_reward(runtime)
     good = reward_model.load_reward(runtime)
     expected = good.score_texts(["p"], ["yes"])
@@ -297,9 +374,10 @@ def test_train_job_through_the_queue(store, tiny_model_dir):
 
 def test_separate_sequence_classifier_reward_base(store, tiny_model_dir):
     seed_rankings(store, 40)
-    runtime = make_runtime(store, tiny_model_dir, reward_model=str(tiny_model_dir))
+    runtime = make_runtime(store, tiny_model_dir, cfg=LEARN, reward_model=str(tiny_model_dir))
     res = reward_model.train_reward(runtime)
-    assert res["status"] == "promoted" and res["metrics"]["heldout_accuracy"] >= 0.9
+    assert res["status"] == "promoted", res["reason"]
+    assert_learned(res["metrics"])
     scorer = reward_model.load_reward(runtime)
     assert not scorer.shares_base and runtime._model is None  # the policy base never loaded
     assert json.loads(Path(scorer.path, "version.json").read_text())["shares_base"] is False

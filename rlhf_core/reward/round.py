@@ -10,7 +10,8 @@ A round reads as a checklist (`train_reward`):
   2. evaluate the current version on held-out and fresh pairs (before it is replaced)
   3. warm-start a candidate from the current adapter + head (first version: from scratch)
   4. fit: Bradley-Terry (+ soft ties, margin, centering), one step per few whole rankings
-  5. evaluate the candidate; the promotion gate compares held-out accuracy
+  5. evaluate the candidate; the promotion gate wants enough held-out pairs, then
+     accuracy above chance (first version) or not worse than the current's
   6. publish atomically (adapter, head, manifest), then the DB row, LAST
 Dropout stays off throughout (`eval()`): scores are deterministic and a warm start is exact.
 """
@@ -97,7 +98,7 @@ def _train_round(runtime, data, cfg: RewardConfig, reporter, progress, from_scra
         progress(0.85, "evaluating the candidate")
         after = evaluate(bb, CANDIDATE, head, pairs, cfg)
         clock.lap("eval_candidate_seconds")
-        status, reason = promotion_gate(after, before, current, cfg.promote_tolerance)
+        status, reason = promotion_gate(after, before, current, cfg)
         metrics = {**_flat(after, ""), **_flat(before, "current_"), **fit_stats, **clock.laps}
         progress(0.95, f"publishing v{version} ({status})")
         manifest = {"kind": "reward", "version": version, "status": status, "reason": reason,

@@ -5,6 +5,7 @@ of the reward backbone until it is published (or discarded).
 """
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
@@ -14,6 +15,7 @@ import torch
 
 from rlhf_core import checkpoints, models
 from rlhf_core.config import RewardConfig
+from rlhf_core.evaluation import wilson_interval
 from rlhf_core.losses import bradley_terry_loss, reward_centering_loss, soft_bradley_terry_loss
 from rlhf_core.reward import data as reward_data
 from rlhf_core.reward.data import PrefPair, RewardData
@@ -142,22 +144,45 @@ def evaluate(bb: Backbone, adapter: str, head, data: RewardData, cfg: RewardConf
 
 
 def promotion_gate(after: dict, before: dict, current: dict | None,
-                   tolerance: float) -> tuple[str, str]:
-    """Promote unless held-out accuracy fell more than `tolerance` below the current's
-    (both measured now, on the same held-out pairs)."""
-    acc = after["heldout"].get("accuracy")
+                   cfg: RewardConfig) -> tuple[str, str]:
+    """("promoted" | "rejected", reason naming the evidence and the rule).
+
+    A version serves (and drives PPO) only with evidence that it beats a coin flip: at least
+    `promote_min_heldout_pairs` strict held-out pairs, and the low end of the Wilson interval
+    on its held-out accuracy at or above `promote_min_accuracy`. A later version must also not
+    be worse than the current one (both measured now, on the same held-out pairs) by more than
+    `promote_tolerance`.
+    """
+    held = after.get("heldout", {})
+    acc, n = held.get("accuracy"), int(held.get("strict_pairs") or 0)
+    lo, hi = wilson_interval(acc * n, n, cfg.promote_z) if acc is not None else (0.0, 1.0)
+    need, floor = cfg.promote_min_heldout_pairs, cfg.promote_min_accuracy
+    shown = (f"held-out accuracy {acc:.3f} on {n} pairs (at least {need} needed), "
+             f"{_level(cfg.promote_z)} interval [{lo:.3f}, {hi:.3f}]" if acc is not None
+             else f"no strict held-out pairs (at least {need} needed)")
+    keeps = f"; v{current['version']} keeps serving" if current else ""
+    if n < need:
+        return "rejected", (f"not enough evidence: {shown} (promote_min_heldout_pairs); "
+                            f"rank more items{keeps}")
+    cur = before.get("heldout", {}).get("accuracy") if current else None
+    if cur is not None and acc is not None and acc < cur - cfg.promote_tolerance:
+        return "rejected", (f"{shown} is worse than v{current['version']}'s {cur:.3f} by more "
+                            f"than the tolerance {cfg.promote_tolerance} (promote_tolerance)"
+                            f"{keeps}")
+    if lo < floor:
+        return "rejected", (f"not better than chance yet: {shown} reaches below {floor} "
+                            f"(promote_min_accuracy){keeps}")
     if current is None:
-        return "promoted", "first reward version" + (f" (held-out accuracy {acc:.3f})"
-                                                     if acc is not None else "")
-    cur = before.get("heldout", {}).get("accuracy")
-    if acc is None or cur is None:
+        return "promoted", f"first reward version, {shown}: at or above {floor}"
+    if cur is None:  # no held-out pairs, and the gate asks for none
         return "promoted", "no held-out pairs to compare on: promoted without the accuracy gate"
-    if acc < cur - tolerance:
-        return "rejected", (f"held-out accuracy {acc:.3f} is worse than v{current['version']}'s "
-                            f"{cur:.3f} by more than the tolerance {tolerance}; "
-                            f"v{current['version']} keeps serving")
-    return "promoted", (f"held-out accuracy {acc:.3f} vs v{current['version']}'s {cur:.3f} "
-                        f"(tolerance {tolerance})")
+    return "promoted", (f"{shown}: at or above {floor}; v{current['version']} had {cur:.3f} "
+                        f"on the same pairs (tolerance {cfg.promote_tolerance})")
+
+
+def _level(z: float) -> str:
+    """The two-sided confidence of a normal z as a label: 1.96 -> "95%"."""
+    return f"{math.erf(z / math.sqrt(2)):.0%}"
 
 
 def publish_candidate(runtime, bb: Backbone, head, version: int, manifest: dict) -> Path:
