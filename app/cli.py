@@ -11,7 +11,6 @@ import argparse
 import json
 import logging
 import os
-import signal
 import socket
 import sqlite3
 import sys
@@ -103,16 +102,19 @@ def check_serving(a) -> None:
 
 # -- commands -----------------------------------------------------------------------------
 def cmd_up(a):
-    """Worker in a child process, UI in this one; Ctrl-C stops both."""
+    """Worker in a child process, UI in this one; Ctrl-C, SIGTERM or SIGHUP stops both."""
     store, cfg = open_ws(a)
     from rlhf_core.workspace import seed_prompts_if_empty
     added = seed_prompts_if_empty(store, cfg)
     if added:
         print(f"workspace {cfg.workspace}: imported {added} sample prompts")
-    from app.launcher import start_worker, stop_worker
+    from app.launcher import interrupt_on_signals, start_worker, stop_worker
+    interrupt_on_signals()  # SIGTERM and SIGHUP close the UI as Ctrl-C does, then the worker
     worker = start_worker(cfg.workspace)
     try:
         cmd_serve(a, store=store, cfg=cfg)
+    except KeyboardInterrupt:
+        pass  # a signal before the UI's own wait loop took it
     finally:
         stop_worker(worker)
 
@@ -131,8 +133,10 @@ def cmd_serve(a, store=None, cfg=None):
 def cmd_worker(a):
     from rlhf_core.worker.run import run_remote_worker, run_worker
     check_models_resolve(a)
+    from rlhf_core.worker.presence import stop_on_signals
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop_on_signals(stop)  # SIGTERM/SIGINT/SIGHUP: hand back the current job, then exit
+    parent = os.environ.get("RLHF_PARENT_PID")  # set by `rlhf up`: exit when it is gone
     token = a.token or os.environ.get("RLHF_WORKER_TOKEN")
     kinds = [k.strip() for k in a.kinds.split(",") if k.strip()] if a.kinds else None
     try:
@@ -145,7 +149,8 @@ def cmd_worker(a):
                               kinds=kinds, overrides=overrides_from(a))
         else:
             run_worker(Path(a.workspace), stop=stop, cpu=a.cpu, nice=a.nice, threads=a.threads,
-                       overrides=overrides_from(a), kinds=kinds)
+                       overrides=overrides_from(a), kinds=kinds,
+                       parent_pid=int(parent) if parent else None)
     except KeyboardInterrupt:
         stop.set()
 

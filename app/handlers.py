@@ -14,6 +14,7 @@ import time
 import uuid
 
 from app.context import MAX_NAME_LEN, ROLES, AppContext
+from rlhf_core.data import workers
 from rlhf_core.data.annotation import (LABELS, Refused, StaleForm, annotator_progress,
                                        assignment_status, next_item, submit_ranking, undo_last)
 from rlhf_core.preferences import format_ranking_text, parse_ranking_text
@@ -234,6 +235,20 @@ def progress_text(ctx: AppContext, annotator: str) -> str:
     return f"**{annotator}** · ranked **{p['done']}** · **{p['available']}** more available"
 
 
+def waiting_message(ctx: AppContext, viewer: str | None) -> str:
+    """Nothing to rank: say "sampling" only while a worker beats (the workers registry), else
+    how to start one (the workspace path for researchers only)."""
+    if workers.alive(ctx.store):
+        return WAITING
+    return ("**Nothing to rank right now: no worker is running; start one with "
+            f"`{worker_command(ctx, viewer)}`.** This page checks again every few seconds.")
+
+
+def worker_command(ctx: AppContext, viewer: str | None) -> str:
+    where = str(ctx.workspace).replace("`", "") if ctx.is_researcher(viewer) else "…"
+    return f"rlhf worker --workspace {where}"
+
+
 def load_form(ctx: AppContext, annotator: str, drafts: dict | None, *, message: str = "",
               undone_tiers: list | None = None) -> dict:
     """The annotator's current item (drafts restored), or the waiting message."""
@@ -242,7 +257,8 @@ def load_form(ctx: AppContext, annotator: str, drafts: dict | None, *, message: 
     if item is None:
         return {**out, "item": None, "form_item": "", "k": 0, "prompt_html": "", "cards_html": "",
                 "ranking": "", "note": "", "flag": False, "all_bad": False, "preview": "",
-                "ranks": [None] * MAX_CARDS, "message": message or WAITING, "waiting": True}
+                "ranks": [None] * MAX_CARDS,
+                "message": message or waiting_message(ctx, annotator), "waiting": True}
     state = form_state(item)
     draft = (drafts or {}).get(str(item["id"]), {})
     ranking = draft.get("ranking", "")

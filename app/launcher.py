@@ -1,6 +1,7 @@
 """Start the app's two processes: the UI here, the worker as a child process."""
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -15,8 +16,27 @@ def free_port() -> int:
 
 
 def start_worker(workspace: Path, *extra: str) -> subprocess.Popen:
+    """The worker child. In its own session, so a terminal's Ctrl-C reaches only this process,
+    which stops the worker (stop_worker); it exits by itself when this process is gone."""
     return subprocess.Popen([sys.executable, "-m", "app.cli", "worker",
-                             "--workspace", str(workspace), *extra])
+                             "--workspace", str(workspace), *extra],
+                            env={**os.environ, "RLHF_PARENT_PID": str(os.getpid())},
+                            start_new_session=True)
+
+
+def interrupt_on_signals() -> None:
+    """SIGTERM and SIGHUP end this process as Ctrl-C does (KeyboardInterrupt in the main
+    thread: Gradio's wait loop closes the server, callers' `finally` stops the worker). Once:
+    a repeated signal while stopping is ignored. Main thread only."""
+    signums = [getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
+
+    def on_signal(signum, frame):
+        for s in signums:
+            signal.signal(s, signal.SIG_IGN)
+        print(f"{signal.Signals(signum).name}: stopping the UI and the worker", flush=True)
+        raise KeyboardInterrupt
+    for s in signums:
+        signal.signal(s, on_signal)
 
 
 def stop_worker(worker: subprocess.Popen, timeout: float = 30) -> None:

@@ -6,8 +6,8 @@ import re
 from pathlib import Path
 
 from app.context import AppContext
-from app.handlers import esc
-from rlhf_core.data import jobs
+from app.handlers import esc, worker_command
+from rlhf_core.data import jobs, workers
 
 # Button label -> job kind the worker knows (rlhf_core.data.jobs.HANDLERS in the worker process).
 JOB_BUTTONS = {"Sample batch": "sample_batch", "Train reward model": "train_reward",
@@ -67,11 +67,47 @@ def jobs_html(job_rows: list[dict], workspace: str | Path | None = None,
     return f'<div class="rl-jobs">{"".join(rows)}</div>'
 
 
+_WORKER_COLOURS = {"idle": "#2e9e4f", "running": "#2b7be4", "stopped": "#888", "dead": "#d33"}
+
+
+def _ago(seconds: float) -> str:
+    return f"{seconds:.0f} s ago" if seconds < 120 else f"{seconds / 60:.0f} min ago"
+
+
+def workers_html(rows: list[dict], command: str, full: bool = False) -> str:
+    """The workers registry: state, last heartbeat, current job; names, hosts and pids only for
+    researchers (`full`). Without a worker that beats, says so and how to start one."""
+    live = [w for w in rows if w["status"] in workers.LIVE and w["age_s"] <= workers.STALE_S]
+    out = [] if live else [f'<div class="rl-no-worker"><b>No worker is running</b>; start one '
+                           f'with <code>{esc(command)}</code></div>']
+    for i, w in enumerate(rows, 1):
+        state = w["status"]
+        if state in workers.LIVE and w["age_s"] > workers.STALE_S:
+            state = "silent"  # not reaped yet: no claim to being alive
+        job = (f'#{w["job_id"]} {esc(w["job_kind"] or "?")} '
+               f'{int(round(100 * float(w["job_progress"] or 0)))}%' if w["job_id"] else "")
+        who = (f'{esc(w["name"])} · pid {w["pid"]} · {esc(w["device"] or "starting")}'
+               if full else f"worker {i}")
+        kinds = ", ".join(w["kinds"]) if w["kinds"] else "all kinds"
+        out.append(
+            f'<div class="rl-worker" data-status="{esc(state)}">'
+            f'<span class="rl-worker-name">{who}</span>'
+            f'<span style="color:{_WORKER_COLOURS.get(state, "#aa8800")}">{esc(state)}</span>'
+            f'<span>heartbeat {_ago(w["age_s"])}</span><span>{job or "no job"}</span>'
+            f'<span class="rl-job-msg">{esc(kinds)}'
+            f'{" · " + esc(w["reason"]) if w.get("reason") and full else ""}</span></div>')
+    return f'<div class="rl-workers">{"".join(out)}</div>'
+
+
 def status_view(ctx: AppContext, viewer: str | None = None) -> dict:
     """The panel for `viewer`: a researcher sees job messages with their full paths."""
     try:
+        workers.reap(ctx.store)  # a dead worker's job is shown released, not still "running"
         status = ctx.store.status()
-        return {"status_md": status_markdown(status),
+        return {"workers_html": workers_html(workers.list_workers(ctx.store, limit=10),
+                                             worker_command(ctx, viewer),
+                                             full=ctx.is_researcher(viewer)),
+                "status_md": status_markdown(status),
                 "jobs_html": jobs_html(jobs.list_jobs(ctx.store, limit=30), ctx.workspace,
                                        full_paths=ctx.is_researcher(viewer))}
     except Exception as exc:  # a locked or migrating DB must not break the page

@@ -23,6 +23,9 @@ CSS = """
 .rl-job { display: grid; grid-template-columns: 14em 6em 1fr 3.5em; gap: 8px; align-items: center; }
 .rl-job-msg { grid-column: 1 / -1; color: var(--body-text-color-subdued); font-size: 0.85em; }
 .rl-job-msg:empty { display: none; }
+.rl-workers { display: flex; flex-direction: column; gap: 4px; font-size: 0.9em; }
+.rl-worker { display: grid; grid-template-columns: 1fr 6em 9em 12em; gap: 8px; }
+.rl-no-worker { color: #d33; }
 .rl-bar { height: 10px; border-radius: 5px; background: var(--border-color-primary); overflow: hidden; }
 .rl-bar > span { display: block; height: 100%; }
 #rl-ranking textarea, #rl-ranking input { font-family: var(--font-mono); font-size: 1.3em;

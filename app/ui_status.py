@@ -1,4 +1,5 @@
-"""The Status tab: versions, counts, every job with a progress bar, researcher job buttons."""
+"""The Status tab: versions, counts, the workers (alive? doing what?), every job with a
+progress bar, researcher job buttons."""
 from __future__ import annotations
 
 import html
@@ -16,12 +17,14 @@ def build_status_tab(c: dict) -> None:
                                       elem_id="rl-job-" + kind.replace("_", "-"))
                             for label, kind in status.JOB_BUTTONS.items()]
     c["job_message"] = gr.Markdown()
+    gr.Markdown("#### Workers")
+    c["workers_html"] = gr.HTML(elem_id="rl-workers")
     gr.Markdown("#### Jobs")
     c["jobs_html"] = gr.HTML(elem_id="rl-jobs")
 
 
 def wire_status_tab(ctx: AppContext, demo: gr.Blocks, c: dict) -> None:
-    outs = [c["status_md"], c["jobs_html"], c["job_message"]]
+    outs = [c["status_md"], c["workers_html"], c["jobs_html"], c["job_message"]]
 
     def refresh(annotator, request: gr.Request):
         try:  # who looks decides whether job messages show full paths (researchers only)
@@ -44,7 +47,8 @@ def wire_status_tab(ctx: AppContext, demo: gr.Blocks, c: dict) -> None:
             if not out["ok"]:
                 gr.Warning(html.escape(out["message"]))
             upd = {c["job_message"]: handlers.md_escape(out["message"])}
-            upd.update({c[k]: v for k, v in out.items() if k in ("status_md", "jobs_html")})
+            upd.update({c[k]: v for k, v in out.items()
+                        if k in ("status_md", "workers_html", "jobs_html")})
             return upd
         return on_click
 

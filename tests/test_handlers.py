@@ -33,6 +33,8 @@ def ctx(store, tmp_path):
 
 
 def test_waiting_message_when_nothing_is_ready(ctx):
+    from rlhf_core.data import workers  # "sampling" only while a worker beats (test_workers.py)
+    workers.register(ctx.store, "w", host="h", pid=1, scope="another host")
     out = handlers.start(ctx, "ada", None, {})
     assert out["waiting"] and out["item"] is None and "sampling the next batch" in out["message"]
     seed_items(ctx.store, n=1)

@@ -47,16 +47,7 @@ def claim(store: Store, worker: str, *, kinds: list[str] | None = None,
     """Take the oldest queued job (background kinds last), or one whose lease went stale."""
     now = time.time()
     with store.write() as db:
-        # Stale leases: the worker died. A cancel it never saw still holds; fail jobs out of
-        # attempts, re-queue the rest.
-        db.execute("UPDATE jobs SET status = 'cancelled', finished_at = ? WHERE status = 'running' "
-                   "AND lease_expires < ? AND message = 'cancel requested'", [now_iso(), now])
-        db.execute("UPDATE jobs SET status = 'failed', finished_at = ?, error = "
-                   "'worker died (lease expired) and no attempts are left' "
-                   "WHERE status = 'running' AND lease_expires < ? AND attempts >= max_attempts",
-                   [now_iso(), now])
-        db.execute("UPDATE jobs SET status = 'queued', message = 'lease expired: re-queued' "
-                   "WHERE status = 'running' AND lease_expires < ?", [now])
+        _release_stale(db, now)
         sql = "SELECT * FROM jobs WHERE status = 'queued'"
         params: list = []
         if kinds:
@@ -72,6 +63,41 @@ def claim(store: Store, worker: str, *, kinds: list[str] | None = None,
                    "heartbeat_at = ?, lease_expires = ?, started_at = ?, error = NULL "
                    "WHERE id = ?", [worker, now, now + lease_s, now_iso(), job_id])
     return get_job(store, job_id)
+
+
+def _release_stale(db, now: float, *, worker: str | None = None,
+                   why: str = "lease expired") -> None:
+    """The lease rules for a running job whose worker died (its lease went stale, or, with
+    `worker`, the workers registry saw that worker die): a cancel it never saw still holds;
+    a job out of attempts fails; the rest are re-queued."""
+    mine, args = ("", []) if worker is None else (" AND worker = ?", [worker])
+    db.execute("UPDATE jobs SET status = 'cancelled', finished_at = ? WHERE status = 'running' "
+               "AND lease_expires < ? AND message = 'cancel requested'" + mine,
+               [now_iso(), now, *args])
+    db.execute("UPDATE jobs SET status = 'failed', finished_at = ?, error = ? "
+               "WHERE status = 'running' AND lease_expires < ? AND attempts >= max_attempts" + mine,
+               [now_iso(), f"worker died ({why}) and no attempts are left", now, *args])
+    db.execute("UPDATE jobs SET status = 'queued', message = ? "
+               "WHERE status = 'running' AND lease_expires < ?" + mine,
+               [f"{why}: re-queued", now, *args])
+
+
+def release_jobs_of(store: Store, worker: str, why: str) -> None:
+    """`worker` is dead: its running jobs go by the lease rules now, not when the lease ends."""
+    with store.write() as db:
+        _release_stale(db, float("inf"), worker=worker, why=why)
+
+
+def abandon(store: Store, job_id: int, worker: str, reason: str) -> None:
+    """A stopping worker hands its job back: re-queued without counting the attempt (or
+    cancelled, if a cancel was requested). Only our own run, as for `mark_cancelled`."""
+    with store.write() as db:
+        db.execute("UPDATE jobs SET status = 'cancelled', finished_at = ? WHERE id = ? "
+                   "AND status = 'running' AND worker = ? AND message = 'cancel requested'",
+                   [now_iso(), job_id, worker])
+        db.execute("UPDATE jobs SET status = 'queued', attempts = MAX(attempts - 1, 0), "
+                   "message = ? WHERE id = ? AND status = 'running' AND worker = ?",
+                   [f"{reason}: re-queued", job_id, worker])
 
 
 def get_job(store: Store, job_id: int) -> dict | None:
@@ -148,3 +174,4 @@ def finish(store: Store, job_id: int, *, result: dict | None = None, error: str 
                    [status, dumps(result) if result is not None else None, error, now_iso(),
                     status, job_id, worker, worker])
     store.log_event(f"job_{status}", worker, job_id=job_id, error=error)
+

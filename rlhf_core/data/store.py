@@ -133,6 +133,14 @@ MIGRATIONS: list[str] = [
         id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, token_hash TEXT NOT NULL UNIQUE,
         created_at TEXT NOT NULL, revoked_at TEXT, last_used_at TEXT);
     """,
+    # The workers registry (rlhf_core.data.workers): who runs, where, doing what, last beat.
+    """
+    CREATE TABLE workers (
+        name TEXT PRIMARY KEY, host TEXT NOT NULL, pid INTEGER NOT NULL, pid_scope TEXT,
+        kinds TEXT, device TEXT, started_at TEXT NOT NULL, heartbeat_at REAL NOT NULL,
+        job_id INTEGER, reason TEXT,
+        status TEXT NOT NULL CHECK (status IN ('idle', 'running', 'stopped', 'dead')));
+    """,
 ]
 
 

@@ -12,7 +12,7 @@ import dataclasses
 from pathlib import Path
 
 from rlhf_core.config import AppConfig
-from rlhf_core.data import annotation, jobs, prompts, scores
+from rlhf_core.data import annotation, jobs, prompts, scores, workers
 from rlhf_core.data.store import Store
 from rlhf_core.workspace import read_config
 
@@ -48,6 +48,27 @@ class LocalData:
 
     def get_job(self, job_id: int) -> dict | None:
         return jobs.get_job(self.store, job_id)
+
+    def abandon(self, job_id: int, worker: str, reason: str) -> None:
+        """A stopping worker hands its job back (re-queued; the attempt is not counted)."""
+        jobs.abandon(self.store, job_id, worker, reason)
+
+    # -- the workers registry: one beat every few seconds, idle or busy --------------------------
+    def register_worker(self, worker: str, *, host: str, pid: int, scope: str | None = None,
+                        kinds: list[str] | None = None, device: str | None = None) -> None:
+        workers.register(self.store, worker, host=host, pid=pid, scope=scope, kinds=kinds,
+                         device=device)
+
+    def worker_beat(self, worker: str, job_id: int | None = None,
+                    device: str | None = None) -> bool:
+        return workers.beat(self.store, worker, job_id=job_id, device=device)
+
+    def worker_stopped(self, worker: str, reason: str = "stopped") -> None:
+        workers.stopped(self.store, worker, reason)
+
+    def reap_workers(self, worker: str) -> list[str]:
+        """Mark dead workers (beats stopped, or pid gone here) and release their jobs now."""
+        return workers.reap(self.store, exclude=worker)
 
     # -- versions ----------------------------------------------------------------------------------
     def current_version(self, kind: str) -> dict | None:

@@ -17,17 +17,25 @@ from typing import Callable
 
 from rlhf_core.checkpoints import clean_partial
 from rlhf_core.data.jobs import LEASE_S, JobCancelled
+from rlhf_core.worker.presence import Presence, device_label
 
 log = logging.getLogger(__name__)
 
 
-class Reporter:
-    """Handed to a job handler: progress (which is also the heartbeat) and metrics."""
+class WorkerStopping(Exception):
+    """The worker was asked to stop: the job is handed back (re-queued) at this report."""
 
-    def __init__(self, data, job_id: int, worker: str):
-        self.data, self.job_id, self.worker = data, job_id, worker
+
+class Reporter:
+    """Handed to a job handler: progress (which is also the heartbeat) and metrics.
+    Once `stop` is set, the next progress report ends the job (WorkerStopping)."""
+
+    def __init__(self, data, job_id: int, worker: str, stop: threading.Event | None = None):
+        self.data, self.job_id, self.worker, self.stop = data, job_id, worker, stop
 
     def progress(self, fraction: float, message: str = "") -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise WorkerStopping("the worker stopped")
         self.data.report_progress(self.job_id, self.worker, fraction, message)
 
     def metrics(self, kind: str, values: dict, *, step: int | None = None,
@@ -64,15 +72,20 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident() % 10000}"
 
 
-def run_one(runtime, worker: str, kinds: list[str] | None = None) -> dict | None:
-    """Claim and run one job. Returns the finished job row, or None if the queue was empty."""
+def run_one(runtime, worker: str, kinds: list[str] | None = None, *,
+            stop: threading.Event | None = None, presence=None) -> dict | None:
+    """Claim and run one job. Returns the finished job row, or None if the queue was empty.
+    With `stop` set mid-job, the job is handed back at its next progress report; `presence`
+    (the workers registry) hears when the job starts and ends."""
     from rlhf_core.worker.handlers import HANDLERS
     data = runtime.data
     job = data.claim(worker, kinds)
     if job is None:
         return None
-    reporter = Reporter(data, job["id"], worker)
+    reporter = Reporter(data, job["id"], worker, stop)
     fn = HANDLERS.get(job["kind"])
+    if presence is not None:
+        presence.job(job["id"])
     try:
         if fn is None:
             raise ValueError(f"unknown job kind {job['kind']!r}")
@@ -80,22 +93,37 @@ def run_one(runtime, worker: str, kinds: list[str] | None = None) -> dict | None
         with Heartbeat(reporter):
             result = fn(runtime, job["params"] or {}, reporter)
         data.finish(job["id"], worker, result=result or {})
+    except WorkerStopping as exc:
+        data.abandon(job["id"], worker, str(exc))
     except JobCancelled as exc:
         data.mark_cancelled(job["id"], worker, str(exc))
     except Exception as exc:  # a failed job must never take the worker down
         log.error("job %s (%s) failed:\n%s", job["id"], job["kind"], traceback.format_exc())
         data.finish(job["id"], worker, error=f"{type(exc).__name__}: {exc}")
+    except BaseException:  # KeyboardInterrupt, SystemExit: hand the job back, then go
+        data.abandon(job["id"], worker, "the worker was interrupted")
+        raise
+    finally:
+        if presence is not None:
+            presence.job(None)
     return data.get_job(job["id"])
 
 
 def worker_loop(runtime, *, stop: threading.Event, idle: Callable | None = None,
-                poll_s: float = 1.0, kinds: list[str] | None = None) -> None:
-    """Run jobs until `stop` is set. `idle()` runs when the queue is empty (the loop policy)."""
-    worker = worker_name()
+                poll_s: float = 1.0, kinds: list[str] | None = None, presence=None) -> None:
+    """Run jobs until `stop` is set. `idle()` runs when the queue is empty (the loop policy).
+    The worker is in the workers registry throughout (`presence`, else one made here)."""
+    if presence is None:
+        presence = Presence(runtime.data, worker_name(), stop=stop, kinds=kinds,
+                            device=device_label(runtime))
+        with presence:
+            return worker_loop(runtime, stop=stop, idle=idle, poll_s=poll_s, kinds=kinds,
+                               presence=presence)
+    worker = presence.name
     log.info("worker %s started", worker)
     while not stop.is_set():
         try:
-            ran = run_one(runtime, worker, kinds)
+            ran = run_one(runtime, worker, kinds, stop=stop, presence=presence)
             if ran is None and idle is not None:
                 idle()
         except Exception:
@@ -124,23 +152,30 @@ def lower_priority(nice: int, threads: int | None) -> None:
 
 def run_worker(workspace: Path, *, stop: threading.Event | None = None, cpu: bool = False,
                nice: int = 10, threads: int | None = None, poll_s: float = 1.0,
-               overrides: dict | None = None, kinds: list[str] | None = None) -> None:
+               overrides: dict | None = None, kinds: list[str] | None = None,
+               parent_pid: int | None = None) -> None:
+    """`parent_pid`: the `rlhf up` process that started this worker; when it is gone (even by
+    kill -9), the worker stops."""
     from rlhf_core.worker.data import LocalData
     from rlhf_core.worker.handlers import HANDLERS
     from rlhf_core.worker.loop import loop_tick
     from rlhf_core.worker.runtime import Runtime
     from rlhf_core.workspace import open_workspace, seed_prompts_if_empty
     store, cfg = open_workspace(workspace, **(overrides or {}))
-    lower_priority(nice, threads or cfg.torch_threads)
-    removed = clean_partial(cfg.workspace)
-    if removed:
-        log.warning("removed %d partial checkpoint dir(s) left by a crashed worker", removed)
-    seed_prompts_if_empty(store, cfg)
-    log.info("worker handles: %s", ", ".join(sorted(HANDLERS)))
-    runtime = Runtime(LocalData(store, cfg.workspace), cfg, cpu=cpu)
-    stop = stop or threading.Event()
-    # Between jobs: the loop policy (keep items ready; in automatic mode, train and PPO).
-    worker_loop(runtime, stop=stop, idle=lambda: loop_tick(store), poll_s=poll_s, kinds=kinds)
+    data, stop = LocalData(store, cfg.workspace), stop or threading.Event()
+    # In the registry before the slow imports: the UI says a worker is starting, not "none".
+    with Presence(data, worker_name(), stop=stop, kinds=kinds, parent_pid=parent_pid) as presence:
+        lower_priority(nice, threads or cfg.torch_threads)
+        removed = clean_partial(cfg.workspace)
+        if removed:
+            log.warning("removed %d partial checkpoint dir(s) left by a crashed worker", removed)
+        seed_prompts_if_empty(store, cfg)
+        log.info("worker handles: %s", ", ".join(sorted(HANDLERS)))
+        runtime = Runtime(data, cfg, cpu=cpu)
+        presence.set_device(device_label(runtime))
+        # Between jobs: the loop policy (keep items ready; in automatic mode, train and PPO).
+        worker_loop(runtime, stop=stop, idle=lambda: loop_tick(store), poll_s=poll_s,
+                    kinds=kinds, presence=presence)
 
 
 def run_remote_worker(server: str, token: str, cache: Path, *, stop: threading.Event | None = None,
