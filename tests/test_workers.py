@@ -85,6 +85,30 @@ def test_gone_pid_on_this_host_is_dead_before_any_beat_is_missed(store):
     assert rows["me"]["status"] == rows["elsewhere"]["status"] == "idle"
 
 
+def test_the_status_tab_shows_a_dead_workers_job_released(tmp_path):
+    """`rlhf serve` alone, its worker killed: one refresh of the Status tab, not 60 s."""
+    ctx = AppContext.from_config(AppConfig(workspace=tmp_path / "ws"))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    register(ctx.store, "killed", pid=gone.pid, scope=workers.pid_scope())
+    job_id = jobs.enqueue(ctx.store, "sample_batch")
+    jobs.claim(ctx.store, "killed")
+    jobs.report_progress(ctx.store, job_id, "killed", 0.25, "sampling")
+    view = status_view(ctx, "ada")
+    assert 'data-status="queued"' in view["jobs_html"] and "running" not in view["jobs_html"]
+    assert 'data-status="dead"' in view["workers_html"] and "No worker is running" in \
+        view["workers_html"]
+
+
+def test_rows_of_long_gone_workers_are_forgotten(store):
+    register(store, "old")
+    workers.stopped(store, "old")
+    with store.write() as db:
+        db.execute("UPDATE workers SET heartbeat_at = heartbeat_at - ?", [workers.FORGET_S + 1])
+    register(store, "new")
+    assert [w["name"] for w in workers.list_workers(store)] == ["new"]
+
+
 def test_a_stopping_worker_hands_its_job_back(store, monkeypatch):
     stop = threading.Event()
 

@@ -21,6 +21,7 @@ from rlhf_core.data.store import Store, dumps, loads, now_iso
 BEAT_S = 2.0
 STALE_S = 3 * BEAT_S + 1.0  # three beats missed (one second of slack for a busy database)
 LIVE = ("idle", "running")
+FORGET_S = 7 * 24 * 3600.0
 
 
 @functools.cache
@@ -55,8 +56,11 @@ def pid_alive(pid: int) -> bool:
 # -- verbs of a worker about itself -------------------------------------------------------------
 def register(store: Store, name: str, *, host: str, pid: int, scope: str | None = None,
              kinds: list[str] | None = None, device: str | None = None) -> None:
-    """A worker starts (a restarted name starts afresh). `kinds` None: every kind."""
+    """A worker starts (a restarted name starts afresh). `kinds` None: every kind.
+    Rows of workers gone for over `FORGET_S` are dropped (every start is a new name)."""
     with store.write() as db:
+        db.execute("DELETE FROM workers WHERE status IN ('stopped', 'dead') AND heartbeat_at < ?",
+                   [time.time() - FORGET_S])
         db.execute("INSERT OR REPLACE INTO workers (name, host, pid, pid_scope, kinds, device, "
                    "started_at, heartbeat_at, job_id, reason, status) "
                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, 'idle')",
