@@ -158,8 +158,10 @@ def up(tmp_path, tiny_model_dir):
         proc.wait()
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
 def test_up_stops_ui_and_worker_on_signal(up, signum, capsys):
+    """SIGINT is Ctrl-C: the terminal sends it to `rlhf up` alone (the worker has its own
+    session), which stops the worker as for SIGTERM."""
     proc, worker, ws = up
     t0 = time.monotonic()
     proc.send_signal(signum)
