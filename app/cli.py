@@ -146,11 +146,11 @@ def cmd_worker(a):
                                  "(create one on the app host: rlhf worker-token create NAME)")
             run_remote_worker(a.server, token, Path(a.cache or Path(a.workspace) / "remote"),
                               stop=stop, cpu=a.cpu, nice=a.nice, threads=a.threads,
-                              kinds=kinds, overrides=overrides_from(a))
+                              kinds=kinds, overrides=overrides_from(a), processes=a.processes)
         else:
             run_worker(Path(a.workspace), stop=stop, cpu=a.cpu, nice=a.nice, threads=a.threads,
                        overrides=overrides_from(a), kinds=kinds,
-                       parent_pid=int(parent) if parent else None)
+                       parent_pid=int(parent) if parent else None, processes=a.processes)
     except KeyboardInterrupt:
         stop.set()
 
@@ -363,6 +363,9 @@ def _worker_flags(p):
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     p.add_argument("--kinds", help="only these job kinds, comma-separated (e.g. sample_batch "
                                    "for a sampler beside a trainer); default: all")
+    p.add_argument("--processes", type=int, default=1,
+                   help="run policy rounds as `accelerate launch` with this many processes (one "
+                        "per GPU) on this host; rank 0 alone talks to the app (default 1)")
     p.add_argument("--server", help="the app's URL: work remotely through its worker API "
                                     "(no shared disk; the workspace is not opened)")
     p.add_argument("--token", help="the worker token for --server (or $RLHF_WORKER_TOKEN)")

@@ -153,7 +153,7 @@ def lower_priority(nice: int, threads: int | None) -> None:
 def run_worker(workspace: Path, *, stop: threading.Event | None = None, cpu: bool = False,
                nice: int = 10, threads: int | None = None, poll_s: float = 1.0,
                overrides: dict | None = None, kinds: list[str] | None = None,
-               parent_pid: int | None = None) -> None:
+               parent_pid: int | None = None, processes: int = 1) -> None:
     """`parent_pid`: the `rlhf up` process that started this worker; when it is gone (even by
     kill -9), the worker stops."""
     from rlhf_core.worker.data import LocalData
@@ -171,7 +171,7 @@ def run_worker(workspace: Path, *, stop: threading.Event | None = None, cpu: boo
             log.warning("removed %d partial checkpoint dir(s) left by a crashed worker", removed)
         seed_prompts_if_empty(store, cfg)
         log.info("worker handles: %s", ", ".join(sorted(HANDLERS)))
-        runtime = Runtime(data, cfg, cpu=cpu)
+        runtime = Runtime(data, cfg, cpu=cpu, processes=processes)
         presence.set_device(device_label(runtime))
         # Between jobs: the loop policy (keep items ready; in automatic mode, train and PPO).
         worker_loop(runtime, stop=stop, idle=lambda: loop_tick(store), poll_s=poll_s,
@@ -181,7 +181,7 @@ def run_worker(workspace: Path, *, stop: threading.Event | None = None, cpu: boo
 def run_remote_worker(server: str, token: str, cache: Path, *, stop: threading.Event | None = None,
                       cpu: bool = False, nice: int = 10, threads: int | None = None,
                       poll_s: float = 1.0, kinds: list[str] | None = None,
-                      overrides: dict | None = None) -> None:
+                      overrides: dict | None = None, processes: int = 1) -> None:
     """A worker on a host that shares nothing with the app but the network: the app's worker
     API (app/worker_api.py) is its data interface, `cache` holds the versions it downloaded
     or wrote. The app runs the loop policy; this process only claims `kinds` of jobs."""
@@ -197,7 +197,7 @@ def run_remote_worker(server: str, token: str, cache: Path, *, stop: threading.E
         log.warning("removed %d partial checkpoint dir(s) left by a crashed worker", removed)
     log.info("remote worker for %s (cache %s), kinds: %s", server, cache,
              ", ".join(kinds) if kinds else "all")
-    runtime = Runtime(data, cfg, cpu=cpu)
+    runtime = Runtime(data, cfg, cpu=cpu, processes=processes)
     stop = stop or threading.Event()
     try:
         worker_loop(runtime, stop=stop, idle=None, poll_s=poll_s, kinds=kinds)
