@@ -1,15 +1,19 @@
 """The dashboard's and the researcher view's data as plain functions (no Gradio, no torch).
 
 Everything reads `rlhf_core.data.reports` (read-only queries) and returns pandas DataFrames in long
-form (x, value, series) for Gradio's native plots, display tables whose cells are already
-formatted strings, or plain dicts. An empty workspace gives empty frames and a note saying why.
+form (x, value, series, and lo/hi: a 95% interval where one is measured, else None) that
+app.charts draws, display tables whose cells are already formatted strings, or plain dicts. An
+empty workspace gives empty frames and a note saying why; too little data for an interval says
+"not enough data yet" rather than showing a zero-width one.
 """
 from __future__ import annotations
 
+import math
 from datetime import datetime, timezone
 
 import pandas as pd
 
+from rlhf_core import evaluation as ev
 from rlhf_core.data import reports
 from rlhf_core.data.annotation import LABELS
 from rlhf_core.data.store import Store, loads
@@ -18,7 +22,13 @@ from rlhf_core.workspace import read_config
 
 PPO_PLOTS = {"reward_mean": "reward (mean score)", "kl": "KL from reference (per sequence)",
              "entropy": "entropy (per token)", "response_length": "response length (tokens)"}
-# Metric names under which a KL from the reference may be recorded (as in rlhf_core.data.reports).
+# A PPO metric logged once per round gets a 95% interval of its mean from these, when logged.
+PPO_SPREAD = {"reward_mean": "reward_std", "kl": "kl_std", "response_length": "response_length_std"}
+Z = 1.96  # 95% intervals throughout
+# Fewer blind A/B rankings of a version than this: its win rate and rating show no interval
+# ("not enough data yet"). Its pairs come from few independent judgements, and a bootstrap
+# over one ranking gives a zero-width "618 - 618" (issue 11.8).
+MIN_AB_RANKINGS = 10
 
 
 def fmt(x, digits: int = 3) -> str:
@@ -37,14 +47,8 @@ def long_frame(rows: list[dict], x: str, series: dict[str, str]) -> pd.DataFrame
     return pd.DataFrame(out, columns=[x, "value", "series"])
 
 
-def by_version(frame: pd.DataFrame) -> pd.DataFrame:
-    """Integer versions -> labels "v0", "v1", ... (a categorical axis: no "v1.5" ticks)."""
-    frame["version"] = [f"v{int(v)}" for v in frame["version"]]
-    return frame
-
-
 def version_order(frame: pd.DataFrame) -> list[str]:
-    """The x order of a by_version frame: numeric, so v10 comes after v9."""
+    """The x order of a frame's "v0", "v1", ... labels: numeric, so v10 comes after v9."""
     return sorted(set(frame["version"]), key=lambda label: int(label[1:]))
 
 
@@ -75,51 +79,124 @@ def rankings_frame(store: Store, bucket_s: int | None = None) -> pd.DataFrame:
     return frame
 
 
-def reward_frames(store: Store) -> dict:
-    """Accuracy per reward version (held-out and fresh) and the accuracy-history table."""
-    series = reports.reward_series(store)
+def wilson(rate, n) -> tuple[float | None, float | None]:
+    """95% Wilson interval of a proportion measured on n pairs; (None, None) without both."""
+    if rate is None or not n:
+        return None, None
+    return ev.wilson_interval(rate * n, n, Z)
+
+
+def interval_text(lo, hi, digits: int = 3) -> str:
+    return f"{fmt(lo, digits)} – {fmt(hi, digits)}" if lo is not None else ""
+
+
+def reward_rows(store: Store) -> list[dict]:
+    """Per reward version, oldest first: accuracies with their pair counts and intervals."""
     reasons = {v["version"]: v["reason"] for v in store.list_versions("reward")}
-    acc = by_version(long_frame(series, "version", {
-        "heldout_accuracy": "held-out accuracy", "fresh_accuracy": "fresh accuracy (newest labels)"}))
-    table = pd.DataFrame([{
-        "version": f"v{r['version']}", "status": r["status"],
-        "held-out": fmt(r.get("heldout_accuracy")), "fresh": fmt(r.get("fresh_accuracy")),
-        "ECE": fmt(r.get("heldout_ece")), "pairs": fmt(r.get("counts.train_pairs")),
-        "reason": fmt(reasons.get(r["version"]))}
-        for r in reversed(series)])
-    return {"reward_acc": acc, "reward_table": table}
-
-
-def ppo_frames(store: Store) -> dict[str, pd.DataFrame]:
-    """One (step, value, version) frame per PPO metric; steps run on across rounds."""
-    rows = reports.ppo_series(store)
-    out = {}
-    for name in PPO_PLOTS:
-        out[name] = pd.DataFrame(
-            [{"step": r["step"], "value": float(r[name]), "version": f"v{r['version']}"}
-             for r in rows if r.get(name) is not None and r.get("step") is not None],
-            columns=["step", "value", "version"])
+    out = []
+    for r in reports.reward_series(store):
+        row = {"version": r["version"], "status": r["status"],
+               "reason": reasons.get(r["version"]), "ece": r.get("heldout_ece"),
+               "train_pairs": r.get("counts.train_pairs")}
+        for group in ("heldout", "fresh"):  # strict pairs: the ones accuracy is measured on
+            n = r.get(f"{group}_strict_pairs", r.get(f"counts.{group}_strict"))
+            acc = r.get(f"{group}_accuracy")
+            row[group], row[f"{group}_n"] = acc, n
+            row[f"{group}_lo"], row[f"{group}_hi"] = wilson(acc, n)
+        out.append(row)
     return out
 
 
+def reward_frames(store: Store) -> dict:
+    """Accuracy per reward version with 95% Wilson intervals: the plot's frame (every version,
+    a note where it has no held-out accuracy) and the accuracy-history table."""
+    rows = reward_rows(store)
+    plot = []
+    for r in rows:
+        for group, label in (("heldout", "held-out accuracy"),
+                             ("fresh", "fresh accuracy (newest labels)")):
+            if group == "fresh" and r["fresh"] is None:
+                continue  # a first version has no fresh pairs: nothing to say
+            plot.append({"version": f"v{r['version']}", "series": label,
+                         "value": r[group], "lo": r[f"{group}_lo"], "hi": r[f"{group}_hi"],
+                         "n": r[f"{group}_n"],
+                         "note": "" if r[group] is not None else "no held-out pairs"})
+    acc = pd.DataFrame(plot, columns=["version", "series", "value", "lo", "hi", "n", "note"])
+
+    def cells(r, group):
+        unknown = "pairs not recorded" if r[group] is not None else ""
+        return (fmt(r[group]), interval_text(r[f"{group}_lo"], r[f"{group}_hi"]) or unknown,
+                fmt(r[f"{group}_n"]))
+    table = pd.DataFrame([{
+        "version": f"v{r['version']}", "status": r["status"],
+        **dict(zip(("held-out", "held-out 95%", "held-out pairs"), cells(r, "heldout"))),
+        **dict(zip(("fresh", "fresh 95%", "fresh pairs"), cells(r, "fresh"))),
+        "ECE": fmt(r["ece"]), "train pairs": fmt(r["train_pairs"]), "reason": fmt(r["reason"])}
+        for r in reversed(rows)], columns=REWARD_COLUMNS)
+    return {"reward_acc": acc, "reward_table": table}
+
+
+REWARD_COLUMNS = ["version", "status", "held-out", "held-out 95%", "held-out pairs", "fresh",
+                  "fresh 95%", "fresh pairs", "ECE", "train pairs", "reason"]
+
+
+def ppo_frames(store: Store) -> dict[str, pd.DataFrame]:
+    """One (step, value, version, lo, hi) frame per PPO metric; steps run on across rounds.
+    lo/hi: the 95% interval of a per-round mean over the round's rollouts, when its standard
+    deviation and count were logged (PPO_SPREAD), else None."""
+    rows = reports.ppo_series(store)
+    out = {}
+    for name in PPO_PLOTS:
+        recs = []
+        for r in rows:
+            if r.get(name) is None or r.get("step") is None:
+                continue
+            sd, n = r.get(PPO_SPREAD.get(name, "")), r.get("n_sequences")
+            half = Z * sd / math.sqrt(n) if sd is not None and n else None
+            value = float(r[name])
+            recs.append({"step": r["step"], "value": value, "version": f"v{r['version']}",
+                         "lo": value - half if half is not None else None,
+                         "hi": value + half if half is not None else None})
+        out[name] = pd.DataFrame(recs, columns=["step", "value", "version", "lo", "hi"])
+    return out
+
+
+def not_enough(rankings: int) -> str:
+    return f"not enough data yet ({rankings} of {MIN_AB_RANKINGS} A/B rankings)"
+
+
 def ab_frames(report: dict) -> dict:
-    """Win rate vs the baseline per version (table + plot of rate and interval) and the
-    Bradley-Terry leaderboard."""
-    rates = report["win_rates"]
+    """Win rate vs the baseline per version (table + plot with its 95% interval) and the
+    Bradley-Terry leaderboard (bootstrap over whole rankings); below MIN_AB_RANKINGS rankings
+    a version's interval reads "not enough data yet"."""
+    rates = [{**r, "enough": r["rankings"] >= MIN_AB_RANKINGS} for r in report["win_rates"]]
     table = pd.DataFrame([{
         "version": f"v{r['version']}", "win rate": fmt(r["rate"]),
-        "95% interval": f"{fmt(r['lo'])} – {fmt(r['hi'])}" if r["rate"] is not None else "",
-        "wins": r["wins"], "ties": r["ties"], "losses": r["losses"], "pairs": r["n"]}
+        "95% interval": (interval_text(r["lo"], r["hi"]) if r["enough"] else
+                         not_enough(r["rankings"])) if r["rate"] is not None else "",
+        "wins": r["wins"], "ties": r["ties"], "losses": r["losses"], "pairs": r["n"],
+        "rankings": r["rankings"]}
         for r in rates], columns=["version", "win rate", "95% interval", "wins", "ties",
-                                  "losses", "pairs"])
-    plot = by_version(long_frame(rates, "version", {"hi": "95% upper", "rate": "win rate",
-                                                    "lo": "95% lower"}))
+                                  "losses", "pairs", "rankings"])
+    plot = pd.DataFrame([{
+        "version": f"v{r['version']}", "series": "win rate vs reference", "value": r["rate"],
+        "lo": r["lo"] if r["enough"] else None, "hi": r["hi"] if r["enough"] else None,
+        "n": r["rankings"], "note": ""} for r in rates if r["rate"] is not None],
+        columns=["version", "series", "value", "lo", "hi", "n", "note"])
     board = pd.DataFrame([{
         "rank": i + 1, "version": f"v{r['version']}", "rating": fmt(r["rating"], 0),
-        "95% interval": f"{fmt(r['lo'], 0)} – {fmt(r['hi'], 0)}" if r["lo"] is not None else "",
-        "comparisons": r["n"]} for i, r in enumerate(report["leaderboard"])],
-        columns=["rank", "version", "rating", "95% interval", "comparisons"])
+        "95% interval": rating_interval(r, report["baseline"]), "comparisons": r["n"],
+        "rankings": r["rankings"]} for i, r in enumerate(report["leaderboard"])],
+        columns=["rank", "version", "rating", "95% interval", "comparisons", "rankings"])
     return {"ab_table": table, "ab_plot": plot, "leaderboard": board}
+
+
+def rating_interval(row: dict, baseline: int) -> str:
+    if row["version"] == baseline:
+        return "anchor (1000 by definition)"
+    if row["rankings"] < MIN_AB_RANKINGS or row["lo"] is None:
+        return not_enough(row["rankings"])
+    return interval_text(row["lo"], row["hi"], 0)
 
 
 def policy_kl(store: Store) -> dict[int, float]:
@@ -136,24 +213,40 @@ def policy_kl(store: Store) -> dict[int, float]:
 
 def version_health_frames(store: Store, report: dict) -> dict:
     """Per policy version, side by side: win rate and diversity (0..1), and drift (KL, length).
-    Reward hacking shows as KL/length rising while diversity falls and win rate stalls."""
+    Reward hacking shows as KL/length rising while diversity falls and win rate stalls.
+    Intervals (95%) where one is measured: win rate (Wilson, from MIN_AB_RANKINGS rankings on)
+    and mean length (normal, over the version's newest responses)."""
     diversity = reports.diversity_report(store, max_responses=200)
-    rates = {r["version"]: r["rate"] for r in report["win_rates"]}
+    rates = {r["version"]: r for r in report["win_rates"]}
     kl = policy_kl(store)
-    rows = [{**d, "win_rate": rates.get(d["version"]), "kl": kl.get(d["version"])}
-            for d in diversity]
-    quality = by_version(long_frame(rows, "version", {
-        "win_rate": "win rate vs reference", "distinct_1": "distinct-1",
-        "distinct_2": "distinct-2", "same_opening_share": "same-opening share"}))
-    drift = by_version(long_frame(rows, "version", {"kl": "KL from reference",
-                                                    "mean_tokens": "mean length (tokens)"}))
-    table = pd.DataFrame([{
-        "version": f"v{r['version']}", "responses": r["count"],
-        "distinct-1": fmt(r["distinct_1"]), "distinct-2": fmt(r["distinct_2"]),
-        "same opening": fmt(r["same_opening_share"]), "mean tokens": fmt(r["mean_tokens"], 1),
-        "stop rate": fmt(r["stop_rate"]), "KL": fmt(r["kl"]), "win rate": fmt(r["win_rate"])}
-        for r in rows])
-    return {"quality": quality, "drift": drift, "diversity_table": table}
+    quality, drift, table = [], [], []
+    for d in diversity:
+        v, rate = d["version"], rates.get(d["version"], {})
+        enough = rate.get("rankings", 0) >= MIN_AB_RANKINGS
+        point = {"version": f"v{v}", "lo": None, "hi": None, "n": d["count"], "note": ""}
+        if rate.get("rate") is not None:
+            quality.append({**point, "series": "win rate vs reference", "value": rate["rate"],
+                            "lo": rate["lo"] if enough else None,
+                            "hi": rate["hi"] if enough else None, "n": rate["rankings"]})
+        for key, label in (("distinct_1", "distinct-1"), ("distinct_2", "distinct-2"),
+                           ("same_opening_share", "same-opening share")):
+            quality.append({**point, "series": label, "value": d[key]})
+        if kl.get(v) is not None:
+            drift.append({**point, "series": "KL from reference", "value": kl[v]})
+        if d["mean_tokens"] is not None:
+            half = (Z * d["sd_tokens"] / math.sqrt(d["n_tokens"])
+                    if d.get("sd_tokens") is not None else None)
+            drift.append({**point, "series": "mean length (tokens)", "value": d["mean_tokens"],
+                          "lo": d["mean_tokens"] - half if half is not None else None,
+                          "hi": d["mean_tokens"] + half if half is not None else None})
+        table.append({
+            "version": f"v{v}", "responses": d["count"], "distinct-1": fmt(d["distinct_1"]),
+            "distinct-2": fmt(d["distinct_2"]), "same opening": fmt(d["same_opening_share"]),
+            "mean tokens": fmt(d["mean_tokens"], 1), "stop rate": fmt(d["stop_rate"]),
+            "KL": fmt(kl.get(v)), "win rate": fmt(rate.get("rate"))})
+    columns = ["version", "series", "value", "lo", "hi", "n", "note"]
+    return {"quality": pd.DataFrame(quality, columns=columns),
+            "drift": pd.DataFrame(drift, columns=columns), "diversity_table": pd.DataFrame(table)}
 
 
 def agreement_text(report: dict) -> str:
@@ -180,8 +273,10 @@ def dashboard_data(store: Store, *, bootstrap_rounds: int = 50) -> dict:
            **version_health_frames(store, report),
            "agreement_md": agreement_text(reports.agreement_report(store)),
            "ab_summary": (f"{report['n_rankings']} rankings of {report['n_items']} mixed items "
-                          f"give {report['n_comparisons']} cross-version pairs (pairs of one "
-                          "ranking are correlated: read intervals with the ranking count).")}
+                          f"give {report['n_comparisons']} cross-version pairs. The pairs of "
+                          "one ranking are correlated, so intervals count rankings: a version "
+                          f"gets one from {MIN_AB_RANKINGS} A/B rankings on, and the rating "
+                          "bootstrap resamples whole rankings.")}
     has_ppo = any(not out[f"ppo_{k}"].empty for k in PPO_PLOTS)
     out["notes"] = {"rankings": "" if not out["rankings"].empty else EMPTY["rankings"],
                     "reward_acc": "" if len(out["reward_table"]) else EMPTY["reward_acc"],

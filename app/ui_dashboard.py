@@ -7,11 +7,14 @@ the sessions of this app (never a module global), so many open dashboards cost o
 """
 from __future__ import annotations
 
+import json
 import threading
 from datetime import datetime
 
 import gradio as gr
+from gradio.components.plot import AltairPlotData
 
+from app import charts
 from app import dashboard_data as dd
 from app.context import AppContext
 from app.handlers import esc
@@ -20,8 +23,6 @@ from rlhf_core.data import jobs
 
 _PLOTS = ("rankings", "reward_acc", "ab_plot", "quality", "drift",
           *(f"ppo_{k}" for k in dd.PPO_PLOTS))
-_BY_VERSION = ("reward_acc", "ab_plot", "quality", "drift")  # categorical x: v0, v1, ...
-_AB_COLOURS = {"win rate": "#e4572e", "95% upper": "#9aa5b1", "95% lower": "#9aa5b1"}
 _TABLES = ("reward_table", "ab_table", "leaderboard", "diversity_table")
 _NOTE_OF = {"rankings": "rankings", "reward_acc": "reward_acc", "reward_table": "reward_acc",
             "ab_plot": "ab", "ab_table": "ab", "leaderboard": "ab", "quality": "health",
@@ -39,9 +40,10 @@ def build_dashboard_tab(ctx: AppContext, *, refresh_s: float = 5.0) -> None:
     _wire(ctx, c)
 
 
-def _plot(kind, x: str, title: str, *, color: str | None = "series", y_lim=None, **kw):
-    return kind(x=x, y="value", color=color, title=title, y_title=kw.pop("y_title", ""),
-                y_lim=y_lim, height=kw.pop("height", 260), visible=False, **kw)
+def _plot(elem_id: str):
+    """A figure: a Vega-Lite spec from app.charts (native plots draw no error bars)."""
+    return gr.Plot(visible=False, show_label=False, elem_id=f"rl-plot-{elem_id}",
+                   elem_classes="rl-chart")
 
 
 def _layout(c: dict) -> None:
@@ -51,12 +53,11 @@ def _layout(c: dict) -> None:
         c["refresh_btn"] = gr.Button("Refresh", size="sm", scale=0, min_width=100)
     gr.Markdown("#### Rankings over time")
     c["note_rankings"] = gr.Markdown()
-    c["rankings"] = _plot(gr.LinePlot, "time", "Rankings", y_title="rankings")
+    c["rankings"] = _plot("rankings")
     gr.Markdown("#### Reward model: accuracy per version")
     c["note_reward_acc"] = gr.Markdown()
     with gr.Row():
-        c["reward_acc"] = _plot(gr.ScatterPlot, "version", "Pairwise accuracy", y_lim=[0, 1],
-                                y_title="accuracy")
+        c["reward_acc"] = _plot("reward_acc")
         c["reward_table"] = gr.Dataframe(label="Accuracy history (newest first; calibration "
                                          "and pair counts on the Research tab's version pages)",
                                          visible=False, interactive=False, max_height=300,
@@ -66,14 +67,12 @@ def _layout(c: dict) -> None:
     for row in (list(dd.PPO_PLOTS)[:2], list(dd.PPO_PLOTS)[2:]):
         with gr.Row():
             for name in row:  # entropy is logged every minibatch; the rest once per rollout
-                kind = gr.LinePlot if name == "entropy" else gr.ScatterPlot
-                c[f"ppo_{name}"] = _plot(kind, "step", dd.PPO_PLOTS[name], color="version")
+                c[f"ppo_{name}"] = _plot(f"ppo_{name}")
     gr.Markdown("#### Blind A/B: human win rate vs the reference (v0)")
     c["note_ab"] = gr.Markdown()
     c["ab_summary"] = gr.Markdown()
     with gr.Row():
-        c["ab_plot"] = _plot(gr.ScatterPlot, "version", "Win rate with 95% interval",
-                             y_lim=[0, 1], y_title="win rate", color_map=_AB_COLOURS)
+        c["ab_plot"] = _plot("ab_plot")
         with gr.Column(scale=1):
             c["ab_table"] = gr.Dataframe(label="Win rate per version", visible=False,
                                          interactive=False, max_height=240)
@@ -83,9 +82,8 @@ def _layout(c: dict) -> None:
                 "(reward hacking = KL/length up while diversity falls)")
     c["note_health"] = gr.Markdown()
     with gr.Row():
-        c["quality"] = _plot(gr.ScatterPlot, "version", "Win rate and diversity (0–1)",
-                             y_lim=[0, 1])
-        c["drift"] = _plot(gr.ScatterPlot, "version", "Drift: KL from reference, mean length")
+        c["quality"] = _plot("quality")
+        c["drift"] = _plot("drift")
     c["diversity_table"] = gr.Dataframe(label="Diversity per version (newest 200 responses)",
                                         visible=False, interactive=False, max_height=260)
     gr.Markdown("#### Annotator agreement")
@@ -97,9 +95,12 @@ def _layout(c: dict) -> None:
 def dashboard_updates(data: dict) -> dict:
     """dashboard_data's dict -> {component name: gr.update}; an empty section shows its note."""
     out = {}
-    for name in _PLOTS + _TABLES:
+    for name in _PLOTS:
         frame = data[name]
-        out[name] = gr.update(value=frame, visible=not frame.empty, **_axes(name, frame))
+        value = None if frame.empty else plot_value(chart_spec(name, frame))
+        out[name] = gr.update(value=value, visible=not frame.empty)
+    for name in _TABLES:
+        out[name] = gr.update(value=data[name], visible=not data[name].empty)
     for section, note in data["notes"].items():
         out[f"note_{section}"] = gr.update(value=f"*{note}*" if note else "", visible=bool(note))
     out["agreement_md"] = data["agreement_md"]
@@ -107,21 +108,38 @@ def dashboard_updates(data: dict) -> dict:
     return out
 
 
-def _axes(name: str, frame) -> dict:
-    """Categorical version order; padded limits so scatter points at the edges are not cut."""
-    if frame.empty or "value" not in frame:  # tables have no axes
-        return {}
-    hi, lo = float(frame["value"].max()), float(frame["value"].min())
-    pad = 0.08 * (hi - lo) or 0.05 * abs(hi) or 0.05
-    if name in _BY_VERSION:
-        unit = name != "drift"  # win rates, accuracies and diversity live in [0, 1]
-        return {"sort": dd.version_order(frame),
-                "y_lim": [0, max(1.0, hi) + 0.05] if unit else [min(0.0, lo), hi + pad]}
+def plot_value(spec: dict) -> AltairPlotData:
+    """What gr.Plot shows for a Vega-Lite spec. chart="line" makes Gradio size it to its
+    container and apply the theme (fonts, text colours, its palette for colour scales); every
+    layer then needs an `encoding`, and a colour encoding a scale range (app.charts has both)."""
+    return AltairPlotData(type="altair", chart="line", plot=json.dumps(spec))
+
+
+def chart_spec(name: str, frame) -> dict:
+    """The Vega-Lite spec of one Dashboard figure (app.charts) from its frame."""
+    if name == "rankings":
+        return charts.time_chart(frame, title="Rankings", y_title="rankings")
     if name.startswith("ppo_"):
-        steps = frame["step"]
-        return {"x_lim": [float(steps.min()) - 1, float(steps.max()) + 1],
-                "y_lim": [lo - pad, hi + pad]}
-    return {}
+        return charts.step_chart(frame, title=dd.PPO_PLOTS[name[4:]], y_title="value")
+    order = dd.version_order(frame)
+    wilson = "bars: 95% Wilson intervals; dashed: chance (0.5)"
+    if name == "reward_acc":
+        return charts.interval_chart(frame, x="version", order=order, unit=True, chance=0.5,
+                                     title="Pairwise accuracy per version", y_title="accuracy",
+                                     subtitle=wilson)
+    no_bar = (f"no bar: fewer than {dd.MIN_AB_RANKINGS} A/B rankings (not enough data yet)"
+              if frame["lo"].isna().any() else "")
+    if name == "ab_plot":
+        return charts.interval_chart(frame, x="version", order=order, unit=True, chance=0.5,
+                                     title="Win rate vs the reference", y_title="win rate",
+                                     subtitle=[wilson, no_bar])
+    if name == "quality":
+        return charts.interval_chart(frame, x="version", order=order, unit=True,
+                                     title="Win rate and diversity (0–1)", y_title="",
+                                     subtitle=["bars: the win rate's 95% interval", no_bar])
+    return charts.interval_chart(frame, x="version", order=order, y_title="",
+                                 title="Drift: KL from reference, mean length",
+                                 subtitle="bars: 95% interval of the mean length")
 
 
 def _wire(ctx: AppContext, c: dict) -> None:

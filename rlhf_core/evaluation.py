@@ -130,18 +130,26 @@ def bradley_terry_ratings(outcomes: list[tuple], iters: int = 200, anchor=0,
 
 
 def bootstrap_ratings(outcomes: list[tuple], rounds: int = 100, seed: int = 0, anchor=0,
-                      prior: float = 0.5, iters: int = 200, level: float = 0.95) -> dict:
+                      prior: float = 0.5, iters: int = 200, level: float = 0.95,
+                      groups: list | None = None) -> dict:
     """{version: (lo, hi)} percentile intervals of the ratings over resampled outcomes.
 
-    Each round draws len(outcomes) outcomes with replacement and refits; a version absent
-    from a resample is not counted in that round. The anchor's interval is (1000, 1000).
+    Each round draws as many units as there are, with replacement, and refits; a unit is one
+    outcome, or with `groups` (a key per outcome, e.g. its ranking id) all outcomes of one
+    group: the pairs of one ranking are not independent, so resampling them one by one would
+    make the interval too narrow. A version absent from a resample is not counted in that
+    round. The anchor's interval is (1000, 1000).
     """
     if not outcomes:
         return {}
+    units: dict = defaultdict(list)
+    for i, outcome in enumerate(outcomes):
+        units[groups[i] if groups is not None else i].append(outcome)
+    units_list = list(units.values())
     rng = random.Random(seed)
     samples: dict = defaultdict(list)
     for _ in range(rounds):
-        resample = [outcomes[rng.randrange(len(outcomes))] for _ in outcomes]
+        resample = [o for _ in units_list for o in units_list[rng.randrange(len(units_list))]]
         for v, r in bradley_terry_ratings(resample, iters, anchor, prior).items():
             samples[v].append(r)
     tail = (1.0 - level) / 2

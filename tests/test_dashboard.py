@@ -2,15 +2,20 @@
 both tabs, and the score_items job on a tiny model."""
 from __future__ import annotations
 
+import json
 import urllib.request
+
+import pytest
 
 from app import dashboard_data as dd
 from app.context import AppContext
+from app.ui_dashboard import chart_spec
 from rlhf_core.worker.run import run_one
 from rlhf_core.config import AppConfig
 from rlhf_core.data import annotation, jobs
 from rlhf_core.data import scores as score_jobs
 from rlhf_core.data.store import Store
+from rlhf_core.evaluation import wilson_interval
 from rlhf_core.worker.loop import loop_tick
 from rlhf_core.workspace import set_auto
 from tests.conftest import publish_fresh_reward
@@ -102,8 +107,10 @@ def test_dashboard_data_on_a_seeded_store(store):
     assert "**3** items" in out["agreement_md"]
     from app.ui_dashboard import dashboard_updates
     upd = dashboard_updates(out)
-    assert upd["ab_plot"]["visible"] and upd["ab_plot"]["sort"] == ["v2"]
-    assert upd["ppo_kl"]["x_lim"] == [-1, 9] and upd["note_ppo"]["visible"] is False
+    assert upd["ab_plot"]["visible"] and spec_of(upd, "ab_plot")["layer"][0]["encoding"][
+        "x"]["scale"]["domain"] == ["v2"]
+    assert spec_of(upd, "ppo_kl")["layer"][0]["encoding"]["x"]["axis"]["values"] == [0, 8]
+    assert upd["note_ppo"]["visible"] is False
     assert dashboard_updates(dd.dashboard_data(Store(store.path.parent / "empty.db")))[
         "note_ppo"]["value"] == "*No PPO rounds yet.*"
     assert dd.fingerprint(store) == dd.fingerprint(store)
@@ -164,6 +171,93 @@ def test_loop_queues_scoring_once_per_new_rankings(store):
     assert "score_items" not in [jobs.get_job(store, j)["kind"] for j in loop_tick(store)]
 
 
+def spec_of(updates: dict, name: str) -> dict:
+    """The Vega-Lite spec a dashboard_updates entry sends to its gr.Plot."""
+    return json.loads(updates[name]["value"].plot)
+
+
+def test_reward_accuracy_every_version_with_wilson_intervals(store):
+    """Issue 11.8: v2 was in the table but not in the plot, and accuracy had no interval."""
+    store.add_version("reward", 1, status="promoted", metrics={
+        "heldout_accuracy": 0.5, "heldout_strict_pairs": 24})
+    store.add_version("reward", 2, status="promoted", parent=1, metrics={
+        "heldout_accuracy": 0.5, "heldout_strict_pairs": 24, "fresh_accuracy": 0.7,
+        "fresh_strict_pairs": 10})
+    store.add_version("reward", 3, status="rejected", parent=2,
+                      metrics={"heldout_strict_pairs": 0}, counts={"train_pairs": 30})
+    out = dd.reward_frames(store)
+    table, acc = out["reward_table"], out["reward_acc"]
+    assert list(table["version"]) == ["v3", "v2", "v1"]
+    assert {"held-out 95%", "held-out pairs", "fresh 95%", "fresh pairs"} <= set(table.columns)
+    held = acc[acc.series == "held-out accuracy"].reset_index(drop=True)
+    assert list(held["version"]) == ["v1", "v2", "v3"]  # every version of the table
+    assert (held["lo"][0], held["hi"][0]) == pytest.approx(wilson_interval(12, 24))
+    assert table["held-out 95%"][2] == "0.314 – 0.686" and table["held-out pairs"][2] == "24"
+    fresh = acc[acc.series.str.startswith("fresh")]
+    assert list(fresh["version"]) == ["v2"] and fresh["n"].tolist() == [10]
+    assert held["value"].isna()[2] and held["note"][2] == "no held-out pairs"
+    spec = chart_spec("reward_acc", acc)
+    assert spec["layer"][0]["mark"]["type"] == "rule"  # the error bars: lo..hi
+    assert spec["layer"][0]["encoding"]["y"]["field"] == "lo"
+    assert spec["layer"][0]["encoding"]["y2"]["field"] == "hi"
+    assert spec["layer"][0]["encoding"]["x"]["scale"]["domain"] == ["v1", "v2", "v3"]
+
+
+def _report(rankings: int, lo=900.0, hi=1100.0) -> dict:
+    rate = {"version": 1, "rate": 0.6, "lo": 0.4, "hi": 0.77, "n": 4 * rankings,
+            "wins": 2 * rankings, "ties": 0, "losses": 2 * rankings, "rankings": rankings}
+    return {"baseline": 0, "win_rates": [rate], "leaderboard": [
+        {"version": 1, "rating": 1070.4, "lo": lo, "hi": hi, "n": 4 * rankings,
+         "rankings": rankings},
+        {"version": 0, "rating": 1000.0, "lo": 1000.0, "hi": 1000.0, "n": 4 * rankings,
+         "rankings": rankings}]}
+
+
+def test_ab_intervals_say_not_enough_data_below_the_minimum_rankings():
+    """Issue 11.8: after one A/B ranking the leaderboard showed the interval "618 - 618"."""
+    few = dd.ab_frames(_report(1, lo=618.2, hi=618.2))
+    board, table, plot = few["leaderboard"], few["ab_table"], few["ab_plot"]
+    assert board["95% interval"].tolist() == ["not enough data yet (1 of 10 A/B rankings)",
+                                              "anchor (1000 by definition)"]
+    assert table["95% interval"][0] == "not enough data yet (1 of 10 A/B rankings)"
+    assert board["rankings"].tolist() == [1, 1] and table["rankings"][0] == 1
+    assert plot["value"][0] == 0.6 and plot["lo"].isna().all()  # the point, no bar
+    assert "not enough data yet" in " ".join(chart_spec("ab_plot", plot)["title"]["subtitle"])
+    enough = dd.ab_frames(_report(dd.MIN_AB_RANKINGS))
+    assert enough["leaderboard"]["95% interval"][0] == "900 – 1100"
+    assert enough["ab_table"]["95% interval"][0] == "0.400 – 0.770"
+    assert enough["ab_plot"][["lo", "hi"]].values.tolist() == [[0.4, 0.77]]
+
+
+def test_ppo_plots_fit_the_data_with_an_interval_per_round(store):
+    """Issue 11.8: per-step PPO plots showed one dot per round on a -1..1 axis."""
+    store.log_metrics("ppo", {"reward_mean": 0.12, "reward_std": 0.8, "n_sequences": 64,
+                              "kl": 0.8}, step=0, version=1)
+    for s in range(8):
+        store.log_metrics("ppo", {"entropy": 1.9 - 0.01 * s}, step=s, version=1)
+    frames = dd.ppo_frames(store)
+    half = 1.96 * 0.8 / 8
+    row = frames["reward_mean"].iloc[0]
+    assert (row["lo"], row["hi"]) == pytest.approx((0.12 - half, 0.12 + half))
+    assert frames["kl"]["lo"].isna().all()  # no spread logged: no bar, and the chart says so
+    one = chart_spec("ppo_reward_mean", frames["reward_mean"])
+    y = one["layer"][0]["encoding"]["y"]["scale"]["domain"]
+    assert y[0] < 0.12 - half and y[1] > 0.12 + half and y[1] - y[0] < 0.5  # not -1..1
+    assert one["layer"][0]["encoding"]["x"]["axis"]["values"] == [0]
+    assert "one round so far: not enough data yet for a trend" in one["title"]["subtitle"]
+    assert "no spread recorded" in " ".join(chart_spec("ppo_kl", frames["kl"])["title"][
+        "subtitle"])
+    store.log_metrics("ppo", {"reward_mean": 0.3, "reward_std": 0.8, "n_sequences": 64},
+                      step=8, version=2)
+    two = chart_spec("ppo_reward_mean", dd.ppo_frames(store)["reward_mean"])
+    assert two["title"]["subtitle"] == [("logged once per round (bars: 95% interval of the "
+                                         "mean over the round's rollouts)")]
+    entropy = chart_spec("ppo_entropy", frames["entropy"])
+    assert entropy["layer"][0]["encoding"]["x"]["scale"]["domain"] == [0.0, 7.0]
+    assert entropy["layer"][0]["encoding"]["y"]["scale"]["domain"] == pytest.approx(
+        [1.83 - 0.0056, 1.9 + 0.0056])
+
+
 # -- a real server ------------------------------------------------------------------------------
 def test_server_serves_dashboard_and_research_tabs(tmp_path):
     from app.ui import launch
@@ -199,3 +293,42 @@ def test_score_items_job_on_a_tiny_model(tmp_path, tiny_model_dir):
     rows = store.rows("SELECT score FROM response_scores WHERE reward_version = 4")
     assert len(rows) == 14 and len({r["score"] for r in rows}) > 1
     assert dd.recent_items(store)["items"][0]["pairs"] == 1
+
+
+@pytest.mark.browser
+def test_dashboard_renders_every_figure_in_a_browser(tmp_path):
+    """Headless Chromium opens the Dashboard: every figure draws, at the width of its box (a
+    Vega spec without Gradio's sizing collapsed to a sliver), with no page or console error."""
+    from app.ui import launch
+    from tests.test_browser import CHROMIUM, FLAGS
+    from tests.test_ui_server import free_port
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    ctx = AppContext.from_config(AppConfig(workspace=tmp_path / "ws"))
+    seed_dashboard(ctx.store)
+    ctx.store.add_version("reward", 4, status="rejected", parent=3, metrics={
+        "heldout_accuracy": 0.6, "heldout_strict_pairs": 40})
+    port = free_port()
+    demo = launch(ctx, port=port, prevent_thread_lock=True, quiet=True)
+    errors: list[str] = []
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.get_by_role("tab", name="Dashboard").click()
+            figures = page.locator(".rl-chart canvas")
+            page.wait_for_function("document.querySelectorAll('.rl-chart canvas').length >= 9",
+                                   timeout=60000)
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
+            for i in range(figures.count()):
+                box = figures.nth(i).bounding_box()
+                assert box["width"] > 300 and box["height"] > 150, (i, box)
+            browser.close()
+    finally:
+        demo.close()
+    assert errors == []

@@ -144,6 +144,22 @@ def test_bootstrap_intervals_bracket_the_fit_and_are_seeded():
     assert bootstrap_ratings(outcomes, rounds=50, seed=3) == ci
 
 
+def test_bootstrap_by_ranking_is_wider_for_correlated_pairs():
+    """10 rankings of 4 pairs each, the 4 always alike (v1 won 6 rankings, lost 4): resampling
+    pairs one by one pretends there are 40 independent judgements, whole rankings do not."""
+    outcomes = [(0, 1, 0.0)] * 24 + [(0, 1, 1.0)] * 16
+    rankings = [i // 4 for i in range(40)]
+    fit = bradley_terry_ratings(outcomes)[1]
+    pairs = bootstrap_ratings(outcomes, rounds=200, seed=1)[1]
+    whole = bootstrap_ratings(outcomes, rounds=200, seed=1, groups=rankings)[1]
+    assert whole[0] <= fit <= whole[1] and pairs[0] <= fit <= pairs[1]
+    assert whole[1] - whole[0] > 1.5 * (pairs[1] - pairs[0])
+    # one ranking: every resample is that ranking, so the "interval" has no width (issue 11.8:
+    # "618 - 618"); the dashboard says "not enough data yet" instead (app/dashboard_data.py)
+    lo, hi = bootstrap_ratings(outcomes[:4], rounds=20, groups=rankings[:4])[1]
+    assert lo == hi
+
+
 def test_percentile_interpolates():
     assert percentile([3, 1, 2, 4], 0.5) == 2.5  # position 1.5 between 2 and 3
     assert percentile([5], 0.975) == 5

@@ -78,6 +78,7 @@ def test_ab_report_v1_beats_reference(filled):
     assert (v1["version"], v1["wins"], v1["ties"], v1["losses"], v1["n"]) == (1, 15, 1, 0, 16)
     assert v1["rate"] == pytest.approx(15.5 / 16)
     assert (v1["lo"], v1["hi"]) == pytest.approx(wilson_interval(15.5, 16))
+    assert v1["rankings"] == 4  # the 16 pairs come from 4 rankings
     assert v1["lo"] > 0.5
     # leaderboard: W1 = 15.5 + 0.5 prior, W0 = 0.5 + 0.5 prior, so p1/p0 = 16
     top, ref = rep["leaderboard"]
@@ -85,7 +86,7 @@ def test_ab_report_v1_beats_reference(filled):
     assert top["rating"] == pytest.approx(1000 + 400 * math.log10(16), abs=1e-6)
     assert ref["rating"] == pytest.approx(1000.0)
     assert top["lo"] <= top["rating"] <= top["hi"]
-    assert top["n"] == 16
+    assert top["n"] == 16 and top["rankings"] == ref["rankings"] == 4
 
 
 def test_diversity_report_by_hand(filled):

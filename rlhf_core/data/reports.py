@@ -9,6 +9,7 @@ out of the reward model's training pairs only).
 """
 from __future__ import annotations
 
+import statistics
 from datetime import datetime, timezone
 
 from rlhf_core import evaluation as ev
@@ -31,16 +32,19 @@ _COUNTED_RANKINGS_SQL = """
 def ab_outcomes(store: Store) -> dict:
     """Cross-version outcomes from every counted ranking of a mixed-version item.
 
-    Returns {"outcomes": [(version_a, version_b, score)], "n_rankings", "n_items"}.
+    Returns {"outcomes": [(version_a, version_b, score)], "rankings": [the ranking id of each
+    outcome], "n_rankings", "n_items"}.
     """
     rankings = store.rows(_COUNTED_RANKINGS_SQL + f" AND r.item_id IN ({_MIXED_ITEMS_SQL}) "
                           "ORDER BY r.id")
     version_of = {r["id"]: r["policy_version"] for r in store.rows(
         f"SELECT id, policy_version FROM responses WHERE item_id IN ({_MIXED_ITEMS_SQL})")}
-    outcomes = []
+    outcomes, ranking_ids = [], []
     for r in rankings:
-        outcomes.extend(ev.pairwise_outcomes(loads(r["tiers"], []), version_of))
-    return {"outcomes": outcomes, "n_rankings": len(rankings),
+        these = ev.pairwise_outcomes(loads(r["tiers"], []), version_of)
+        outcomes.extend(these)
+        ranking_ids.extend([r["id"]] * len(these))
+    return {"outcomes": outcomes, "rankings": ranking_ids, "n_rankings": len(rankings),
             "n_items": len({r["item_id"] for r in rankings})}
 
 
@@ -49,30 +53,40 @@ def ab_report(store: Store, baseline: int = 0, *, rounds: int = 100, seed: int =
     """Human win rate of each version vs `baseline` (Wilson interval, ties = half) and a
     Bradley-Terry leaderboard anchored at the baseline = 1000 with bootstrap intervals.
 
-    n counts response pairs; the pairs of one ranking are correlated, so read the intervals
-    together with n_rankings (the number of independent judgements).
+    n counts response pairs; the pairs of one ranking are correlated, so each row also counts
+    `rankings` (the independent judgements it rests on), and the bootstrap resamples whole
+    rankings.
     """
     data = ab_outcomes(store)
-    outcomes = data["outcomes"]
+    outcomes, ranking_ids = data["outcomes"], data["rankings"]
     rates = ev.ab_win_rates(outcomes, baseline, z=z)
     ratings = ev.bradley_terry_ratings(outcomes, anchor=baseline)
-    intervals = ev.bootstrap_ratings(outcomes, rounds=rounds, seed=seed, anchor=baseline)
+    intervals = ev.bootstrap_ratings(outcomes, rounds=rounds, seed=seed, anchor=baseline,
+                                     groups=ranking_ids)
     games = {v: sum(v in (a, b) for a, b, _ in outcomes) for v in ratings}
+    judged: dict = {}  # version -> rankings that compared it (with anyone / with the baseline)
+    for (a, b, _), rid in zip(outcomes, ranking_ids):
+        for v in (a, b):
+            judged.setdefault((v, "any"), set()).add(rid)
+            if baseline in (a, b) and v != baseline:
+                judged.setdefault((v, "baseline"), set()).add(rid)
     leaderboard = []
     for v in sorted(ratings, key=lambda v: -ratings[v]):
         lo, hi = intervals.get(v, (None, None))
         leaderboard.append({"version": v, "rating": ratings[v], "lo": lo, "hi": hi,
-                            "n": games[v]})
+                            "n": games[v], "rankings": len(judged.get((v, "any"), ()))})
     return {"baseline": baseline, "n_rankings": data["n_rankings"], "n_items": data["n_items"],
             "n_comparisons": len(outcomes),
-            "win_rates": [{"version": v, **rates[v]} for v in rates],
+            "win_rates": [{"version": v, **rates[v],
+                           "rankings": len(judged.get((v, "baseline"), ()))} for v in rates],
             "leaderboard": leaderboard}
 
 
 # -- diversity ---------------------------------------------------------------------------
 def diversity_report(store: Store, *, k_words: int = 3,
                      max_responses: int | None = None) -> list[dict]:
-    """Per policy version: distinct-1/2, same-opening share, mean length, stop rate, count.
+    """Per policy version: distinct-1/2, same-opening share, mean length (with its standard
+    deviation `sd_tokens` over `n_tokens` responses), stop rate, count.
 
     distinct-n falls as a batch grows, so compare versions on similar counts: `max_responses`
     keeps only each version's newest N responses.
@@ -92,6 +106,8 @@ def diversity_report(store: Store, *, k_words: int = 3,
             "distinct_1": ev.distinct_n(texts, 1), "distinct_2": ev.distinct_n(texts, 2),
             "same_opening_share": ev.same_opening_share(texts, k_words),
             "mean_tokens": sum(lengths) / len(lengths) if lengths else None,
+            "sd_tokens": statistics.stdev(lengths) if len(lengths) > 1 else None,
+            "n_tokens": len(lengths),
             "stop_rate": (sum(f == "stop" for f in finished) / len(finished)
                           if finished else None)})
     return report
