@@ -124,8 +124,9 @@ def test_round_checklist_ratio_params_reference_and_layout(runtime):
     assert row["version"] == 1 and row["parent"] == 0 and row["path"] == str(path)
     assert row["config"]["minibatch_size"] == 4 and "reward_mean" in row["metrics"]
     names = {r["name"] for r in runtime.data.store.metric_series("ppo")}
-    for name in ("reward_mean", "reward_std", "kl", "entropy", "clipfrac", "approx_kl",
-                 "vf_loss", "explained_variance", "response_length", "stop_rate",
+    for name in ("reward_mean", "reward_std", "kl", "kl_std", "entropy", "clipfrac", "approx_kl",
+                 "vf_loss", "explained_variance", "response_length", "response_length_std",
+                 "stop_rate", "n_sequences",
                  "time_generate", "time_score", "time_train"):
         assert name in names, name
     assert "sample_job" not in result  # the loop policy samples the next batch, not the round

@@ -169,9 +169,10 @@ def rollout_stats(rollout: Rollout, plan: Plan, dist) -> dict:
     lengths = mask.sum(dim=1)  # (B,)
     entropy = g(rollout.entropy).sum() / mask.sum()
     stats = {"reward_mean": scores.mean().item(), "reward_std": scores.std().item(),
-             "kl": kl_seq.mean().item(), "kl_coef": plan.kl_coef,
+             "kl": kl_seq.mean().item(), "kl_std": kl_seq.std().item(), "kl_coef": plan.kl_coef,
              "rlhf_reward": (scores - plan.kl_coef * kl_seq).mean().item(),
              "entropy": entropy.item(), "response_length": lengths.mean().item(),
+             "response_length_std": lengths.float().std().item(),  # spreads: the Dashboard's bars
              "stop_rate": g(rollout.has_stop.float()).mean().item(),
              "n_sequences": int(mask.shape[0])}
     if rollout.values is not None:  # a critic to judge
