@@ -13,6 +13,7 @@ import math
 import random
 import secrets
 import time
+from datetime import datetime, timezone
 
 from rlhf_core.preferences import ranking_to_pairs, ranking_to_ties, validate_ranking
 from rlhf_core.data.store import Store, dumps, loads, now_iso
@@ -71,11 +72,17 @@ def add_items(store: Store, batch_id: int, items: list[dict], *, policy_version:
 
 
 def retire_items(store: Store, *, older_than_policy: int, status: str = "retired") -> int:
-    """Close unfinished items sampled from policies older than `older_than_policy`."""
+    """Close unfinished items sampled from policies older than `older_than_policy`, once items
+    of that policy or newer are open: retiring into an empty pool would leave annotators
+    nothing to rank (a batch whose samples all collapsed), so then nothing is retired."""
     with store.write() as db:
+        if db.execute("SELECT 1 FROM open_items WHERE policy_version >= ? LIMIT 1",
+                      [older_than_policy]).fetchone() is None:
+            return 0
         cur = db.execute(
-            "UPDATE items SET status = ?, closed_at = ? WHERE status = 'ready' AND batch_id IN "
-            "(SELECT id FROM batches WHERE policy_version < ?)", [status, now_iso(), older_than_policy])
+            "UPDATE items SET status = ?, closed_at = ? WHERE id IN "
+            "(SELECT item_id FROM open_items WHERE policy_version < ?)",
+            [status, now_iso(), older_than_policy])
         return cur.rowcount
 
 
@@ -86,34 +93,58 @@ def withdraw_item(store: Store, item_id: int) -> None:
 
 
 # -- serving items ---------------------------------------------------------------
-def next_item(store: Store, annotator: str, *, ttl_s: float = 1800) -> dict | None:
-    """The item this annotator should rank now (their open one, else a new one), or None."""
+# A hold is short and renewed by the page's heartbeat (`renew_hold`), so an item held by a tab
+# that closed or went to sleep goes back to the others within minutes; `ttl_s` caps how long
+# heartbeats alone (a tab left open, nobody ranking) keep renewing it after the item was served.
+HOLD_S = 180.0
+
+
+class Busy(Refused):
+    """No new item for this name now (too many names that never submitted hold items)."""
+
+
+def next_item(store: Store, annotator: str, *, ttl_s: float = 1800, hold_s: float = HOLD_S,
+              newcomer_cap: int | None = None) -> dict | None:
+    """The item this annotator should rank now (their open one, else a new one), or None.
+
+    One open assignment per name: a name's open item is resumed, never a second one handed
+    out. `newcomer_cap` (without logins): at most this many names that have no ranking yet
+    hold items at once, so invented names never hold the pool; over it, `Busy` is raised."""
+    now, hold = time.time(), min(hold_s, ttl_s)
     with store.write() as db:
         row = db.execute(
             "SELECT a.item_id, a.token FROM assignments a JOIN items i ON i.id = a.item_id "
             "WHERE a.annotator = ? AND a.status = 'open' AND i.status = 'ready' "
             "ORDER BY a.id DESC LIMIT 1", [annotator]).fetchone()
         if row is None:
-            row = _assign_new(db, annotator, ttl_s)
-        else:  # a refresh resumes the item and renews the lease on it
-            db.execute("UPDATE assignments SET expires_at = ? WHERE token = ?",
-                       [time.time() + ttl_s, row[1]])
+            if newcomer_cap is not None and _newcomers_full(db, annotator, now, newcomer_cap):
+                raise Busy(f"{newcomer_cap} new names are holding items right now: "
+                           "try again in a few minutes")
+            row = _assign_new(db, annotator, now, hold, ttl_s)
+        else:  # a refresh resumes the item and renews the hold on it
+            db.execute("UPDATE assignments SET expires_at = ?, held_until = ? WHERE token = ?",
+                       [now + hold, now + ttl_s, row[1]])
         if row is None:
             return None
         item_id, token = row
     return load_item(store, item_id, token=token)
 
 
-def _assign_new(db, annotator: str, ttl_s: float):
-    now = time.time()
-    # Newest policy first (the improved policy is served next), then the order items were made.
+# Open items nobody may take now: every slot still needed is held by a live hold.
+_LIVE_HOLDS = ("(SELECT COUNT(*) FROM assignments h WHERE h.item_id = o.item_id "
+               "AND h.status = 'open' AND h.expires_at > ?)")
+
+
+def _assign_new(db, annotator: str, now: float, hold_s: float, ttl_s: float):
+    # Newest policy first (the improved policy is served next), then the order items were
+    # made; older policies' items are served when the newest are all taken. Only the open
+    # set is read (open_items), so the cost does not grow with the items ever ranked.
     candidates = db.execute(
-        """SELECT i.id FROM items i JOIN batches b ON b.id = i.batch_id
-           WHERE i.status = 'ready'
-             AND NOT EXISTS (SELECT 1 FROM assignments a WHERE a.item_id = i.id AND a.annotator = ?)
-             AND i.overlap > (SELECT COUNT(*) FROM assignments a WHERE a.item_id = i.id
-                              AND (a.status = 'done' OR (a.status = 'open' AND a.expires_at > ?)))
-           ORDER BY b.policy_version DESC, i.id LIMIT 1""", [annotator, now]).fetchone()
+        f"""SELECT o.item_id FROM open_items o
+            WHERE o.need > {_LIVE_HOLDS}
+              AND NOT EXISTS (SELECT 1 FROM assignments a
+                              WHERE a.item_id = o.item_id AND a.annotator = ?)
+            ORDER BY o.policy_version DESC, o.item_id LIMIT 1""", [now, annotator]).fetchone()
     if candidates is None:
         return None
     item_id = candidates[0]
@@ -121,9 +152,50 @@ def _assign_new(db, annotator: str, ttl_s: float):
     db.execute("UPDATE assignments SET status = 'expired' WHERE item_id = ? AND status = 'open' "
                "AND expires_at <= ?", [item_id, now])
     token = secrets.token_urlsafe(12)
-    db.execute("INSERT INTO assignments (item_id, annotator, token, status, created_at, expires_at) "
-               "VALUES (?, ?, ?, 'open', ?, ?)", [item_id, annotator, token, now_iso(), now + ttl_s])
+    db.execute("INSERT INTO assignments (item_id, annotator, token, status, created_at, "
+               "expires_at, held_until) VALUES (?, ?, ?, 'open', ?, ?, ?)",
+               [item_id, annotator, token, now_iso(), now + hold_s, now + ttl_s])
     return item_id, token
+
+
+def _newcomers_full(db, annotator: str, now: float, cap: int) -> bool:
+    """Is `annotator` a name with no ranking yet, while `cap` such names hold items?"""
+    if db.execute("SELECT active FROM annotator_counts WHERE annotator = ? AND active > 0",
+                  [annotator]).fetchone():
+        return False
+    holding = db.execute(
+        "SELECT COUNT(DISTINCT a.annotator) FROM assignments a LEFT JOIN annotator_counts c "
+        "ON c.annotator = a.annotator WHERE a.status = 'open' AND a.expires_at > ? "
+        "AND COALESCE(c.active, 0) = 0", [now]).fetchone()[0]
+    return holding >= cap
+
+
+def renew_hold(store: Store, item_id: int, annotator: str, token: str | None, *,
+               hold_s: float = HOLD_S) -> str:
+    """The page's heartbeat for the item on screen: 'held' (renewed, or still long enough to
+    need no write), 'lost' (it lapsed and was given to someone else, or the token is an old
+    tab's), 'done' (ranked) or 'closed' (withdrawn or retired). A hold that lapsed while nobody
+    took the item is renewed: the annotator still has it."""
+    now = time.time()
+    row = store.db.conn.execute(
+        "SELECT a.status, a.token, a.expires_at, a.held_until, i.status FROM assignments a "
+        "JOIN items i ON i.id = a.item_id WHERE a.item_id = ? AND a.annotator = ?",
+        [item_id, annotator]).fetchone()
+    if row is None or (token is not None and row[1] != token) or row[0] == "expired":
+        return "lost"
+    status, _, expires_at, held_until, item_status = row
+    if item_status != "ready":
+        return "closed"
+    if status == "done":
+        return "done"
+    until = min(now + hold_s, held_until if held_until is not None else math.inf)
+    if expires_at - now > hold_s / 2 or until <= expires_at:
+        return "held"  # renewed at most every hold_s / 2: a heartbeat is mostly a read
+    with store.write() as db:
+        cur = db.execute("UPDATE assignments SET expires_at = ? WHERE item_id = ? "
+                         "AND annotator = ? AND status = 'open' AND token = ?",
+                         [until, item_id, annotator, row[1]])
+    return "held" if cur.rowcount else renew_hold(store, item_id, annotator, token, hold_s=hold_s)
 
 
 def load_item(store: Store, item_id: int, *, token: str | None = None) -> dict | None:
@@ -288,13 +360,25 @@ def undo_last(store: Store, annotator: str, *, submission_key: str) -> dict | No
 
 
 def annotator_progress(store: Store, annotator: str) -> dict:
-    done = store.scalar("SELECT COUNT(*) FROM active_rankings WHERE annotator = ?", [annotator])
-    open_items = store.scalar(
-        """SELECT COUNT(*) FROM items i WHERE i.status = 'ready'
-           AND NOT EXISTS (SELECT 1 FROM assignments a WHERE a.item_id = i.id AND a.annotator = ?)
-           AND i.overlap > (SELECT COUNT(*) FROM assignments a WHERE a.item_id = i.id
-                            AND a.status = 'done')""", [annotator])
-    return {"done": done, "available": open_items}
+    """`done`: the annotator's active rankings; `available`: open items they could be given
+    now; `held`: open items they have not seen whose every remaining slot another annotator
+    holds (they come back if those holds lapse). Reads the open set and counters only."""
+    done = store.scalar("SELECT active FROM annotator_counts WHERE annotator = ?", [annotator])
+    row = store.db.conn.execute(
+        f"""SELECT COUNT(*), COALESCE(SUM(o.need > {_LIVE_HOLDS}), 0) FROM open_items o
+            WHERE NOT EXISTS (SELECT 1 FROM assignments a
+                              WHERE a.item_id = o.item_id AND a.annotator = ?)""",
+        [time.time(), annotator]).fetchone()
+    return {"done": done or 0, "available": row[1], "held": row[0] - row[1]}
+
+
+def recent_rankings(store: Store, since_s: float) -> list[dict]:
+    """Rankings and skips of the last `since_s` seconds (annotator, time_spent_s, created_at),
+    oldest first: who is ranking now, and how fast (the loop sizes its buffer on it)."""
+    since = datetime.fromtimestamp(time.time() - since_s, timezone.utc)
+    return store.rows("SELECT annotator, time_spent_s, created_at FROM rankings "
+                      "WHERE created_at >= ? AND kind IN ('rank', 'skip') ORDER BY id",
+                      [since.isoformat(timespec="milliseconds")])
 
 
 # -- export ------------------------------------------------------------------------
