@@ -175,3 +175,21 @@ def finish(store: Store, job_id: int, *, result: dict | None = None, error: str 
                     status, job_id, worker, worker])
     store.log_event(f"job_{status}", worker, job_id=job_id, error=error)
 
+
+def typical_duration_s(store: Store, kind: str, *, last: int = 5) -> float | None:
+    """The median run time of the last `last` finished jobs of `kind` (None before any ran):
+    how long the loop and the waiting annotators may expect the next one to take."""
+    from datetime import datetime
+    rows = store.rows("SELECT started_at, finished_at FROM jobs WHERE status = 'done' "
+                      "AND kind = ? AND started_at IS NOT NULL AND finished_at IS NOT NULL "
+                      "ORDER BY id DESC LIMIT ?", [kind, last])
+    spans = sorted((datetime.fromisoformat(r["finished_at"])
+                    - datetime.fromisoformat(r["started_at"])).total_seconds() for r in rows)
+    return spans[len(spans) // 2] if spans else None
+
+
+def current_jobs(store: Store) -> list[dict]:
+    """Running jobs, then queued ones, in the order the worker takes them."""
+    return store.rows("SELECT id, kind, status, progress, message, started_at, created_at "
+                      "FROM jobs WHERE status IN ('running', 'queued') "
+                      "ORDER BY status = 'queued', id")
