@@ -9,12 +9,11 @@ from __future__ import annotations
 import logging
 import sqlite3
 
-from app import handlers
+from app import handlers, serving
 from app.context import AppContext
 from app.status import start_job
 from rlhf_core.data.annotation import (MAX_ID, MAX_KEY_CHARS, MAX_NOTE_CHARS, Refused, StaleForm,
-                                       annotator_progress, load_item, next_item, submit_ranking,
-                                       undo_last)
+                                       annotator_progress, load_item, submit_ranking, undo_last)
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +85,13 @@ def _type(value) -> str:
 def get_item(ctx: AppContext, annotator: str, username: str | None = None) -> dict:
     try:
         who = _who(ctx, annotator, username)
-        item = next_item(ctx.store, who, ttl_s=ctx.config.loop.assignment_ttl_s)
+        item = serving.serve_item(ctx, who)  # a call renews the short hold, as a heartbeat
         progress = annotator_progress(ctx.store, who)
+        message = "" if item else serving.activity(ctx, who, markdown=False)
     except Exception as exc:  # the HTTP boundary: every failure is a message
         return {"ok": False, "message": _failure(exc), "item": None}
     return {"ok": True, "annotator": who, "item": handlers.public_item(item) if item else None,
-            "message": "" if item else "nothing ready: the worker is sampling the next batch",
-            "progress": progress}
+            "message": message, "progress": progress}
 
 
 def submit(ctx: AppContext, annotator: str, item_id: int, token: str, submission_key: str,

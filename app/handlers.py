@@ -13,10 +13,11 @@ import re
 import time
 import uuid
 
+from app import safe_markdown, serving
 from app.context import MAX_NAME_LEN, ROLES, AppContext
 from rlhf_core.data import workers
-from rlhf_core.data.annotation import (LABELS, Refused, StaleForm, annotator_progress,
-                                       assignment_status, next_item, submit_ranking, undo_last)
+from rlhf_core.data.annotation import (LABELS, Busy, Refused, StaleForm, assignment_status,
+                                       submit_ranking, undo_last)
 from rlhf_core.preferences import format_ranking_text, parse_ranking_text
 
 MAX_CARDS = len(LABELS)
@@ -67,7 +68,7 @@ def session_user(ctx: AppContext, session_annotator: str | None, username: str |
     return who
 
 
-# -- rendering (escaped: model output is data, never markup) --------------------------
+# -- rendering (model output is data, never markup: escaped, or markdown without HTML) ----
 def esc(text: str) -> str:
     """HTML-escape, and also neutralise template syntax (`${}`, `{{}}`) of gr.HTML."""
     out = html.escape(str(text), quote=True)
@@ -94,7 +95,8 @@ def render_cards(item: dict | None) -> str:
             f'<div class="rl-card" data-label="{r["label"]}"><div class="rl-head">'
             f'<span class="rl-label">{r["label"]}</span>'
             f'<span class="rl-meta">{r.get("n_tokens") or "?"} tokens{cut}</span></div>'
-            f'<pre class="rl-text">{esc(r["text"])}</pre></div>')
+            f'<div class="rl-md">{safe_markdown.render(r["text"])}</div>'
+            f'<pre class="rl-text rl-raw">{esc(r["text"])}</pre></div>')
     return f'<div class="rl-cards rl-k{len(cards)}">{"".join(cards)}</div>'
 
 
@@ -231,17 +233,17 @@ def _still_open(ctx: AppContext, annotator: str, item_id: int) -> bool:
 
 # -- the form ------------------------------------------------------------------------
 def progress_text(ctx: AppContext, annotator: str) -> str:
-    p = annotator_progress(ctx.store, annotator)
-    return f"**{annotator}** · ranked **{p['done']}** · **{p['available']}** more available"
+    return serving.progress_line(ctx, annotator)
 
 
 def waiting_message(ctx: AppContext, viewer: str | None) -> str:
     """Nothing to rank: say "sampling" only while a worker beats (the workers registry), else
     how to start one (the workspace path for researchers only)."""
     if workers.alive(ctx.store):
-        return WAITING
+        return serving.activity(ctx, viewer)  # what it runs, for how long, what is next
     return ("**Nothing to rank right now: no worker is running; start one with "
-            f"`{worker_command(ctx, viewer)}`.** This page checks again every few seconds.")
+            f"`{worker_command(ctx, viewer)}`.**{serving.held_note(ctx, viewer)} "
+            "This page checks again every few seconds.")
 
 
 def worker_command(ctx: AppContext, viewer: str | None) -> str:
@@ -252,13 +254,16 @@ def worker_command(ctx: AppContext, viewer: str | None) -> str:
 def load_form(ctx: AppContext, annotator: str, drafts: dict | None, *, message: str = "",
               undone_tiers: list | None = None) -> dict:
     """The annotator's current item (drafts restored), or the waiting message."""
-    item = next_item(ctx.store, annotator, ttl_s=ctx.config.loop.assignment_ttl_s)
+    try:
+        item, busy = serving.serve_item(ctx, annotator), None
+    except Busy as exc:
+        item, busy = None, serving.busy_text(exc)
     out = {"progress": progress_text(ctx, annotator), "drafts": dict(drafts or {})}
     if item is None:
         return {**out, "item": None, "form_item": "", "k": 0, "prompt_html": "", "cards_html": "",
                 "ranking": "", "note": "", "flag": False, "all_bad": False, "preview": "",
                 "ranks": [None] * MAX_CARDS,
-                "message": message or waiting_message(ctx, annotator), "waiting": True}
+                "message": message or busy or waiting_message(ctx, annotator), "waiting": True}
     state = form_state(item)
     draft = (drafts or {}).get(str(item["id"]), {})
     ranking = draft.get("ranking", "")

@@ -10,8 +10,11 @@ api_name="/get_item")`). When auth is on, every endpoint uses the logged-in user
 
 - `/get_item(annotator: str) -> dict`: `{"ok", "annotator", "item": {"id", "prompt",
   "policy_version", "token", "k", "responses": [{"id", "label", "text", "n_tokens",
-  "finish_reason"}]} | None, "message", "progress": {"done", "available"}}`.
-  The same item comes back until it is ranked or skipped.
+  "finish_reason"}]} | None, "message", "progress": {"done", "available", "held"}}`.
+  The same item comes back until it is ranked or skipped. The item is held for
+  `loop.assignment_hold_s` (3 min) and every call renews the hold: a client that needs longer
+  calls again, else its later submission is still taken unless another annotator took the
+  item meanwhile (`stale: true`). Without item, `message` says what the worker runs.
 - `/submit(annotator: str, item_id: int, token: str, submission_key: str, ranking: str,
   skip: bool = False, all_bad: bool = False, flag: bool = False, note: str = "",
   time_spent: float | None = None) -> dict`: `ranking` is keyboard text ("bacd", "b a=c d")
@@ -45,11 +48,12 @@ from typing import Callable
 import gradio as gr
 from starlette.routing import Mount
 
-from app import api, handlers
+from app import api, handlers, serving
 from app.body_limit import with_body_limit
 from app.context import AppContext, load_auth_file
 from app.handlers import MAX_CARDS
 from app.login_guard import is_loopback, with_client_address
+from app.guidelines import build_rank_guidelines, wire_rank_guidelines
 from app.ui_assets import CSS, FOCUS_RANKING_JS, HEAD, SHORTCUTS_MD
 from app.ui_dashboard import build_dashboard_tab
 from app.ui_research import build_research_tab
@@ -93,6 +97,7 @@ def build_ui(ctx: AppContext, *, extra_tabs: tuple[Callable[[AppContext], None],
         c["timer"] = gr.Timer(poll_s)
         _wire(ctx, demo, c)
         wire_status_tab(ctx, demo, c)
+        wire_rank_guidelines(ctx, demo, c)
         _register_api(ctx)
     return demo
 
@@ -101,6 +106,7 @@ def _rank_layout(c: dict) -> None:
     with gr.Column(visible=False) as c["rank_box"]:
         c["message"] = gr.Markdown(elem_id="rl-message")
         c["prompt_html"] = gr.HTML(elem_id="rl-prompt")
+        build_rank_guidelines(c)  # collapsible guidelines; rubric question + raw-text toggle
         c["cards_html"] = gr.HTML(elem_id="rl-cards")
         with gr.Row(elem_id="rl-ranks"):
             c["radios"] = [gr.Radio([str(i + 1) for i in range(4)], label=f"Rank of {label}",
@@ -246,10 +252,13 @@ def _wire(ctx: AppContext, demo: gr.Blocks, c: dict) -> None:
 
     @acting(quiet=True)
     def on_tick(request: gr.Request, annotator, item, drafts):
-        if not annotator or item is not None:
-            return _updates(c, {})  # only a waiting annotator polls for the next batch
-        out = handlers.load_form(ctx, annotator, drafts)
-        return _updates(c, out if not out["waiting"] else {"progress": out["progress"]})
+        if not annotator:
+            return _updates(c, {})
+        if item is not None:  # the heartbeat: renews the short hold on the item on screen
+            return _updates(c, serving.heartbeat(ctx, annotator, item))
+        out = handlers.load_form(ctx, annotator, drafts)  # a waiting page polls for an item
+        return _updates(c, out if not out["waiting"] else
+                        {"progress": out["progress"], "message": out["message"]})
 
     def on_switch():
         return _updates(c, {"annotator": None, "item": None, "progress": "",
@@ -309,6 +318,9 @@ def _register_api(ctx: AppContext) -> None:
         gr.api(fn, api_name=fn.__name__, concurrency_limit=8)
 
 
+SESSION_CAPACITY = 500  # page sessions kept in memory (x 231 KB: 113 MB at most)
+
+
 def launch(ctx: AppContext, host: str = "127.0.0.1", port: int = 7860,
            auth_file: str | None = None, prevent_thread_lock: bool = False,
            extra_tabs: tuple[Callable[[AppContext], None], ...] | None = None,
@@ -333,6 +345,11 @@ def launch(ctx: AppContext, host: str = "127.0.0.1", port: int = 7860,
     os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "1000")
     os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "1000")
     demo.queue(default_concurrency_limit=4)
+    # Gradio keeps a copy of this page's component config per session (231 KB here, bench B7)
+    # for its 10,000 most recent sessions: 2.3 GB, grown by any script that sends a fresh
+    # session_hash per call. Keep the SESSION_CAPACITY most recent: a live page's timer touches
+    # its session every few seconds, so only sessions idle the longest are dropped.
+    kwargs.setdefault("state_session_capacity", SESSION_CAPACITY)
     # remote workers' door (app/worker_api.py): its own token auth and upload caps
     app_kwargs = dict(kwargs.get("app_kwargs") or {})
     worker_app = build_worker_app(ctx.store, ctx.workspace)

@@ -180,7 +180,9 @@ class LoopConfig:
     selection: str = "random"  # "random" | "uncertainty"
     random_share: float = 0.5  # with "uncertainty", share still picked at random
     overlap: int = 1  # annotators per item (>1 for agreement studies)
-    assignment_ttl_s: int = 1800
+    assignment_ttl_s: int = 1800  # page heartbeats renew a hold at most this long after serving
+    assignment_hold_s: int = 180  # a hold lapses this long after the page's last heartbeat
+    max_newcomer_holds: int = 16  # without login: names with no ranking yet holding items (0: any)
     score_items: bool = True  # score ranked responses for the researcher view (costs worker time)
     algorithm: str = "ppo"  # the policy round: "ppo" | "grpo" | "rloo" | "dpo" (see README)
 
@@ -276,6 +278,7 @@ LIMITS = {
     "loop.retire_rule": OneOf(("use_up", "retire")),
     "loop.selection": OneOf(("random", "uncertainty")), "loop.random_share": SHARE,
     "loop.overlap": AT_LEAST_1, "loop.assignment_ttl_s": Range(10),
+    "loop.assignment_hold_s": Range(10), "loop.max_newcomer_holds": AT_LEAST_0,
     "loop.algorithm": OneOf(("ppo", "grpo", "rloo", "dpo")),
     "model": NOT_EMPTY, "reward_model": NOT_EMPTY, "host": NOT_EMPTY, "port": Range(1, 65535),
     "torch_threads": AT_LEAST_1,

@@ -7,6 +7,7 @@ import pytest
 
 from app import api, handlers, status
 from app.context import AppContext, load_auth_file
+from rlhf_core.data import jobs
 from rlhf_core.data.annotation import create_batch, withdraw_item
 from rlhf_core.config import AppConfig, LoopConfig
 
@@ -36,7 +37,11 @@ def test_waiting_message_when_nothing_is_ready(ctx):
     from rlhf_core.data import workers  # "sampling" only while a worker beats (test_workers.py)
     workers.register(ctx.store, "w", host="h", pid=1, scope="another host")
     out = handlers.start(ctx, "ada", None, {})
-    assert out["waiting"] and out["item"] is None and "sampling the next batch" in out["message"]
+    assert out["waiting"] and out["item"] is None and "no job is running" in out["message"]
+    jobs.enqueue(ctx.store, "sample_batch")
+    jobs.claim(ctx.store, "w")  # the page says what the worker runs, nothing more
+    out = handlers.start(ctx, "ada", None, {})
+    assert "sampling the next batch (sample_batch)" in out["message"]
     seed_items(ctx.store, n=1)
     assert handlers.load_form(ctx, "ada", {})["item"] is not None  # the timer's next poll
 

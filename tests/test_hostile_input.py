@@ -23,10 +23,9 @@ from app import api
 from app.context import AppContext
 from app.launcher import free_port
 from app.ui import launch
-from rlhf_core.config import AppConfig
+from rlhf_core.config import AppConfig, LoopConfig
 from rlhf_core.data import store as store_module
-from rlhf_core.data.annotation import (Refused, create_batch, next_item, retire_items,
-                                       submit_ranking)
+from rlhf_core.data.annotation import Refused, create_batch, next_item, submit_ranking
 from tests.test_handlers import seed_items
 
 REPEATS = 40_000
@@ -52,14 +51,16 @@ class TimedLock:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     ws = tmp_path_factory.mktemp("hostile-ws")
-    ctx = AppContext.from_config(AppConfig(workspace=ws))
+    # each test invents a name and never submits: no cap on such names here (see test_serving)
+    ctx = AppContext.from_config(AppConfig(workspace=ws, loop=LoopConfig(max_newcomer_holds=0)))
     # Response ids above 1000, as in the report: JSON makes a new int object for each of the
     # 40,000 copies (only ints up to 256 are shared), so comparisons cannot short-cut on identity.
     ctx.store.add_prompts([{"text": "padding"}], source="test")
     pad = ctx.store.scalar("SELECT id FROM prompts")
     create_batch(ctx.store, policy_version=0, k=4, items=[
         {"prompt_id": pad, "responses": [{"text": t} for t in "abcd"]}] * 300)
-    retire_items(ctx.store, older_than_policy=1)
+    with ctx.store.write() as db:  # closed (retire_items keeps them: nothing newer is open)
+        db.execute("UPDATE items SET status = 'withdrawn'")
     seed_items(ctx.store, n=120)
     port = free_port()
     demo = launch(ctx, port=port, prevent_thread_lock=True, quiet=True)
