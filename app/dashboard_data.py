@@ -100,6 +100,7 @@ def reward_rows(store: Store) -> list[dict]:
                "train_pairs": r.get("counts.train_pairs")}
         for group in ("heldout", "fresh"):  # strict pairs: the ones accuracy is measured on
             n = r.get(f"{group}_strict_pairs", r.get(f"counts.{group}_strict"))
+            n = int(n) if n is not None else None  # metrics rows store numbers as floats
             acc = r.get(f"{group}_accuracy")
             row[group], row[f"{group}_n"] = acc, n
             row[f"{group}_lo"], row[f"{group}_hi"] = wilson(acc, n)

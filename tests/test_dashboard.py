@@ -179,7 +179,7 @@ def spec_of(updates: dict, name: str) -> dict:
 def test_reward_accuracy_every_version_with_wilson_intervals(store):
     """Issue 11.8: v2 was in the table but not in the plot, and accuracy had no interval."""
     store.add_version("reward", 1, status="promoted", metrics={
-        "heldout_accuracy": 0.5, "heldout_strict_pairs": 24})
+        "heldout_accuracy": 0.5, "heldout_strict_pairs": 24.0})  # a count read back as a float
     store.add_version("reward", 2, status="promoted", parent=1, metrics={
         "heldout_accuracy": 0.5, "heldout_strict_pairs": 24, "fresh_accuracy": 0.7,
         "fresh_strict_pairs": 10})
