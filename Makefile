@@ -34,10 +34,12 @@ $(STAMP): pyproject.toml $(LOCK) Makefile
 	touch $(STAMP)
 
 run: setup
+	bash scripts/ensure_system_libs.sh
 	$(VENV)/bin/rlhf up
 
 test: setup
 	bash scripts/ensure_chromium.sh
+	bash scripts/ensure_system_libs.sh
 	$(PY) -m pytest -q
 
 # BENCH_ARGS: e.g. --quick, --only B1,B4; the TRL venvs (bench/.venv-trl*) are created on first use

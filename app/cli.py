@@ -416,12 +416,19 @@ def _simulate_args(p):
     add_arguments(p)
 
 
+# Commands whose process holds models: run with jemalloc where present (app/allocator.py).
+MODEL_COMMANDS = ("worker", "sample", "train-reward", "ppo", "export-policy")
+
+
 def main(argv=None):
     logging.basicConfig(level=os.environ.get("RLHF_LOG", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "gradio_client", "urllib3"):  # one line per HTTP call otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
+    if argv is None and args.command in MODEL_COMMANDS:  # a real command line, models ahead
+        from app.allocator import reexec_with_jemalloc
+        reexec_with_jemalloc(sys.argv[1:])
     try:
         if hasattr(args, "host"):
             check_serving(args)

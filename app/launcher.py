@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from app.allocator import with_jemalloc
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -20,7 +22,7 @@ def start_worker(workspace: Path, *extra: str) -> subprocess.Popen:
     which stops the worker (stop_worker); it exits by itself when this process is gone."""
     return subprocess.Popen([sys.executable, "-m", "app.cli", "worker",
                              "--workspace", str(workspace), *extra],
-                            env={**os.environ, "RLHF_PARENT_PID": str(os.getpid())},
+                            env=with_jemalloc({**os.environ, "RLHF_PARENT_PID": str(os.getpid())}),
                             start_new_session=True)
 
 
