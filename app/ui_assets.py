@@ -19,6 +19,17 @@ CSS = """
             background: var(--color-accent-soft); border-radius: 4px; padding: 0 10px; }
 .rl-text { white-space: pre-wrap; word-break: break-word; font-family: var(--font);
            font-size: 0.95em; margin: 0; max-height: 24em; overflow: auto; }
+.rl-md { font-size: 0.95em; max-height: 24em; overflow: auto; word-break: break-word; }
+.rl-md p, .rl-md ul, .rl-md ol, .rl-md pre { margin: 0 0 0.5em; }
+.rl-md pre, .rl-md code { font-family: var(--font-mono); background: var(--background-fill-primary);
+                          border-radius: 4px; }
+.rl-md pre { padding: 6px 8px; overflow-x: auto; white-space: pre; }
+.rl-md ul, .rl-md ol { padding-left: 1.4em; }
+.rl-md ul { list-style: disc; } .rl-md ol { list-style: decimal; }
+.rl-card .rl-raw { display: none; }  /* "Show raw text" swaps them (app/guidelines.py) */
+#rl-rubric .rl-rubric { font-weight: 600; font-size: 1.05em; }
+#rl-rubric p { margin: 0; }
+.rl-guidelines { max-height: 30em; overflow: auto; }
 .rl-jobs { display: flex; flex-direction: column; gap: 4px; font-size: 0.9em; }
 .rl-job { display: grid; grid-template-columns: 14em 6em 1fr 3.5em; gap: 8px; align-items: center; }
 .rl-job-msg { grid-column: 1 / -1; color: var(--body-text-color-subdued); font-size: 0.85em; }

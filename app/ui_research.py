@@ -14,6 +14,7 @@ from app import dashboard_data as dd
 from app.context import AppContext
 from app.handlers import esc
 from rlhf_core.data import reports
+from rlhf_core.data.guidelines import get_guidelines, set_guidelines
 from rlhf_core.workspace import set_auto
 
 NOTICE = "The research view is for researchers. Ask a researcher to grant you the role."
@@ -200,6 +201,27 @@ def toggle_auto(ctx: AppContext, on: bool, username, profile) -> dict:
             "loop_md": loop_markdown(dd.loop_settings(ctx.store))}
 
 
+def load_guidelines(ctx: AppContext, username, profile) -> dict:
+    """The editor's values (researchers only; others get nothing)."""
+    if not allowed(ctx, username, profile):
+        return {}
+    g = get_guidelines(ctx.store)
+    return {"guidelines": g["guidelines"], "rubric": g["rubric"]}
+
+
+def save_guidelines(ctx: AppContext, guidelines: str, rubric: str, username, profile) -> dict:
+    """Researchers only (checked here, whatever the page shows)."""
+    if not allowed(ctx, username, profile):
+        return {"guidelines_msg": "only researchers may edit the guidelines"}
+    who = username or (profile or {}).get("name") or None
+    try:
+        g = set_guidelines(ctx.store, guidelines, rubric, actor=who)
+    except ValueError as exc:
+        return {"guidelines_msg": f"not saved: {exc}"}
+    return {"guidelines_msg": "saved: annotators see it from their next item",
+            "guidelines": g["guidelines"], "rubric": g["rubric"]}
+
+
 # -- the tab -------------------------------------------------------------------------------------
 def build_research_tab(ctx: AppContext, *, refresh_s: float = 10.0) -> None:
     """Add the Research tab (an `extra_tabs` callable of `app.ui.build_ui`)."""
@@ -213,6 +235,15 @@ def build_research_tab(ctx: AppContext, *, refresh_s: float = 10.0) -> None:
                                         elem_id="rs-auto")
                 c["loop_msg"] = gr.Markdown()
             c["loop_md"] = gr.Markdown()
+            gr.Markdown("#### Guidelines for annotators (markdown; raw HTML is shown as text)")
+            c["rubric"] = gr.Textbox(label="Rubric question (shown above the cards)",
+                                     max_lines=1, elem_id="rs-rubric")
+            c["guidelines"] = gr.Textbox(label="Guidelines (collapsible on the Rank page)",
+                                         lines=6, max_lines=20, elem_id="rs-guidelines")
+            with gr.Row(equal_height=True):
+                c["guidelines_btn"] = gr.Button("Save guidelines", size="sm", scale=0,
+                                                min_width=160, elem_id="rs-guidelines-save")
+                c["guidelines_msg"] = gr.Markdown(elem_id="rs-guidelines-msg")
             gr.Markdown("#### Submitted items, the reward model's scores and its agreement")
             with gr.Row(equal_height=True):
                 c["filter"] = gr.Radio(list(FILTERS), value="Recent rankings", show_label=False,
@@ -263,3 +294,22 @@ def _wire(ctx: AppContext, c: dict) -> None:
           api_visibility="private", show_progress="hidden", trigger_mode="always_last")
     c["auto"].input(on_auto, [c["auto"], c["profile"]], [c["loop_msg"], c["loop_md"]],
                     api_visibility="private")
+    _wire_guidelines(ctx, c, _user)
+
+
+def _wire_guidelines(ctx: AppContext, c: dict, user) -> None:
+    """Filled on page load only (the timer's refresh would overwrite an edit in progress)."""
+    fields = [c["guidelines"], c["rubric"]]
+
+    def on_load(profile, request: gr.Request):
+        out = load_guidelines(ctx, user(request), profile)
+        return {c[k]: v for k, v in out.items()} or {c["guidelines_msg"]: gr.skip()}
+
+    def on_save(guidelines, rubric, profile, request: gr.Request):
+        out = save_guidelines(ctx, guidelines, rubric, user(request), profile)
+        return {c[k]: v for k, v in out.items()}
+
+    gr.on(None, on_load, [c["profile"]], fields + [c["guidelines_msg"]],  # load; profile read
+          api_visibility="private")
+    c["guidelines_btn"].click(on_save, fields + [c["profile"]], fields + [c["guidelines_msg"]],
+                              api_visibility="private")
