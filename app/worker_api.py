@@ -31,7 +31,7 @@ from fastapi.responses import FileResponse, JSONResponse
 
 from rlhf_core import checkpoints
 from rlhf_core.config import to_dict
-from rlhf_core.data import tokens
+from rlhf_core.data import tokens, workers
 from rlhf_core.data.jobs import JobCancelled
 from rlhf_core.worker.data import VERBS, LocalData
 
@@ -348,6 +348,7 @@ def start_loop_ticker(store, every_s: float = 1.0) -> threading.Event:
         while not stop.wait(every_s):
             try:
                 if tokens.any_active(store):
+                    workers.reap(store)  # a remote worker that went silent: its job goes back
                     loop_tick(store)
             except Exception:  # a busy DB must not end the ticker
                 log.warning("loop tick failed", exc_info=True)
