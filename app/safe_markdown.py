@@ -11,7 +11,9 @@ from __future__ import annotations
 from markdown_it import MarkdownIt
 from markdown_it.common.utils import escapeHtml
 
-_MD = MarkdownIt("commonmark", {"html": False, "linkify": False, "typographer": False})
+# breaks: a single newline of model output is a line break (as the raw text shows it)
+_MD = MarkdownIt("commonmark", {"html": False, "breaks": True, "linkify": False,
+                                "typographer": False})
 _TEMPLATE_CHARS = (("{", "&#123;"), ("}", "&#125;"), ("$", "&#36;"), ("`", "&#96;"),
                    ("\\", "&#92;"))
 

@@ -36,6 +36,7 @@ def test_markdown_renders_formatting_and_never_html():
     out = safe_markdown.render("**bold**\n\n- one\n- two\n\n```\ncode {x}\n```\n")
     assert "<strong>bold</strong>" in out and "<li>one</li>" in out
     assert "<pre><code>code &#123;x&#125;" in out
+    assert safe_markdown.render("two\nlines") == "<p>two<br />\nlines</p>\n"  # as typed
     for hostile in (XSS, IMG_XSS, '<a href="javascript:alert(1)">x</a>', "<iframe src=x>"):
         out = safe_markdown.render(hostile)
         assert "<script" not in out and "<img" not in out and "<a " not in out
