@@ -57,9 +57,26 @@ def build_history(store, n_items: int, n_open: int) -> None:
              for i in range(ranked)), batch_size=1000)
 
 
+class TimedLock:
+    """The store's write lock, recording how long each hold lasted (everyone else waits)."""
+
+    def __init__(self, lock):
+        self.lock, self.held, self.t0 = lock, [], 0.0
+
+    def acquire(self, *args, **kwargs):
+        got = self.lock.acquire(*args, **kwargs)
+        self.t0 = time.perf_counter()
+        return got
+
+    def release(self):
+        self.held.append(time.perf_counter() - self.t0)
+        self.lock.release()
+
+
 def measure(store, fetches: int, n_annotators: int) -> dict:
     from rlhf_core.data import annotation
     wall, cpu = [], []
+    store._write_lock = lock = TimedLock(store._write_lock)
     for f in range(fetches):
         who = f"past-{f % n_annotators}"  # annotators with a history of their own
         w0, c0 = time.perf_counter(), time.process_time()
@@ -70,7 +87,10 @@ def measure(store, fetches: int, n_annotators: int) -> dict:
         annotation.annotator_progress(store, who)
         wall.append(time.perf_counter() - w0)
         cpu.append(time.process_time() - c0)
-    return _summary(wall, cpu)
+    store._write_lock = lock.lock
+    held = lock.held
+    return {**_summary(wall, cpu), "lock_held_ms_p50": round(1000 * common.percentile(held, 50), 2),
+            "lock_held_ms_max": round(1000 * max(held), 2), "writes_per_fetch": len(held) / fetches}
 
 
 def measure_waiting(store, ticks: int) -> dict:
@@ -80,13 +100,16 @@ def measure_waiting(store, ticks: int) -> dict:
     while annotation.next_item(store, f"holder-{holders}") is not None:
         holders += 1
     wall, cpu = [], []
+    store._write_lock = lock = TimedLock(store._write_lock)
     for t in range(ticks):
         w0, c0 = time.perf_counter(), time.process_time()
         assert annotation.next_item(store, "waiting") is None
         annotation.annotator_progress(store, "waiting")
         wall.append(time.perf_counter() - w0)
         cpu.append(time.process_time() - c0)
-    return {**_summary(wall, cpu), "holders": holders}
+    store._write_lock = lock.lock
+    return {**_summary(wall, cpu), "holders": holders,
+            "lock_held_ms_p50": round(1000 * common.percentile(lock.held, 50), 2)}
 
 
 def _summary(wall: list[float], cpu: list[float]) -> dict:
@@ -110,7 +133,8 @@ def run(sizes: list[int], fetches: int, n_open: int) -> dict:
                            "fetch": fetch, "waiting": waiting}
             store.close()
         print(f"{n:>7} items: fetch {fetch['wall_ms_p50']} ms p50 wall, "
-              f"{fetch['cpu_ms_mean']} ms CPU; waiting tick {waiting['wall_ms_p50']} ms p50 "
+              f"{fetch['cpu_ms_mean']} ms CPU, write lock held {fetch['lock_held_ms_p50']} ms "
+              f"p50 / {fetch['lock_held_ms_max']} max; waiting tick {waiting['wall_ms_p50']} ms p50 "
               f"wall, {waiting['cpu_ms_mean']} ms CPU", flush=True)
     return out
 
