@@ -32,21 +32,39 @@ class CommandError(RuntimeError):
 
 
 def model_flags(p):
-    p.add_argument("--model", help=f"policy base: {EMBEDDED_MODEL} (default), a Hub id or a "
-                                   "local directory")
-    p.add_argument("--reward-model", dest="reward_model",
-                   help="a separate reward base (Hub id or directory); default: a reward adapter "
-                        "on the policy's base")
-    p.add_argument("--k", type=int, help="responses per prompt (2..8, default 4)")
-    p.add_argument("--max-new-tokens", type=int, dest="max_new_tokens")
+    """Every model and loop flag: for the commands that run (or configure) the whole loop."""
+    policy_model_flags(p)
+    reward_model_flag(p)
+    batch_flags(p)
     p.add_argument("--min-ready", type=int, dest="min_ready",
                    help="unlabeled items the worker keeps ready (default 6)")
-    p.add_argument("--overlap", type=int, help="annotators per item (>1 for agreement studies)")
     p.add_argument("--auto", action="store_true", default=None,
                    help="automatic loop: retrain the reward model every N rankings, run PPO "
                         "when promoted, sample from each new policy")
-    p.add_argument("--retrain-every", type=int, dest="retrain_every")
+    p.add_argument("--retrain-every", type=int, dest="retrain_every",
+                   help="with --auto: new rankings between reward trainings (default 20)")
+
+
+def policy_model_flags(p):
+    """The policy's base (every model command reads it) and --set for any other setting."""
+    p.add_argument("--model", help=f"policy base: {EMBEDDED_MODEL} (default), a Hub id or a "
+                                   "local directory")
     set_flag(p)
+
+
+def reward_model_flag(p):
+    """For the commands that load the reward model (`train-reward`, `ppo`; `sample` does not)."""
+    p.add_argument("--reward-model", dest="reward_model",
+                   help="a separate reward base (Hub id or directory); default: a reward adapter "
+                        "on the policy's base")
+
+
+def batch_flags(p):
+    """How a labeling batch is sampled: what `sample` reads beside the models."""
+    p.add_argument("--k", type=int, help="responses per prompt (2..8, default 4)")
+    p.add_argument("--max-new-tokens", type=int, dest="max_new_tokens",
+                   help="longest response in tokens (sampling.max_new_tokens)")
+    p.add_argument("--overlap", type=int, help="annotators per item (>1 for agreement studies)")
 
 
 def set_flag(p):
@@ -71,7 +89,8 @@ def open_ws(a):
 
 def serve_flags(p):
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=int(os.environ.get("RLHF_PORT", 7860)))
+    p.add_argument("--port", type=int, default=int(os.environ.get("RLHF_PORT", 7860)),
+                   help="port of the UI (default: $RLHF_PORT or 7860)")
     p.add_argument("--auth", type=Path, dest="auth_file",
                    help="JSON or CSV of user,password,role (annotator|researcher): enables login")
     p.add_argument("--insecure-no-auth", action="store_true", dest="insecure_no_auth",
@@ -308,6 +327,17 @@ def cmd_ppo(a):
     _run_job_here(a, "ppo_round", {})
 
 
+def cmd_config(a):
+    from rlhf_core.config_help import format_table, settings_table, with_values
+    rows = settings_table()
+    try:
+        _, cfg = open_ws(a)  # an existing workspace: its values beside the defaults
+        rows = with_values(rows, cfg)
+    except WorkspaceError:
+        pass
+    print(json.dumps(rows, indent=2) if a.json else format_table(rows))
+
+
 def cmd_simulate(a):
     from app.launcher import start_app
     from app.simulate import main as simulate_main
@@ -336,11 +366,17 @@ def build_parser() -> argparse.ArgumentParser:
          "(LoRA adapter, or --merge for a standalone model) with a model card",
          "rlhf export-policy my-policy --merge", [_export_policy_args]),
         ("status", cmd_status, "counts, versions and jobs", "rlhf status --json", [_json_flag]),
+        ("config", cmd_config, "every setting: type, default, allowed values, help (and the "
+         "workspace's value when it exists); change one with --set SECTION.FIELD=VALUE",
+         "rlhf config --workspace ws", [_json_flag]),
         ("sample", cmd_sample, "sample a labeling batch now, with a progress bar",
-         "rlhf sample --prompts 8", [model_flags, _job_flags, _prompts_flag]),
+         "rlhf sample --prompts 8 --k 4", [policy_model_flags, batch_flags, _job_flags,
+                                           _prompts_flag]),
         ("train-reward", cmd_train_reward, "train a reward model version now",
-         "rlhf train-reward", [model_flags, _job_flags]),
-        ("ppo", cmd_ppo, "run one PPO round now", "rlhf ppo", [model_flags, _job_flags]),
+         "rlhf train-reward --set reward.epochs=3",
+         [policy_model_flags, reward_model_flag, _job_flags]),
+        ("ppo", cmd_ppo, "run one PPO round now", "rlhf ppo --set ppo.kl_coef=0.1",
+         [policy_model_flags, reward_model_flag, _job_flags]),
         ("simulate", cmd_simulate, "scripted annotators drive the running app over HTTP",
          "rlhf simulate --oracle shorter --rounds 5", [_simulate_args]),
     ]
@@ -374,7 +410,7 @@ def _worker_flags(p):
 
 
 def _token_args(p):
-    p.add_argument("action", choices=["create", "list", "revoke"])
+    p.add_argument("action", choices=["create", "list", "revoke"], help="create, list or revoke")
     p.add_argument("name", nargs="?", help="the worker's name (create, revoke)")
 
 
@@ -394,9 +430,10 @@ def _file_arg(p):
 
 def _export_args(p):
     p.add_argument("out", help="output file (jsonl) or directory (hf)")
-    p.add_argument("--format", choices=["jsonl", "hf"], default="jsonl")
+    p.add_argument("--format", choices=["jsonl", "hf"], default="jsonl",
+                   help="jsonl (default) or hf (a datasets save_to_disk directory)")
     p.add_argument("--include-ties", action="store_true", help="also export tie pairs (label 0.5)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
 
 
 def _export_policy_args(p):

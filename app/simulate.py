@@ -32,9 +32,12 @@ LABELS = "ABCDEFGH"
 def add_arguments(p) -> None:
     p.add_argument("--oracle", default="shorter",
                    help="shorter | longer | contains:WORD | language:CODE | module:function")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--labels-per-round", type=int, default=32, dest="labels_per_round")
-    p.add_argument("--annotators", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=5,
+                   help="rounds of label, train, policy update, evaluate (default 5)")
+    p.add_argument("--labels-per-round", type=int, default=32, dest="labels_per_round",
+                   help="rankings the scripted annotators submit per round (default 32)")
+    p.add_argument("--annotators", type=int, default=2,
+                   help="scripted annotators ranking at once (default 2)")
     p.add_argument("--noise", type=float, default=0.0, help="share of random rankings")
     p.add_argument("--eval-samples", type=int, default=2, dest="eval_samples",
                    help="samples per held-out prompt for the oracle's win-rate")
@@ -45,10 +48,11 @@ def add_arguments(p) -> None:
     p.add_argument("--url", help="drive an app already running here (same workspace); "
                                  "default: start one on a free loopback port")
     p.add_argument("--model", help="policy base (default: the embedded model)")
-    p.add_argument("--max-new-tokens", type=int, dest="max_new_tokens")
+    p.add_argument("--max-new-tokens", type=int, dest="max_new_tokens",
+                   help="longest labeling response in tokens (sampling.max_new_tokens)")
     p.add_argument("--out", type=Path, help="table path without extension "
                                             "(default: WORKSPACE/simulate/run-TIME)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the scripted annotators and the evaluation")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    dest="settings", help="any config value, e.g. --set ppo.lr=2e-4")
 
