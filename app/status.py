@@ -3,6 +3,7 @@ and the researcher buttons that queue jobs. No Gradio here."""
 from __future__ import annotations
 
 import re
+from datetime import datetime, timezone
 from pathlib import Path
 
 from app.context import AppContext
@@ -45,9 +46,41 @@ def hide_paths(text: str, workspace: str | Path | None) -> str:
     return _ABS_PATH.sub(short, text)
 
 
+def _span(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 90:
+        return f"{seconds} s"
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds < 3600 else \
+        f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def job_timing(j: dict, estimate_s: float | None, now: datetime | None = None) -> str:
+    """"running 2 min 05 s · usually ~3 min 10 s (past jobs of this kind)", "took 40 s"."""
+    now = now or datetime.now(timezone.utc)
+    started = _when(j.get("started_at"))
+    usual = f"usually ~{_span(estimate_s)}" if estimate_s else "no past run to estimate from"
+    if j["status"] == "queued":
+        return f"queued · {usual}"
+    if started is None:
+        return ""
+    if j["status"] == "running":
+        return f"running {_span((now - started).total_seconds())} · {usual}"
+    finished = _when(j.get("finished_at"))
+    return f"took {_span((finished - started).total_seconds())}" if finished else ""
+
+
+def _when(text) -> datetime | None:
+    if not text:
+        return None
+    t = datetime.fromisoformat(str(text))
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
 def jobs_html(job_rows: list[dict], workspace: str | Path | None = None,
-              full_paths: bool = False) -> str:
-    """Every job as a row with an HTML progress bar (messages escaped: they may quote errors).
+              full_paths: bool = False, estimates: dict | None = None,
+              now: datetime | None = None) -> str:
+    """Every job as a row with an HTML progress bar (messages escaped: they may quote errors),
+    its elapsed time and the usual run time of its kind (`estimates`: kind -> seconds).
     Absolute paths in messages are shortened (hide_paths) unless `full_paths` (researchers)."""
     if not job_rows:
         return '<div class="rl-jobs rl-empty">No jobs yet.</div>'
@@ -57,6 +90,8 @@ def jobs_html(job_rows: list[dict], workspace: str | Path | None = None,
         colour = _STATUS_COLOURS.get(j["status"], "#888")
         detail = str(j.get("error") or j.get("message") or "")
         detail = detail if full_paths else hide_paths(detail, workspace)
+        timing = job_timing(j, (estimates or {}).get(j["kind"]), now)
+        detail = " · ".join(x for x in (timing, detail) if x)
         rows.append(
             f'<div class="rl-job" data-status="{esc(j["status"])}">'
             f'<span class="rl-job-name">#{j["id"]} {esc(j["kind"])}</span>'
@@ -104,14 +139,34 @@ def status_view(ctx: AppContext, viewer: str | None = None) -> dict:
     try:
         workers.reap(ctx.store)  # a dead worker's job is shown released, not still "running"
         status = ctx.store.status()
+        rows = jobs.list_jobs(ctx.store, limit=30)
         return {"workers_html": workers_html(workers.list_workers(ctx.store, limit=10),
                                              worker_command(ctx, viewer),
                                              full=ctx.is_researcher(viewer)),
                 "status_md": status_markdown(status),
-                "jobs_html": jobs_html(jobs.list_jobs(ctx.store, limit=30), ctx.workspace,
-                                       full_paths=ctx.is_researcher(viewer))}
+                "jobs_html": jobs_html(rows, ctx.workspace,
+                                       full_paths=ctx.is_researcher(viewer),
+                                       estimates={k: jobs.typical_duration_s(ctx.store, k)
+                                                  for k in {j["kind"] for j in rows}}),
+                "cancel_choices": [(f"#{j['id']} {j['kind']} ({j['status']})", j["id"])
+                                   for j in rows if j["status"] in ("queued", "running")]}
     except Exception as exc:  # a locked or migrating DB must not break the page
         return {"status_md": f"status unavailable: {esc(exc)}"}
+
+
+def cancel_job(ctx: AppContext, annotator: str | None, job_id) -> dict:
+    """Cancel a queued job now, a running one at its next progress report (researchers only)."""
+    if not ctx.is_researcher(annotator):
+        return {"ok": False, "message": "only researchers may cancel jobs"}
+    try:
+        job_id = int(job_id)
+    except (TypeError, ValueError):
+        return {"ok": False, "message": "pick a queued or running job to cancel"}
+    if not jobs.cancel(ctx.store, job_id):
+        return {"ok": False, "message": f"job #{job_id} is neither queued nor running"}
+    ctx.store.log_event("job_cancel_requested", annotator, job_id=job_id)
+    return {"ok": True, "message": f"job #{job_id}: cancelled (a running job stops at its next "
+                                   "progress report)", **status_view(ctx, annotator)}
 
 
 def start_job(ctx: AppContext, annotator: str | None, kind: str) -> dict:

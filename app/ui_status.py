@@ -21,18 +21,43 @@ def build_status_tab(c: dict) -> None:
     c["workers_html"] = gr.HTML(elem_id="rl-workers")
     gr.Markdown("#### Jobs")
     c["jobs_html"] = gr.HTML(elem_id="rl-jobs")
+    with gr.Row(equal_height=True):
+        c["cancel_job"] = gr.Dropdown(label="Queued or running job", choices=[], value=None,
+                                      visible=False, elem_id="rl-cancel-job", scale=2)
+        c["cancel_btn"] = gr.Button("Cancel job", size="sm", visible=False, variant="stop",
+                                    elem_id="rl-cancel-btn", scale=0, min_width=140)
+    # shown to researchers alone, as the job buttons are (app/ui._updates toggles this list;
+    # the start buttons are the first len(JOB_BUTTONS) of it)
+    c["job_buttons"] = c["job_buttons"] + [c["cancel_job"], c["cancel_btn"]]
 
 
 def wire_status_tab(ctx: AppContext, demo: gr.Blocks, c: dict) -> None:
-    outs = [c["status_md"], c["workers_html"], c["jobs_html"], c["job_message"]]
+    outs = [c["status_md"], c["workers_html"], c["jobs_html"], c["job_message"], c["cancel_job"]]
+
+    def shown(out: dict) -> dict:
+        upd = {c[k]: out[k] for k in ("status_md", "workers_html", "jobs_html") if k in out}
+        if "cancel_choices" in out:  # keeps the pick while that job is still cancellable
+            upd[c["cancel_job"]] = gr.update(choices=out["cancel_choices"])
+        return upd
 
     def refresh(annotator, request: gr.Request):
         try:  # who looks decides whether job messages show full paths (researchers only)
             viewer = handlers.session_user(ctx, annotator, getattr(request, "username", None))
         except handlers.Refused:
             viewer = None
-        out = status.status_view(ctx, viewer)
-        return {c[k]: v for k, v in out.items() if k in c}
+        return shown(status.status_view(ctx, viewer))
+
+    def on_cancel(annotator, job_id, request: gr.Request):
+        try:  # with auth, the login of the request acts, never the session state's name
+            who = handlers.session_user(ctx, annotator, getattr(request, "username", None),
+                                        roles=("researcher",))
+        except handlers.Refused as exc:
+            out = {"ok": False, "message": str(exc)}
+        else:
+            out = status.cancel_job(ctx, who, job_id)
+        if not out["ok"]:
+            gr.Warning(html.escape(out["message"]))
+        return {**shown(out), c["job_message"]: handlers.md_escape(out["message"])}
 
     def make_start(kind: str):
         def on_click(annotator, request: gr.Request):
@@ -57,3 +82,5 @@ def wire_status_tab(ctx: AppContext, demo: gr.Blocks, c: dict) -> None:
                     api_visibility="private")
     for button, kind in zip(c["job_buttons"], status.JOB_BUTTONS.values()):
         button.click(make_start(kind), [c["annotator"]], outs, api_visibility="private")
+    c["cancel_btn"].click(on_cancel, [c["annotator"], c["cancel_job"]], outs,
+                          api_visibility="private")
