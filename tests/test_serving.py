@@ -169,12 +169,19 @@ def test_migration_backfills_the_open_set_and_counters(tmp_path):
     store.close()
 
 
+def _set_expiry(store, who: str, in_s: float) -> None:
+    """Time passes for `who`'s hold: it now ends `in_s` from now (negative: it lapsed)."""
+    with store.write() as db:
+        db.execute("UPDATE assignments SET expires_at = ? WHERE annotator = ? AND status = 'open'",
+                   [time.time() + in_s, who])
+
+
 # -- issue 11.3c: a short hold, renewed by the page's heartbeat --------------------------------
 def test_a_hold_without_heartbeat_lapses_within_the_hold_not_the_ttl(store):
     make_batch(store, n_items=1)
-    a = annotation.next_item(store, "ann", ttl_s=1800, hold_s=0.3)
+    a = annotation.next_item(store, "ann", ttl_s=1800, hold_s=60)
     assert annotation.next_item(store, "bob") is None  # held
-    time.sleep(0.4)  # the tab closed: no heartbeat
+    _set_expiry(store, "ann", -1)  # the tab closed: no heartbeat for the hold's 60 s
     b = annotation.next_item(store, "bob")
     assert b is not None and b["id"] == a["id"]
     assert annotation.renew_hold(store, a["id"], "ann", a["token"]) == "lost"
@@ -185,13 +192,16 @@ def test_a_hold_without_heartbeat_lapses_within_the_hold_not_the_ttl(store):
 
 def test_a_heartbeat_keeps_the_hold_and_a_silent_lapse_still_accepts(store):
     make_batch(store, n_items=1)
-    a = annotation.next_item(store, "ann", hold_s=0.4)
-    for _ in range(8):  # 0.8 s of a live page: twice the hold
-        assert annotation.renew_hold(store, a["id"], "ann", a["token"], hold_s=0.4) == "held"
-        time.sleep(0.1)
-    assert annotation.next_item(store, "bob", hold_s=0.4) is None
-    time.sleep(0.5)  # the page slept; nobody took the item meanwhile
-    assert annotation.renew_hold(store, a["id"], "ann", a["token"], hold_s=0.4) == "held"
+    a = annotation.next_item(store, "ann", hold_s=60)
+    _set_expiry(store, "ann", 50)  # most of the hold left: the heartbeat is a read
+    assert annotation.renew_hold(store, a["id"], "ann", a["token"], hold_s=60) == "held"
+    _set_expiry(store, "ann", 5)  # nearly up: the live page's heartbeat renews it
+    assert annotation.renew_hold(store, a["id"], "ann", a["token"], hold_s=60) == "held"
+    left = store.scalar("SELECT expires_at FROM assignments WHERE annotator = 'ann'") - time.time()
+    assert 55 < left <= 60
+    assert annotation.next_item(store, "bob") is None
+    _set_expiry(store, "ann", -1)  # the page slept past its hold; nobody took the item
+    assert annotation.renew_hold(store, a["id"], "ann", a["token"], hold_s=60) == "held"
     assert rank(store, "ann", a, "ka")["duplicate"] is False  # accepted
     assert annotation.renew_hold(store, a["id"], "ann", a["token"]) == "done"
 
@@ -258,12 +268,13 @@ def test_names_that_never_submit_hold_at_most_the_cap(store):
     make_batch(store, n_items=8)
     rank(store, "known", annotation.next_item(store, "known"), "k0")
     for i in range(3):
-        assert annotation.next_item(store, f"new-{i}", newcomer_cap=3, hold_s=0.3) is not None
+        assert annotation.next_item(store, f"new-{i}", newcomer_cap=3) is not None
     with pytest.raises(Busy, match="new names"):
         annotation.next_item(store, "new-3", newcomer_cap=3)
     assert annotation.next_item(store, "new-0", newcomer_cap=3)  # resuming is not a new hold
     assert annotation.next_item(store, "known", newcomer_cap=3) is not None  # has ranked before
-    time.sleep(0.4)  # their short holds lapse: the cap frees up
+    for i in (1, 2):  # their short holds lapse (no heartbeat): the cap frees up
+        _set_expiry(store, f"new-{i}", -1)
     assert annotation.next_item(store, "new-3", newcomer_cap=3) is not None
     assert annotation.annotator_progress(store, "x")["available"] >= 3
 
