@@ -100,7 +100,7 @@ class AnnotatorClient:
     lose a reply. A transient failure is retried with exponential backoff on a new session; a
     submit retried with the same submission key lands as "saved" or "duplicate", never twice."""
 
-    def __init__(self, url: str, name: str, *, retries: int = 5, backoff_s: float = 0.5,
+    def __init__(self, url: str, name: str, *, retries: int = 6, backoff_s: float = 0.5,
                  connect=None):
         self.url, self.name, self.retries, self.backoff_s = url, name, retries, backoff_s
         self._connect = connect or connect_client
@@ -175,6 +175,7 @@ class Simulation:
                 if self.labels + self._pending >= target:
                     return
                 self._pending += 1
+            done = False
             try:
                 done = self._rank_one(name, rng)
             finally:
