@@ -1,8 +1,9 @@
 """Policy algorithms compared by measurement: `rlhf simulate` once per algorithm, same settings.
 
-    python -m bench.compare_algorithms --out bench/results/algorithms --algorithms ppo,grpo,rloo,dpo \
-        -- --oracle contains:you --rounds 3 --labels-per-round 12 --eval-prompts 20 \
-        --max-new-tokens 32 --set ppo.prompts_per_round=8 --set torch_threads=2
+    python -m bench.compare_algorithms --out bench/results/algorithms/labels24 -- \
+        --oracle contains:you --rounds 2 --labels-per-round 24 --annotators 2 --eval-prompts 24 \
+        --eval-samples 2 --max-new-tokens 32 --seed 0 --set ppo.prompts_per_round=8 \
+        --set torch_threads=1 --set loop.ab_fraction=0
 
 Every algorithm gets a new workspace (OUT/ws-ALG) and the same `rlhf simulate` arguments (given
 after `--`) and seed, so round 1 ranks the same base-model batch; the runs are sequential, so
