@@ -47,30 +47,28 @@ def wire_status_tab(ctx: AppContext, demo: gr.Blocks, c: dict) -> None:
             viewer = None
         return shown(status.status_view(ctx, viewer))
 
-    def on_cancel(annotator, job_id, request: gr.Request):
-        try:  # with auth, the login of the request acts, never the session state's name
+    def as_researcher(annotator, request, act) -> dict:
+        """`act(who)` for a researcher (with auth, the request's login acts, never the session
+        state's name); a refusal or a failed action is also shown as a warning."""
+        try:
             who = handlers.session_user(ctx, annotator, getattr(request, "username", None),
                                         roles=("researcher",))
         except handlers.Refused as exc:
             out = {"ok": False, "message": str(exc)}
         else:
-            out = status.cancel_job(ctx, who, job_id)
+            out = act(who)
         if not out["ok"]:
             gr.Warning(html.escape(out["message"]))
+        return out
+
+    def on_cancel(annotator, job_id, request: gr.Request):
+        out = as_researcher(annotator, request, lambda who: status.cancel_job(ctx, who, job_id))
         return {**shown(out), c["job_message"]: handlers.md_escape(out["message"])}
 
     def make_start(kind: str):
         def on_click(annotator, request: gr.Request):
-            # With auth, the login of the request acts, never the session state's name.
-            try:
-                who = handlers.session_user(ctx, annotator, getattr(request, "username", None),
-                                            roles=("researcher",))
-            except handlers.Refused as exc:
-                out = {"ok": False, "message": str(exc)}
-            else:
-                out = status.start_job(ctx, who, kind)
-            if not out["ok"]:
-                gr.Warning(html.escape(out["message"]))
+            out = as_researcher(annotator, request,
+                                lambda who: status.start_job(ctx, who, kind))
             upd = {c["job_message"]: handlers.md_escape(out["message"])}
             upd.update({c[k]: v for k, v in out.items()
                         if k in ("status_md", "workers_html", "jobs_html")})
