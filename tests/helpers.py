@@ -25,3 +25,23 @@ class QueueOnlyRuntime:
 
     def refresh_config(self, config) -> None:
         self.config = config
+
+
+class served:
+    """The real UI for `ctx` on a free loopback port for a `with` block; yields its base URL
+    (no trailing slash). Extra keywords go to app.ui.launch."""
+
+    def __init__(self, ctx, **launch_kwargs):
+        self.ctx, self.kwargs = ctx, launch_kwargs
+
+    def __enter__(self) -> str:
+        from app.launcher import free_port
+        from app.ui import launch
+        port = free_port()
+        self.demo = launch(self.ctx, port=port, prevent_thread_lock=True, quiet=True,
+                           **self.kwargs)
+        return f"http://127.0.0.1:{port}"
+
+    def __exit__(self, *exc):
+        self.demo.close()
+        return False

@@ -21,11 +21,10 @@ import pytest
 
 from app import api
 from app.context import AppContext
-from app.launcher import free_port
-from app.ui import launch
 from rlhf_core.config import AppConfig, LoopConfig
 from rlhf_core.data import store as store_module
 from rlhf_core.data.annotation import Refused, create_batch, next_item, submit_ranking
+from tests.helpers import served
 from tests.test_handlers import seed_items
 
 REPEATS = 40_000
@@ -62,12 +61,8 @@ def server(tmp_path_factory):
     with ctx.store.write() as db:  # closed (retire_items keeps them: nothing newer is open)
         db.execute("UPDATE items SET status = 'withdrawn'")
     seed_items(ctx.store, n=120)
-    port = free_port()
-    demo = launch(ctx, port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        yield ctx, f"http://127.0.0.1:{port}"
-    finally:
-        demo.close()
+    with served(ctx) as url:
+        yield ctx, url
 
 
 def call(base: str, name: str, data: list, session: str, timeout: float = 60) -> tuple[int, object]:

@@ -9,9 +9,8 @@ import pytest
 
 from app import simulate
 from app.context import AppContext
-from app.launcher import free_port
-from app.ui import launch
 from rlhf_core.config import AppConfig
+from tests.helpers import served
 from tests.test_handlers import seed_items
 
 pytest.importorskip("gradio_client")
@@ -21,12 +20,8 @@ pytest.importorskip("gradio_client")
 def server(tmp_path):
     ctx = AppContext.from_config(AppConfig(workspace=tmp_path / "ws"))
     seed_items(ctx.store, n=6)
-    port = free_port()
-    demo = launch(ctx, port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        yield ctx, f"http://127.0.0.1:{port}/"
-    finally:
-        demo.close()
+    with served(ctx) as url:
+        yield ctx, url + "/"
 
 
 class LosesReplies:

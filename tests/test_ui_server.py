@@ -10,8 +10,9 @@ import pytest
 from app.context import AppContext
 from app.launcher import free_port
 from app.ui import launch
-from rlhf_core.data.annotation import withdraw_item
 from rlhf_core.config import AppConfig
+from rlhf_core.data.annotation import withdraw_item
+from tests.helpers import served
 from tests.test_handlers import XSS, seed_items
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -22,12 +23,8 @@ def server(tmp_path_factory):
     ws = tmp_path_factory.mktemp("ui-ws")
     ctx = AppContext.from_config(AppConfig(workspace=ws))
     seed_items(ctx.store, n=12)
-    port = free_port()
-    demo = launch(ctx, port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        yield ctx, f"http://127.0.0.1:{port}/"
-    finally:
-        demo.close()
+    with served(ctx) as url:
+        yield ctx, url + "/"
 
 
 def client(url, **kw):
