@@ -9,7 +9,9 @@ each job's run time, plus waiting (queue polling, job hand-offs).
 
 `--remote` also runs the same loop with a remote worker (issue 12): the app serves its worker
 API on loopback, the worker has its own directory and reaches the app only over HTTP (token,
-version downloads and uploads); the ratio remote / local is the transfer overhead.
+version downloads and uploads); the ratio remote / local is the transfer overhead. Both sides
+serve the UI in this process, as `rlhf up` does (so the only difference is the data path), and
+`--repeats N` alternates them N times and compares medians.
 """
 from __future__ import annotations
 
@@ -69,6 +71,29 @@ def wait_for(pred, timeout: float, what: str, poll: float = 0.25):
     raise TimeoutError(f"waited {timeout} s for {what}")
 
 
+def serve_ui(store, cfg):
+    """The UI (and its worker API) in this process, as `rlhf up` runs it; returns (port, demo)."""
+    from app.context import AppContext
+    from app.launcher import free_port
+    from app.ui import launch
+    port = free_port()
+    demo = launch(AppContext.from_config(cfg, store=store), port=port, prevent_thread_lock=True,
+                  quiet=True)
+    return port, demo
+
+
+def start_local(store, cfg):
+    """The UI here and the local worker child on the same workspace; returns a stop function."""
+    from app.launcher import start_worker, stop_worker
+    _, demo = serve_ui(store, cfg)
+    worker = start_worker(cfg.workspace)
+
+    def stop():
+        stop_worker(worker)
+        demo.close()
+    return stop
+
+
 def start_remote(store, cfg, home: Path):
     """The UI (and its worker API) in this process, a worker child with only a URL and a token;
     returns a stop function."""
@@ -76,19 +101,16 @@ def start_remote(store, cfg, home: Path):
     import subprocess
     import sys
 
-    from app.context import AppContext
-    from app.launcher import free_port, stop_worker
-    from app.ui import launch
+    from app.allocator import with_jemalloc
+    from app.launcher import stop_worker
     from rlhf_core.data import tokens
     token = tokens.create(store, "bench")
-    port = free_port()
-    demo = launch(AppContext.from_config(cfg, store=store), port=port, prevent_thread_lock=True,
-                  quiet=True)
+    port, demo = serve_ui(store, cfg)
     home.mkdir(parents=True, exist_ok=True)
     worker = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "worker", "--server", f"http://127.0.0.1:{port}/",
          "--workspace", str(home), "--model", common.embedded_model_dir()],
-        env=os.environ | {"RLHF_WORKER_TOKEN": token}, cwd=home)
+        env=with_jemalloc(os.environ | {"RLHF_WORKER_TOKEN": token}), cwd=home)
 
     def stop():
         stop_worker(worker)
@@ -97,7 +119,6 @@ def start_remote(store, cfg, home: Path):
 
 
 def run(quick: bool = False, remote: bool = False) -> dict:
-    from app.launcher import start_worker, stop_worker
     from rlhf_core.workspace import open_workspace
     retrain_every = 8
     with tempfile.TemporaryDirectory(prefix="bench-b5-") as tmp:
@@ -110,8 +131,7 @@ def run(quick: bool = False, remote: bool = False) -> dict:
         if remote:
             stop = start_remote(store, cfg, Path(tmp) / "gpu-host")
         else:
-            local = start_worker(cfg.workspace)
-            stop = lambda: stop_worker(local)  # noqa: E731
+            stop = start_local(store, cfg)
         try:
             # items stream in: wait for the whole v0 batch (its job done), then count them
             wait_for(lambda: store.scalar(
@@ -165,12 +185,31 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--remote", action="store_true",
                     help="also run it with a remote worker and report remote / local")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="with --remote: alternate local and remote runs this many times")
     args = ap.parse_args(argv)
-    res = run(args.quick)
-    if args.remote:
-        far = run(args.quick, remote=True)
-        res = {**res, "remote": far, "remote_over_local": round(far["total_s"] / res["total_s"],
-                                                                 3)}
+    if not args.remote:
+        res = run(args.quick)
+    else:
+        import statistics
+        locs, fars = [], []
+        for i in range(max(1, args.repeats)):
+            # alternate which side goes first, so a drift in the machine's load hits both
+            order = (False, True) if i % 2 == 0 else (True, False)
+            for remote in order:
+                r = run(args.quick, remote=remote)
+                (fars if remote else locs).append(r)
+                print(f"run {i + 1}: {r['worker']} {r['total_s']} s", flush=True)
+        med_l = statistics.median(r["total_s"] for r in locs)
+        med_r = statistics.median(r["total_s"] for r in fars)
+        res = {**locs[0], "remote": fars[0],
+               "runs_s": {"local": [r["total_s"] for r in locs],
+                          "remote": [r["total_s"] for r in fars]},
+               "median_s": {"local": med_l, "remote": med_r},
+               "remote_over_local": round(med_r / med_l, 3),
+               "remote_over_local_per_run": [round(f["total_s"] / lo["total_s"], 3)
+                                             for lo, f in zip(locs, fars)],
+               "machine": common.machine()}
     common.write_result("b5_loop", res)
     print(res)
     return res
