@@ -170,12 +170,32 @@ def explained_variance(
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """(B,T,V) logits -> (B,T) entropy of the softmax, in nats."""
-    logp = torch.log_softmax(logits, dim=-1)  # (B,T,V)
-    p = logp.exp()  # (B,T,V)
-    # tokens banned with -inf logits have p = 0 and logp = -inf: zero logp *before* the
-    # product so neither the value (0 * -inf) nor its gradient becomes nan
-    logp = torch.where(p > 0, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
-    return -(p * logp).sum(dim=-1)  # (B,T)
+    return entropy_from_logp(torch.log_softmax(logits, dim=-1))
+
+
+def entropy_from_logp(logp: torch.Tensor) -> torch.Tensor:
+    """(...,V) log-probabilities -> (...) entropy, in nats, as a dot product of p and log p
+    (no (...,V) product tensor). Differentiable."""
+    p = logp.exp()  # (...,V)
+    if torch.isneginf(logp).any():
+        # tokens banned with -inf logits have p = 0 and logp = -inf: zero logp *before* the
+        # product so neither the value (0 * -inf) nor its gradient becomes nan
+        logp = torch.where(p > 0, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
+    return -(p.unsqueeze(-2) @ logp.unsqueeze(-1)).squeeze(-1).squeeze(-1)  # (...)
+
+
+def logprobs_and_entropy(logits: torch.Tensor, ids: torch.Tensor, *, with_entropy: bool = True,
+                         entropy_grad: bool = False):
+    """(B,T,V) logits and (B,T) token ids -> (logprobs (B,T), entropy (B,T) or None) from ONE
+    log-softmax: the log-prob of each id (gathered, differentiable) and the softmax's entropy
+    (detached unless `entropy_grad`: a PPO metric, not a loss term)."""
+    logp = torch.log_softmax(logits, dim=-1)  # (B,T,V): the one full-vocabulary copy
+    logprobs = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # (B,T)
+    if not with_entropy:
+        return logprobs, None
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        entropy = entropy_from_logp(logp if entropy_grad else logp.detach())  # (B,T)
+    return logprobs, entropy
 
 
 # -- critic-free baselines: K samples of one prompt judge each other -------------------------------

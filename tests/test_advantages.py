@@ -10,6 +10,7 @@ from rlhf_core.advantages import (
     explained_variance,
     group_advantages,
     kl_estimate,
+    logprobs_and_entropy,
     masked_mean,
     masked_var,
     masked_whiten,
@@ -212,6 +213,42 @@ def test_entropy_from_logits():
     assert ent.item() == pytest.approx(math.log(2.0))
     ent.sum().backward()
     assert torch.isfinite(banned.grad).all()
+
+
+def test_logprobs_and_entropy_from_one_log_softmax():
+    # row 0: logits [0, ln 3] -> p = [1/4, 3/4]; row 1: [ln 2, ln 2] -> p = [1/2, 1/2]
+    logits = torch.tensor([[[0.0, math.log(3.0)], [math.log(2.0), math.log(2.0)]]], dtype=DTYPE,
+                          requires_grad=True)  # (B=1, T=2, V=2)
+    ids = torch.tensor([[1, 0]])
+    logprobs, entropy = logprobs_and_entropy(logits, ids)
+    torch.testing.assert_close(logprobs, torch.tensor([[math.log(0.75), math.log(0.5)]],
+                                                      dtype=DTYPE))
+    h0 = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    torch.testing.assert_close(entropy, torch.tensor([[h0, math.log(2.0)]], dtype=DTYPE))
+    assert not entropy.requires_grad  # a metric: no graph kept for it
+    # d log p(id) / d logits = onehot(id) - p
+    logprobs.sum().backward()
+    torch.testing.assert_close(logits.grad, torch.tensor([[[-0.25, 0.25], [0.5, -0.5]]],
+                                                         dtype=DTYPE))
+    lp, none = logprobs_and_entropy(logits, ids, with_entropy=False)
+    assert none is None
+    torch.testing.assert_close(lp.detach(), logprobs.detach())
+
+
+def test_logprobs_and_entropy_with_banned_tokens_and_entropy_grad():
+    banned = torch.tensor([[[0.0, 0.0, float("-inf"), float("-inf")]]], requires_grad=True)
+    logprobs, entropy = logprobs_and_entropy(banned, torch.tensor([[1]]), entropy_grad=True)
+    assert logprobs.item() == pytest.approx(math.log(0.5))
+    assert entropy.item() == pytest.approx(math.log(2.0))
+    (logprobs.sum() + entropy.sum()).backward()
+    assert torch.isfinite(banned.grad).all()
+    # the same entropy as the reference, on random logits of a realistic vocabulary
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 97, generator=g, dtype=DTYPE)
+    _, ent = logprobs_and_entropy(logits, torch.zeros(3, 5, dtype=torch.long))
+    torch.testing.assert_close(ent, entropy_from_logits(logits))
+    p = torch.softmax(logits, dim=-1)
+    torch.testing.assert_close(ent, -(p * p.log()).sum(-1))
 
 
 # ---- critic-free baselines: GRPO and RLOO --------------------------------------------------

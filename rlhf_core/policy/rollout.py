@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from rlhf_core.advantages import entropy_from_logits
+from rlhf_core.advantages import entropy_from_logp, logprobs_and_entropy
 from rlhf_core.models import pad_sequences
 from rlhf_core.sampling import chat_ids, stop_token_ids
 
@@ -119,7 +119,7 @@ class GumbelSampler:
             chosen = perturbed.argmax(dim=-1, keepdim=True)  # (B,1): greedy's pick
             logp = torch.log_softmax(logits, dim=-1)  # (B,V)
             self.logprobs.append(logp.gather(-1, chosen).squeeze(-1))
-            self.entropy.append(entropy_from_logits(logits))
+            self.entropy.append(entropy_from_logp(logp))
         return perturbed
 
     def recorded(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,14 +192,12 @@ def policy_logprobs(model, batch: Rollout, temperature: float, *, with_entropy: 
     """(logprobs (B,T), entropy (B,T) or None) of the response tokens, at `temperature`."""
     T = batch.response_ids.shape[1]
     out = model(**_inputs(batch), logits_to_keep=T + 1, use_cache=False)
-    logits = out.logits[:, :-1].float() / temperature  # (B,T,V): position t predicts token t
-    logp = torch.log_softmax(logits, dim=-1)  # (B,T,V)
-    logprobs = logp.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1)  # (B,T)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = entropy_from_logits(logits)  # (B,T)
-    return logprobs, entropy
+    logits = out.logits[:, :-1].float()  # (B,T,V): position t predicts token t
+    if temperature != 1.0:
+        # in place when .float() made no copy: the LM head's backward does not need its output
+        logits = logits.div_(temperature) if logits.dtype == out.logits.dtype else (
+            logits / temperature)
+    return logprobs_and_entropy(logits, batch.response_ids, with_entropy=with_entropy)
 
 
 def critic_values(model, head, batch: Rollout) -> torch.Tensor:
