@@ -1,7 +1,8 @@
 """B0 start-up: from `rlhf up` on a new workspace to the first rankable item.
 
 What a newcomer waits for after `make run` (once the venv exists): the worker converts the
-embedded GGUF (cold: a new workspace; warm: the converted copy is reused), loads the model
+embedded GGUF (cold: the first start on a machine; warm: a new workspace reusing the converted
+copy in the user's model cache, RLHF_MODEL_CACHE), loads the model
 and samples the first batch; the clock stops when the public API hands out an item.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 from bench import common
 
 
-def time_to_first_item(workspace: Path, timeout_s: float = 900) -> dict:
+def time_to_first_item(workspace: Path, model_cache: Path, timeout_s: float = 900) -> dict:
     from gradio_client import Client
 
     from app.launcher import free_port
@@ -27,7 +28,8 @@ def time_to_first_item(workspace: Path, timeout_s: float = 900) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "app.cli", "up", "--workspace", str(workspace),
                              "--port", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "RLHF_LOG": "WARNING"})
+                            stderr=subprocess.DEVNULL, env={**os.environ, "RLHF_LOG": "WARNING",
+                                                         "RLHF_MODEL_CACHE": str(model_cache)})
     try:
         client, ui_ready = None, None
         while time.perf_counter() - t0 < timeout_s:
@@ -54,16 +56,16 @@ def time_to_first_item(workspace: Path, timeout_s: float = 900) -> dict:
 def run(quick: bool = False) -> dict:
     root = Path(tempfile.mkdtemp(prefix="rlhf-b0-"))
     try:
-        cold = time_to_first_item(root / "cold")
-        # Warm: a second new workspace whose converted model is already cached.
-        (root / "warm" / "cache").mkdir(parents=True)
-        shutil.copytree(root / "cold" / "cache" / "base", root / "warm" / "cache" / "base")
-        warm = time_to_first_item(root / "warm")
+        # cold: the first start on this machine (an empty model cache: the GGUF is converted)
+        cold = time_to_first_item(root / "cold", root / "models")
+        # warm: any later new workspace (the converted copy is in the user's model cache)
+        warm = time_to_first_item(root / "warm", root / "models")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return {"name": "b0_startup", "cold": cold, "warm": warm, "machine": common.machine(),
-            "note": "rlhf up on a new workspace -> first item from /get_item; cold includes the "
-                    "one-time GGUF conversion"}
+            "note": "rlhf up on a new workspace -> first item from /get_item; cold: the first "
+                    "start on a machine (the one-time GGUF conversion into the user's model "
+                    "cache); warm: a new workspace once that copy exists"}
 
 
 def main(argv=None) -> dict:

