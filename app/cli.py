@@ -324,7 +324,7 @@ def cmd_train_reward(a):
 
 
 def cmd_ppo(a):
-    _run_job_here(a, "ppo_round", {})
+    _run_job_here(a, "ppo_round", {"algorithm": a.algorithm} if a.algorithm else {})
 
 
 def cmd_config(a):
@@ -375,8 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("train-reward", cmd_train_reward, "train a reward model version now",
          "rlhf train-reward --set reward.epochs=3",
          [policy_model_flags, reward_model_flag, _job_flags]),
-        ("ppo", cmd_ppo, "run one PPO round now", "rlhf ppo --set ppo.kl_coef=0.1",
-         [policy_model_flags, reward_model_flag, _job_flags]),
+        ("ppo", cmd_ppo, "run one policy round now (PPO, or --algorithm grpo | rloo | dpo)",
+         "rlhf ppo --algorithm grpo --set ppo.kl_coef=0.1",
+         [policy_model_flags, reward_model_flag, _job_flags, _algorithm_flag]),
         ("simulate", cmd_simulate, "scripted annotators drive the running app over HTTP",
          "rlhf simulate --oracle shorter --rounds 5", [_simulate_args]),
     ]
@@ -391,6 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
             add(sp)
         sp.set_defaults(func=fn)
     return p
+
+
+def _algorithm_flag(p):
+    p.add_argument("--algorithm", choices=("ppo", "grpo", "rloo", "dpo"),
+                   help="this round's algorithm (default: the workspace's loop.algorithm)")
 
 
 def _worker_flags(p):

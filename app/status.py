@@ -12,7 +12,8 @@ from rlhf_core.data import jobs, workers
 
 # Button label -> job kind the worker knows (rlhf_core.data.jobs.HANDLERS in the worker process).
 JOB_BUTTONS = {"Sample batch": "sample_batch", "Train reward model": "train_reward",
-               "PPO round": "ppo_round"}
+               "Policy round": "ppo_round"}
+ALGORITHMS = ("ppo", "grpo", "rloo", "dpo")  # a policy round's choices (config loop.algorithm)
 _STATUS_COLOURS = {"queued": "#888", "running": "#2b7be4", "done": "#2e9e4f",
                    "failed": "#d33", "cancelled": "#aa8800"}
 
@@ -169,12 +170,26 @@ def cancel_job(ctx: AppContext, annotator: str | None, job_id) -> dict:
                                    "progress report)", **status_view(ctx, annotator)}
 
 
-def start_job(ctx: AppContext, annotator: str | None, kind: str) -> dict:
-    """Queue a job (researchers only); an already queued/running job of that kind is reused."""
+def start_job(ctx: AppContext, annotator: str | None, kind: str,
+              algorithm: str | None = None) -> dict:
+    """Queue a job (researchers only); an already queued/running job of that kind is reused.
+    A policy round takes `algorithm` (ppo / grpo / rloo / dpo; default: `loop.algorithm`)."""
     if kind not in JOB_BUTTONS.values():
         return {"ok": False, "message": f"unknown job kind {kind!r}"}
     if not ctx.is_researcher(annotator):
         return {"ok": False, "message": "only researchers may start jobs"}
-    job_id = jobs.enqueue(ctx.store, kind, requested_by=annotator, unique=True)
-    return {"ok": True, "job_id": job_id, "message": f"job #{job_id} ({kind}) is queued",
-            **status_view(ctx, annotator)}
+    params = {}
+    if kind == "ppo_round" and algorithm:
+        if algorithm not in ALGORITHMS:
+            return {"ok": False, "message": f"unknown algorithm {algorithm!r}: one of "
+                                            + ", ".join(ALGORITHMS)}
+        params["algorithm"] = algorithm
+    job_id = jobs.enqueue(ctx.store, kind, params, requested_by=annotator, unique=True)
+    job = jobs.get_job(ctx.store, job_id) or {}
+    got = (job.get("params") or {}).get("algorithm") if kind == "ppo_round" else None
+    what = f"{kind}, {got}" if got else kind
+    message = f"job #{job_id} ({what}) is queued"
+    if params.get("algorithm") and got != params["algorithm"]:
+        message = (f"job #{job_id} ({what}) was already queued or running: cancel it to start "
+                   f"a {params['algorithm']} round")
+    return {"ok": True, "job_id": job_id, "message": message, **status_view(ctx, annotator)}

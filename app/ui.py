@@ -91,11 +91,12 @@ def build_ui(ctx: AppContext, *, extra_tabs: tuple[Callable[[AppContext], None],
             with gr.Tab("Rank", id="rank"):
                 _rank_layout(c)
             with gr.Tab("Status", id="status"):
-                build_status_tab(c)
-            for add_tab in extra_tabs:
-                add_tab(ctx)
+                build_status_tab(c, ctx.config.loop.algorithm)
+            wire_later = [add_tab(ctx) for add_tab in extra_tabs]
         c["timer"] = gr.Timer(poll_s)
         _wire(ctx, demo, c)
+        for wire in filter(callable, wire_later):
+            wire(demo, c)
         wire_status_tab(ctx, demo, c)
         wire_rank_guidelines(ctx, demo, c)
         _register_api(ctx)

@@ -10,12 +10,16 @@ from app import handlers, status
 from app.context import AppContext
 
 
-def build_status_tab(c: dict) -> None:
+def build_status_tab(c: dict, algorithm: str = "ppo") -> None:
+    """`algorithm`: the policy round's preselected algorithm (the workspace's loop.algorithm)."""
     c["status_md"] = gr.Markdown("loading…", elem_id="rl-status")
-    with gr.Row():
+    with gr.Row(equal_height=True):
         c["job_buttons"] = [gr.Button(label, size="sm", visible=False,
                                       elem_id="rl-job-" + kind.replace("_", "-"))
                             for label, kind in status.JOB_BUTTONS.items()]
+        c["algorithm"] = gr.Dropdown(list(status.ALGORITHMS), value=algorithm,
+                                     label="Policy round algorithm", visible=False,
+                                     elem_id="rl-job-algorithm", scale=0, min_width=180)
     c["job_message"] = gr.Markdown()
     gr.Markdown("#### Workers")
     c["workers_html"] = gr.HTML(elem_id="rl-workers")
@@ -28,7 +32,7 @@ def build_status_tab(c: dict) -> None:
                                     elem_id="rl-cancel-btn", scale=0, min_width=140)
     # shown to researchers alone, as the job buttons are (app/ui._updates toggles this list;
     # the start buttons are the first len(JOB_BUTTONS) of it)
-    c["job_buttons"] = c["job_buttons"] + [c["cancel_job"], c["cancel_btn"]]
+    c["job_buttons"] = c["job_buttons"] + [c["algorithm"], c["cancel_job"], c["cancel_btn"]]
 
 
 def wire_status_tab(ctx: AppContext, demo: gr.Blocks, c: dict) -> None:
@@ -66,9 +70,9 @@ def wire_status_tab(ctx: AppContext, demo: gr.Blocks, c: dict) -> None:
         return {**shown(out), c["job_message"]: handlers.md_escape(out["message"])}
 
     def make_start(kind: str):
-        def on_click(annotator, request: gr.Request):
+        def on_click(annotator, algorithm, request: gr.Request):
             out = as_researcher(annotator, request,
-                                lambda who: status.start_job(ctx, who, kind))
+                                lambda who: status.start_job(ctx, who, kind, algorithm))
             upd = {c["job_message"]: handlers.md_escape(out["message"])}
             upd.update({c[k]: v for k, v in out.items()
                         if k in ("status_md", "workers_html", "jobs_html")})
@@ -79,6 +83,7 @@ def wire_status_tab(ctx: AppContext, demo: gr.Blocks, c: dict) -> None:
     c["timer"].tick(refresh, [c["annotator"]], outs, show_progress="hidden",
                     api_visibility="private")
     for button, kind in zip(c["job_buttons"], status.JOB_BUTTONS.values()):
-        button.click(make_start(kind), [c["annotator"]], outs, api_visibility="private")
+        button.click(make_start(kind), [c["annotator"], c["algorithm"]], outs,
+                     api_visibility="private")
     c["cancel_btn"].click(on_cancel, [c["annotator"], c["cancel_job"]], outs,
                           api_visibility="private")

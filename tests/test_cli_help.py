@@ -16,7 +16,7 @@ JOB_FLAGS = {
     "sample": {"--model", "--set", "--k", "--max-new-tokens", "--overlap", "--cpu",
                "--queue-only", "--prompts"},  # sample_batch: policy, sampling.*, loop.overlap
     "train-reward": {"--model", "--reward-model", "--set", "--cpu", "--queue-only"},
-    "ppo": {"--model", "--reward-model", "--set", "--cpu", "--queue-only"},
+    "ppo": {"--model", "--reward-model", "--set", "--cpu", "--queue-only", "--algorithm"},
 }
 
 

@@ -64,3 +64,16 @@ def test_only_researchers_cancel(ctx):
     assert status.cancel_job(ctx, "res", running)["ok"]  # stops at its next progress report
     with pytest.raises(jobs.JobCancelled):
         jobs.report_progress(ctx.store, running, "w", 0.5, "sampling")
+
+
+def test_policy_round_takes_its_algorithm(ctx):
+    out = status.start_job(ctx, "ada", "ppo_round", "grpo")
+    assert out["ok"] and "(ppo_round, grpo) is queued" in out["message"]
+    assert jobs.get_job(ctx.store, out["job_id"])["params"] == {"algorithm": "grpo"}
+    again = status.start_job(ctx, "ada", "ppo_round", "dpo")  # one policy round at a time
+    assert again["job_id"] == out["job_id"] and "already queued" in again["message"]
+    bad = status.start_job(ctx, "ada", "ppo_round", "a2c")
+    assert not bad["ok"] and "unknown algorithm" in bad["message"]
+    assert len(jobs.list_jobs(ctx.store)) == 1  # the refusal queued nothing
+    plain = status.start_job(ctx, "ada", "train_reward", "grpo")  # ignored for other kinds
+    assert jobs.get_job(ctx.store, plain["job_id"])["params"] == {}
