@@ -261,7 +261,7 @@ def agreement_text(report: dict) -> str:
 
 
 EMPTY = {"rankings": "No rankings yet.", "reward_acc": "No reward-model versions yet.",
-         "ppo": "No PPO rounds yet.", "ab": "No blind A/B rankings yet: win rates appear once "
+         "ppo": "No policy rounds yet.", "ab": "No blind A/B rankings yet: win rates appear once "
          "items mixing a policy with the reference are ranked.",
          "health": "No responses sampled yet."}
 

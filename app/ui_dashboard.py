@@ -62,7 +62,8 @@ def _layout(c: dict) -> None:
                                          "and pair counts on the Research tab's version pages)",
                                          visible=False, interactive=False, max_height=300,
                                          scale=2)
-    gr.Markdown("#### PPO: per step (steps run on across rounds)")
+    gr.Markdown("#### Policy rounds (PPO, GRPO, RLOO or online DPO): per step, steps run "
+                "on across rounds")
     c["note_ppo"] = gr.Markdown()
     for row in (list(dd.PPO_PLOTS)[:2], list(dd.PPO_PLOTS)[2:]):
         with gr.Row():

@@ -130,7 +130,7 @@ def version_html(store, key: str | None) -> str:
                         ", ".join(f"v{p}" for p in page["policies_trained"]) or "none"))
     parts = [f"<h4>{esc(kind)} v{page['version']}</h4>", _kv(head)]
     parts += _dict_section("Labels / data it was trained on (counts)", page["counts"])
-    parts += _dict_section("Metrics" + (" (PPO summary)" if kind == "policy" else
+    parts += _dict_section("Metrics" + (" (policy round summary)" if kind == "policy" else
                                         " (held-out / fresh accuracy, calibration)"),
                            page["metrics"])
     if kind == "policy":
@@ -159,9 +159,9 @@ def _batches_section(batches: list[dict]) -> list[str]:
 def _ppo_section(rows: list[dict], keys=("reward_mean", "kl", "entropy", "response_length",
                                             "approx_kl", "clipfrac", "pg_loss", "vf_loss")) -> list:
     if not rows:
-        return ["<h5>PPO steps</h5><div class='rs-empty'>no PPO steps recorded</div>"]
+        return ["<h5>Policy round steps</h5><div class='rs-empty'>none recorded</div>"]
     shown = [k for k in keys if any(r.get(k) is not None for r in rows)]
-    return [f"<h5>PPO steps ({len(rows)})</h5>",
+    return [f"<h5>Policy round steps ({len(rows)})</h5>",
             _table(["step", *shown], [[r["step"], *(dd.fmt(r.get(k)) for k in shown)]
                                       for r in rows[-40:]])]
 

@@ -81,7 +81,7 @@ def seed_dashboard(store, *, scores: bool = True) -> None:
 def test_empty_store_gives_empty_frames_and_notes(store):
     out = dd.dashboard_data(store)
     assert out["rankings"].empty and out["ppo_kl"].empty and out["ab_table"].empty
-    assert out["notes"]["ppo"] == "No PPO rounds yet."
+    assert out["notes"]["ppo"] == "No policy rounds yet."
     assert all(out["notes"].values())
     assert dd.recent_items(store)["items"] == []
     assert dd.loop_settings(store)["auto"] is False
@@ -112,7 +112,7 @@ def test_dashboard_data_on_a_seeded_store(store):
     assert spec_of(upd, "ppo_kl")["layer"][0]["encoding"]["x"]["axis"]["values"] == [0, 8]
     assert upd["note_ppo"]["visible"] is False
     assert dashboard_updates(dd.dashboard_data(Store(store.path.parent / "empty.db")))[
-        "note_ppo"]["value"] == "*No PPO rounds yet.*"
+        "note_ppo"]["value"] == "*No policy rounds yet.*"
     assert dd.fingerprint(store) == dd.fingerprint(store)
 
 
