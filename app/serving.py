@@ -17,7 +17,8 @@ from rlhf_core.data.annotation import Busy, annotator_progress, next_item, renew
 # what each job kind means to someone waiting for items
 DOING = {"sample_batch": "sampling the next batch", "train_reward": "training the reward model",
          "ppo_round": "running a policy round", "eval_policy": "evaluating the policy",
-         "score_items": "scoring ranked responses"}
+         "score_items": "scoring ranked responses",
+         "sample_arena": "answering an annotator's own prompt (Arena)"}
 
 
 def serve_item(ctx: AppContext, annotator: str) -> dict | None:

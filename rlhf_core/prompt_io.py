@@ -176,6 +176,13 @@ def _to_record(obj: Any, line: int) -> dict:
     }
 
 
+def check_prompt_text(text: Any) -> str:
+    """One prompt typed by a person (the arena), under a file line's rules: a string without
+    control characters or lone surrogates, not empty once stripped, at most MAX_PROMPT_CHARS.
+    Returns it stripped; ImportRejected (no line number) says why not."""
+    return _to_record({"prompt": text}, None)["text"]
+
+
 def _pick_prompt(obj: dict, line: int) -> tuple[str, Any]:
     """(field name, raw prompt): a prompt/text/question field, else a chat's first user turn."""
     for field in PROMPT_FIELDS:

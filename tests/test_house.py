@@ -132,8 +132,8 @@ def test_init_files_stay_empty():
 
 def test_every_job_kind_maps_to_a_library_call():
     from rlhf_core.worker.handlers import HANDLERS
-    assert set(HANDLERS) == {"sample_batch", "train_reward", "ppo_round", "eval_policy",
-                             "score_items"}
+    assert set(HANDLERS) == {"sample_batch", "sample_arena", "train_reward", "ppo_round",
+                             "eval_policy", "score_items"}
     for fn in HANDLERS.values():
         assert fn.__module__ == "rlhf_core.worker.handlers"
 

@@ -115,6 +115,7 @@ def next_item(store: Store, annotator: str, *, ttl_s: float = 1800, hold_s: floa
         row = db.execute(
             "SELECT a.item_id, a.token FROM assignments a JOIN items i ON i.id = a.item_id "
             "WHERE a.annotator = ? AND a.status = 'open' AND i.status = 'ready' "
+            "AND i.kind != 'arena' "  # their own prompt's item stays on the Arena tab
             "ORDER BY a.id DESC LIMIT 1", [annotator]).fetchone()
         if row is None:
             if newcomer_cap is not None and _newcomers_full(db, annotator, now, newcomer_cap):
@@ -341,7 +342,7 @@ def undo_last(store: Store, annotator: str, *, submission_key: str) -> dict | No
         last = db.execute(
             "SELECT r.id, r.item_id, r.batch_id, r.policy_version, r.tiers FROM active_rankings r "
             "JOIN items i ON i.id = r.item_id WHERE r.annotator = ? AND i.status = 'ready' "
-            "ORDER BY r.id DESC LIMIT 1", [annotator]).fetchone()
+            "AND i.kind != 'arena' ORDER BY r.id DESC LIMIT 1", [annotator]).fetchone()
         if last is None:
             return None
         ranking_id, item_id, batch_id, policy_version, tiers = last
@@ -351,7 +352,8 @@ def undo_last(store: Store, annotator: str, *, submission_key: str) -> dict | No
             "supersedes": ranking_id, "created_at": now_iso()})
         # Close any other open item, so the undone one is served next.
         db.execute("DELETE FROM assignments WHERE annotator = ? AND status = 'open' "
-                   "AND item_id != ?", [annotator, item_id])
+                   "AND item_id != ? AND item_id NOT IN (SELECT id FROM items "
+                   "WHERE kind = 'arena')", [annotator, item_id])
         db.execute("UPDATE assignments SET status = 'open', expires_at = ? "
                    "WHERE item_id = ? AND annotator = ?", [time.time() + 1800, item_id, annotator])
     store.log_event("undo", annotator, ranking_id=ranking_id, item_id=item_id)

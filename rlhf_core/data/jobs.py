@@ -40,12 +40,32 @@ def enqueue(store: Store, kind: str, params: dict | None = None, *, requested_by
 # next policy's batch: it runs when no other job is queued (measured in bench B5: it ran
 # between the PPO round and the sampling of the new policy's batch).
 BACKGROUND_KINDS = ("score_items",)
+# A person watches these (the arena: an annotator typed a prompt and waits for its answers):
+# claimed before any other queued job. A running job is not interrupted.
+URGENT_KINDS = ("sample_arena",)
+# An arena request is a one-prompt sampling job: a worker that samples batches takes it too.
+IMPLIED_KINDS = {"sample_batch": ("sample_arena",)}
+
+
+def with_implied(kinds: list[str]) -> list[str]:
+    """`kinds` and the kinds they imply (a batch sampler also answers arena requests)."""
+    return list(dict.fromkeys([*kinds, *(x for k in kinds for x in IMPLIED_KINDS.get(k, ()))]))
+
+
+def _kinds_sql(kinds: tuple[str, ...]) -> str:
+    return ", ".join(f"'{k}'" for k in kinds)  # constants of this module, never user input
+
+
+CLAIM_ORDER = (f"CASE WHEN kind IN ({_kinds_sql(URGENT_KINDS)}) THEN 0 "
+               f"WHEN kind IN ({_kinds_sql(BACKGROUND_KINDS)}) THEN 2 ELSE 1 END, id")
 
 
 def claim(store: Store, worker: str, *, kinds: list[str] | None = None,
           lease_s: float = LEASE_S) -> dict | None:
-    """Take the oldest queued job (background kinds last), or one whose lease went stale."""
+    """Take the oldest queued job (urgent kinds first, background kinds last), or one whose
+    lease went stale."""
     now = time.time()
+    kinds = with_implied(kinds) if kinds else kinds
     with store.write() as db:
         _release_stale(db, now)
         sql = "SELECT * FROM jobs WHERE status = 'queued'"
@@ -53,9 +73,8 @@ def claim(store: Store, worker: str, *, kinds: list[str] | None = None,
         if kinds:
             sql += f" AND kind IN ({','.join('?' * len(kinds))})"
             params += kinds
-        # background jobs wait behind any queued job of the loop's path to the next batch
-        order = f" ORDER BY kind IN ({','.join('?' * len(BACKGROUND_KINDS))}), id LIMIT 1"
-        row = db.execute(sql + order, params + list(BACKGROUND_KINDS)).fetchone()
+        # urgent first; background jobs wait behind any queued job of the loop's path
+        row = db.execute(sql + f" ORDER BY {CLAIM_ORDER} LIMIT 1", params).fetchone()
         if row is None:
             return None
         job_id = row[0]
@@ -192,4 +211,4 @@ def current_jobs(store: Store) -> list[dict]:
     """Running jobs, then queued ones, in the order the worker takes them."""
     return store.rows("SELECT id, kind, status, progress, message, started_at, created_at "
                       "FROM jobs WHERE status IN ('running', 'queued') "
-                      "ORDER BY status = 'queued', id")
+                      f"ORDER BY status = 'queued', {CLAIM_ORDER}")

@@ -432,8 +432,10 @@ class Store:
         return self.scalar("SELECT COUNT(*) FROM active_rankings WHERE kind = 'rank'") or 0
 
     def batch_count(self, policy_version: int) -> int:
-        return self.scalar("SELECT COUNT(*) FROM batches WHERE policy_version = ?",
-                           [policy_version]) or 0
+        """Labeling batches sampled from this version (an arena answer is not one)."""
+        return self.scalar("SELECT COUNT(*) FROM batches b WHERE policy_version = ? AND NOT "
+                           "EXISTS (SELECT 1 FROM items i WHERE i.batch_id = b.id "
+                           "AND i.kind = 'arena')", [policy_version]) or 0
 
     def counts(self) -> dict:
         q = self.scalar

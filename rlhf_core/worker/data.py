@@ -12,7 +12,7 @@ import dataclasses
 from pathlib import Path
 
 from rlhf_core.config import AppConfig
-from rlhf_core.data import annotation, jobs, prompts, scores, workers
+from rlhf_core.data import annotation, arena, jobs, prompts, scores, workers
 from rlhf_core.data.store import Store
 from rlhf_core.workspace import read_config
 
@@ -101,6 +101,13 @@ class LocalData:
 
     def retire_items(self, *, older_than_policy: int) -> int:
         return annotation.retire_items(self.store, older_than_policy=older_than_policy)
+
+    def add_arena_item(self, job_id: int, worker: str, responses: list[dict], *,
+                       policy_version: int, settings: dict | None = None) -> int:
+        """The answers to an arena request, for the annotator who asked (only the worker that
+        holds the job; over HTTP `worker` is the token's identity)."""
+        return arena.add_arena_item(self.store, job_id, worker, responses,
+                                    policy_version=policy_version, settings=settings)
 
     # -- what the reward model learns from, and its scores -----------------------------------
     def training_pairs(self) -> list[dict]:

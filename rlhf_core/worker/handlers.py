@@ -8,6 +8,7 @@ follow-up jobs are queued by the loop policy alone (loop.py).
 from __future__ import annotations
 
 from rlhf_core.config import with_overrides
+from rlhf_core.labeling.arena import sample_arena
 from rlhf_core.labeling.batch import sample_batch
 from rlhf_core.labeling.heldout import eval_policy
 from rlhf_core.policy.launch import run_launched
@@ -21,6 +22,13 @@ def sample_batch_job(runtime, params: dict, reporter) -> dict:
                         with_overrides(cfg.loop, params), reporter=reporter,
                         policy_version=params.get("policy_version"), seed=params.get("seed"),
                         prompt_ids=params.get("prompt_ids"))
+
+
+def sample_arena_job(runtime, params: dict, reporter) -> dict:
+    """An annotator's own prompt (the Arena tab): `params["prompt_id"]`, answered K times by
+    the current policy, one item held for the annotator who asked (rlhf_core.data.arena)."""
+    return sample_arena(runtime, with_overrides(runtime.config.sampling, params),
+                        prompt_id=params["prompt_id"], reporter=reporter, seed=params.get("seed"))
 
 
 def train_reward_job(runtime, params: dict, reporter) -> dict:
@@ -56,6 +64,7 @@ def score_items_job(runtime, params: dict, reporter) -> dict:
 
 HANDLERS = {
     "sample_batch": sample_batch_job,
+    "sample_arena": sample_arena_job,
     "train_reward": train_reward_job,
     "ppo_round": ppo_round_job,
     "eval_policy": eval_policy_job,
