@@ -56,17 +56,19 @@ def waiting_text(ctx: AppContext, who: str, job: dict) -> str:
     if not workers.alive(ctx.store):
         return (f"**Your request #{job['id']} is queued, but no worker is running**: start one "
                 f"with `{worker_command(ctx, who)}`.")
-    current = jobs.current_jobs(ctx.store)
     ahead = []
-    for j in current:
+    for j in jobs.current_jobs(ctx.store):  # in the order the worker takes them
         if j["id"] == job["id"]:
             break
         ahead.append(j)
-    estimates = {j["kind"]: jobs.typical_duration_s(ctx.store, j["kind"]) for j in ahead}
-    behind = "; ".join(f"#{j['id']} {j['kind']} ({status.job_timing(j, estimates[j['kind']])})"
-                       for j in ahead[:3]) + (f" and {len(ahead) - 3} more" if len(ahead) > 3
-                                              else "")
-    where = f"behind {behind}" if ahead else "next: the worker takes it before any other job"
+    running = [f"the running job #{j['id']} {j['kind']} ("
+               f"{status.job_timing(j, jobs.typical_duration_s(ctx.store, j['kind']))})"
+               for j in ahead if j["status"] == "running"]
+    queued = len(ahead) - len(running)
+    if queued:
+        running.append(f"{queued} request{'s' if queued > 1 else ''} queued before yours")
+    where = ("behind " + " and ".join(running)) if running else \
+        "next: the worker takes it before any other job"
     return (f"**Your request #{job['id']} is queued**, {where}. Asked "
             f"{secs(ago(job.get('created_at')))} ago.{usual}")
 

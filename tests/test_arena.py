@@ -164,7 +164,10 @@ def test_the_tab_says_what_the_worker_does_then_shows_the_cards(ctx):
     assert "say &lt;b&gt;hi&lt;/b&gt;" in out["prompt_html"]  # shown as text
     workers.register(store, "w", host="h", pid=1, scope="another host")
     out = arena_ui.view(ctx, "ada")
-    assert f"is queued**, behind #{routine} sample_batch (running" in out["status"]
+    assert (f"is queued**, behind the running job #{routine} sample_batch (running"
+            in out["status"])
+    request_arena(store, "bob", "bob's question")
+    assert "and 1 request queued before yours" in arena_ui.view(ctx, "bob")["status"]
     again = arena_ui.ask(ctx, "ada", "another")
     assert again["level"] == "warning" and "still queued" in again["status"]
     jobs.finish(store, routine, result={}, worker="w")
