@@ -232,7 +232,7 @@ def submit_ranking(store: Store, *, annotator: str, item_id: int, token: str | N
     _check_submission(annotator, item_id, submission_key, (skip, all_bad, flagged), note,
                       time_spent_s)
     # Validated before the write lock: nothing a client sends is examined while others wait.
-    tiers = None if skip else _validated_tiers(store, item_id, tiers)
+    tiers = None if skip else validated_tiers(store, item_id, tiers)
     with store.write() as db:
         dup = db.execute("SELECT id, annotator, item_id FROM rankings WHERE submission_key = ?",
                          [submission_key]).fetchone()
@@ -248,7 +248,7 @@ def submit_ranking(store: Store, *, annotator: str, item_id: int, token: str | N
             "tiers": dumps(tiers) if tiers else None, "all_bad": int(all_bad),
             "flagged": int(flagged), "note": note or None, "time_spent_s": time_spent_s,
             "created_at": now_iso()}).last_pk
-        n_pairs = _insert_pairs(db, ranking_id, item["prompt_id"], tiers) if tiers else 0
+        n_pairs = insert_pairs(db, ranking_id, item["prompt_id"], tiers) if tiers else 0
         # A skip hands the item back to the pool for others (never to this annotator again).
         db.execute("UPDATE assignments SET status = ? WHERE item_id = ? AND annotator = ?",
                    ["expired" if skip else "done", item_id, annotator])
@@ -287,7 +287,7 @@ def _shown(value) -> str:
     return text if len(text) <= 40 else text[:39] + "…"
 
 
-def _validated_tiers(store: Store, item_id: int, tiers) -> list[list[int]]:
+def validated_tiers(store: Store, item_id: int, tiers) -> list[list[int]]:
     """The ranking checked against the item's responses (a read: responses never change once
     written), so no validation runs inside the write transaction."""
     response_ids = [r["id"] for r in store.rows(
@@ -321,7 +321,7 @@ def _check_item(db, item_id: int, annotator: str, token: str | None) -> dict:
     return {"batch_id": batch_id, "prompt_id": prompt_id, "policy_version": policy_version}
 
 
-def _insert_pairs(db, ranking_id: int, prompt_id: int, tiers: list[list[int]]) -> int:
+def insert_pairs(db, ranking_id: int, prompt_id: int, tiers: list[list[int]]) -> int:
     at = now_iso()
     rows = [{"ranking_id": ranking_id, "prompt_id": prompt_id, "chosen_id": w,
              "rejected_id": l, "label": 1.0, "created_at": at} for w, l in ranking_to_pairs(tiers)]
