@@ -209,14 +209,20 @@ def load_item(store: Store, item_id: int, *, token: str | None = None) -> dict |
     responses = store.rows(
         "SELECT id, position, text, n_tokens, finish_reason, policy_version FROM responses "
         "WHERE item_id = ? ORDER BY position", [item_id])
-    # A/B items mix versions: show them in an order fixed per item but unrelated to the version.
-    rng = random.Random(f"order-{item_id}")
-    rng.shuffle(responses)
-    for label, r in zip(LABELS, responses):
-        r["label"] = label
-    item["responses"] = responses
+    item["responses"] = shown_order(item_id, responses)
     item["token"] = token
     return item
+
+
+def shown_order(item_id: int, responses: list[dict]) -> list[dict]:
+    """An item's responses (by position) in the order the Rank page shows them, each given its
+    letter `label`. A/B items mix versions: the order is fixed per item but unrelated to the
+    version. The researcher views letter rankings with it, as the annotator saw them."""
+    shown = list(responses)
+    random.Random(f"order-{item_id}").shuffle(shown)
+    for label, r in zip(LABELS, shown):
+        r["label"] = label
+    return shown
 
 
 # -- recording rankings ------------------------------------------------------------

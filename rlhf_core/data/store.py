@@ -210,6 +210,92 @@ MIGRATIONS: list[str] = [
     ALTER TABLE assignments ADD COLUMN held_until REAL;
     UPDATE assignments SET held_until = expires_at WHERE status = 'open';
     """,
+    # The researcher's Data tab (rlhf_core.data.review). `reviews`: what a researcher did, append
+    # only: a flagged ranking resolved (kept: its pairs count from then on) or relabelled (`undo_id` supersedes it, the item is
+    # served again), an item given one more annotator (ask_more) or seen (reviewed, as of its
+    # newest ranking `ranking_id`). `item_disagreement`: per item, its active 'rank' rankings,
+    # the response pairs compared between every two of them by different annotators and how many
+    # of those the two order oppositely; kept exact by triggers (as open_items is), so sorting
+    # 100k rankings by disagreement reads one row per item instead of comparing rankings.
+    """
+    CREATE TABLE reviews (
+        id INTEGER PRIMARY KEY,
+        action TEXT NOT NULL CHECK (action IN ('resolve', 'relabel', 'ask_more', 'reviewed')),
+        item_id INTEGER NOT NULL REFERENCES items(id), ranking_id INTEGER REFERENCES rankings(id),
+        undo_id INTEGER REFERENCES rankings(id), reviewer TEXT NOT NULL, note TEXT,
+        created_at TEXT NOT NULL);
+    CREATE UNIQUE INDEX reviews_flag ON reviews (ranking_id) WHERE action IN ('resolve', 'relabel');
+    CREATE INDEX reviews_item ON reviews (item_id, action, ranking_id);
+    CREATE INDEX rankings_flagged ON rankings (id) WHERE flagged = 1;
+    CREATE INDEX rankings_item ON rankings (item_id);
+    CREATE INDEX pairs_ranking ON pairs (ranking_id);
+    CREATE INDEX pairs_responses ON pairs (chosen_id, rejected_id);
+    CREATE TABLE item_disagreement (
+        item_id INTEGER PRIMARY KEY, rankings INTEGER NOT NULL DEFAULT 0,
+        compared INTEGER NOT NULL DEFAULT 0, discordant INTEGER NOT NULL DEFAULT 0,
+        last_ranking_id INTEGER);
+    INSERT INTO item_disagreement (item_id, rankings, last_ranking_id)
+        SELECT r.item_id, SUM(r.kind = 'rank' AND NOT EXISTS (
+            SELECT 1 FROM rankings u WHERE u.supersedes = r.id)), MAX(r.id)
+        FROM rankings r GROUP BY r.item_id;
+    UPDATE item_disagreement SET (compared, discordant) = (
+        SELECT COUNT(*), COALESCE(SUM(p.label = 1.0 AND q.label = 1.0
+                                      AND q.chosen_id = p.rejected_id), 0)
+        FROM active_rankings a JOIN pairs p ON p.ranking_id = a.id
+        JOIN pairs q ON q.chosen_id IN (p.chosen_id, p.rejected_id)
+                    AND q.rejected_id IN (p.chosen_id, p.rejected_id)
+        JOIN active_rankings b ON b.id = q.ranking_id
+        WHERE a.item_id = item_disagreement.item_id AND a.kind = 'rank' AND b.kind = 'rank'
+          AND a.id < b.id AND a.annotator != b.annotator)
+    WHERE rankings >= 2;
+    CREATE TRIGGER item_disagreement_ranked AFTER INSERT ON rankings BEGIN
+        INSERT INTO item_disagreement (item_id, rankings, last_ranking_id)
+            VALUES (NEW.item_id, NEW.kind = 'rank', NEW.id)
+            ON CONFLICT (item_id) DO UPDATE SET rankings = rankings + excluded.rankings,
+                last_ranking_id = excluded.last_ranking_id;
+    END;
+    -- A pair of a new ranking meets the same two responses in every other active ranking of
+    -- the item (one row each, ordered or tied): one comparison each, discordant when reversed.
+    CREATE TRIGGER item_disagreement_pair AFTER INSERT ON pairs BEGIN
+        UPDATE item_disagreement SET (compared, discordant) = (
+            SELECT item_disagreement.compared + COUNT(*),
+                   item_disagreement.discordant + COALESCE(SUM(
+                       NEW.label = 1.0 AND q.label = 1.0 AND q.chosen_id = NEW.rejected_id), 0)
+            FROM pairs q JOIN rankings o ON o.id = q.ranking_id
+            WHERE q.chosen_id IN (NEW.chosen_id, NEW.rejected_id)
+              AND q.rejected_id IN (NEW.chosen_id, NEW.rejected_id)
+              AND q.ranking_id != NEW.ranking_id AND o.kind = 'rank'
+              AND o.annotator != (SELECT annotator FROM rankings WHERE id = NEW.ranking_id)
+              AND NOT EXISTS (SELECT 1 FROM rankings u WHERE u.supersedes = o.id))
+        WHERE item_id = (SELECT item_id FROM rankings WHERE id = NEW.ranking_id
+                         AND kind = 'rank');
+    END;
+    -- A superseded 'rank' ranking (undo, relabel) takes its comparisons with it.
+    CREATE TRIGGER item_disagreement_superseded AFTER INSERT ON rankings
+    WHEN NEW.supersedes IS NOT NULL BEGIN
+        UPDATE item_disagreement SET (rankings, compared, discordant) = (
+            SELECT item_disagreement.rankings - 1, item_disagreement.compared - COUNT(*),
+                   item_disagreement.discordant - COALESCE(SUM(
+                       p.label = 1.0 AND q.label = 1.0 AND q.chosen_id = p.rejected_id), 0)
+            FROM pairs p JOIN pairs q ON q.chosen_id IN (p.chosen_id, p.rejected_id)
+                                     AND q.rejected_id IN (p.chosen_id, p.rejected_id)
+            JOIN rankings o ON o.id = q.ranking_id
+            WHERE p.ranking_id = NEW.supersedes AND q.ranking_id != NEW.supersedes
+              AND o.kind = 'rank'
+              AND o.annotator != (SELECT annotator FROM rankings WHERE id = NEW.supersedes)
+              AND NOT EXISTS (SELECT 1 FROM rankings u WHERE u.supersedes = o.id))
+        WHERE item_id = (SELECT s.item_id FROM rankings s WHERE s.id = NEW.supersedes
+                         AND s.kind = 'rank' AND NOT EXISTS (SELECT 1 FROM rankings u
+                             WHERE u.supersedes = s.id AND u.id != NEW.id));
+    END;
+    -- A flag a researcher resolved (kept the ranking) no longer keeps its pairs out of training.
+    DROP VIEW active_pairs;
+    CREATE VIEW active_pairs AS
+        SELECT p.* FROM pairs p JOIN active_rankings r ON r.id = p.ranking_id
+        WHERE r.all_bad = 0 AND r.kind = 'rank' AND (r.flagged = 0 OR EXISTS (
+            SELECT 1 FROM reviews v WHERE v.ranking_id = r.id  -- (relabelled: not active)
+              AND v.action IN ('resolve', 'relabel')));
+    """,
 ]
 
 
