@@ -58,6 +58,7 @@ from app.ui_arena import build_arena_tab
 from app.ui_assets import CSS, FOCUS_RANKING_JS, HEAD, SHORTCUTS_MD
 from app.ui_dashboard import build_dashboard_tab
 from app.ui_me import build_me_tab
+from app.ui_data import build_data_tab
 from app.ui_research import build_research_tab
 from app.ui_status import build_status_tab, wire_status_tab
 from app.worker_api import PREFIX as WORKER_API_PREFIX
@@ -331,8 +332,8 @@ def launch(ctx: AppContext, host: str = "127.0.0.1", port: int = 7860,
            extra_tabs: tuple[Callable[[AppContext], None], ...] | None = None,
            allow_no_auth: bool = False, **kwargs):
     """Serve the UI (loopback by default, never shared). Returns the launched Blocks.
-    `extra_tabs` defaults to the My work, Arena, Dashboard and Research tabs. Beyond loopback
-    without login only with `allow_no_auth` (DESIGN.md, Security defaults)."""
+    `extra_tabs` defaults to the My work, Arena, Dashboard, Research and Data tabs. Beyond
+    loopback without login only with `allow_no_auth` (DESIGN.md, Security defaults)."""
     if kwargs.pop("share", False):
         raise ValueError("share=True is not supported: expose the app behind your own proxy")
     if auth_file:
@@ -342,7 +343,7 @@ def launch(ctx: AppContext, host: str = "127.0.0.1", port: int = 7860,
                          "allow_no_auth=True (--insecure-no-auth) to let everybody in")
     kwargs["app_kwargs"] = with_client_address(kwargs.get("app_kwargs"))  # login throttle
     demo = build_ui(ctx, extra_tabs=(build_me_tab, build_arena_tab, build_dashboard_tab,
-                                     build_research_tab)
+                                     build_research_tab, build_data_tab)
                     if extra_tabs is None else tuple(extra_tabs))
     # Gradio summarises its per-event analytics (for its /monitoring page, which we do not use)
     # with pandas over the last 10,000 events after EVERY event; under 32 annotators that grew
