@@ -179,7 +179,8 @@ class PageClient:
         fn = self.fn(**which)
         blank = {gr.State: None, gr.BrowserState: {}, gr.Checkbox: False}
         data = [None if isinstance(b, gr.State) else values.get(
-            getattr(b, "elem_id", None), blank.get(type(b), "")) for b in fn.inputs]
+            getattr(b, "elem_id", None), b.value if isinstance(b, gr.Dropdown)
+            else blank.get(type(b), "")) for b in fn.inputs]  # a dropdown: its preset
         event = self.http.post("/gradio_api/queue/join", json={
             "data": data, "fn_index": fn._id, "session_hash": session, "event_data": None,
             "trigger_id": None}).json()["event_id"]
