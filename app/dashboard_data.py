@@ -15,7 +15,7 @@ import pandas as pd
 
 from rlhf_core import evaluation as ev
 from rlhf_core.data import reports
-from rlhf_core.data.annotation import LABELS
+from rlhf_core.data.annotation import shown_order
 from rlhf_core.data.store import Store, loads
 from rlhf_core.worker.loop import gather_state
 from rlhf_core.workspace import read_config
@@ -304,8 +304,9 @@ def recent_items(store: Store, *, limit: int = 20, reward_version: int | None = 
 def scored_item(store: Store, ranking: dict, reward_version: int | None) -> dict:
     responses = reports.item_responses_with_scores(store, ranking["item_id"], reward_version)
     tier_of = {rid: t for t, tier in enumerate(loads(ranking["tiers"], [])) for rid in tier}
+    # lettered as the annotator saw the cards (the Rank page shuffles them per item)
+    responses = shown_order(ranking["item_id"], sorted(responses, key=lambda r: r["position"]))
     for r in responses:
-        r["label"] = LABELS[r["position"]] if r["position"] < len(LABELS) else str(r["position"])
         r["tier"] = tier_of.get(r["id"])
     responses.sort(key=lambda r: (r["tier"] is None, r["tier"] or 0, r["position"]))
     agree, n = reward_agreement(responses)

@@ -122,8 +122,12 @@ def test_recent_items_scores_and_reward_agreement(store):
     assert rec["reward_version"] == 3 and len(rec["items"]) == 7
     flagged = rec["items"][0]
     assert flagged["flagged"] and XSS in flagged["note"] and flagged["selection"] == "uncertainty:gap=0.04"
-    # annotator: B > A; scores A=1.0 > B=0.9 -> the reward model disagrees
-    assert [r["label"] for r in flagged["responses"]] == ["B", "A"]
+    # annotator: position 1 > position 0; scores 1.0 (pos 0) > 0.9 (pos 1): the reward model
+    # disagrees. Letters are the ones the annotator saw on the Rank page, not positions.
+    shown = {r["id"]: r["label"] for r in annotation.load_item(store, flagged["item_id"])["responses"]}
+    assert [r["position"] for r in flagged["responses"]] == [1, 0]
+    assert [r["label"] for r in flagged["responses"]] == [shown[r["id"]] for r in
+                                                          flagged["responses"]]
     assert (flagged["agree"], flagged["pairs"]) == (0, 1)
     ab = rec["items"][-1]  # alice's first A/B item, ranked A > B > C > D like the scores
     assert ab["kind"] == "ab" and (ab["agree"], ab["pairs"]) == (6, 6)
@@ -332,3 +336,25 @@ def test_dashboard_renders_every_figure_in_a_browser(tmp_path):
     finally:
         demo.close()
     assert errors == []
+
+
+def test_research_view_letters_cards_as_the_annotator_saw_them(store):
+    """The Rank page shuffles an item's cards; the Research tab must letter a ranking with the
+    letters the annotator typed, not the stored positions."""
+    from tests.test_handlers import seed_items
+    ids = seed_items(store, n=6, k=4)
+    item = next(annotation.load_item(store, i) for i in ids
+                if [r["position"] for r in annotation.load_item(store, i)["responses"]]
+                != [0, 1, 2, 3])  # an item whose cards are shown out of stored order
+    held = annotation.next_item(store, "ada")
+    while held["id"] != item["id"]:  # skip up to that item
+        annotation.submit_ranking(store, annotator="ada", item_id=held["id"],
+                                  token=held["token"], submission_key=f"skip-{held['id']}",
+                                  skip=True)
+        held = annotation.next_item(store, "ada")
+    typed = [[r["id"]] for r in held["responses"]]  # "abcd" as shown on the page
+    annotation.submit_ranking(store, annotator="ada", item_id=held["id"], token=held["token"],
+                              submission_key="k", tiers=typed)
+    shown = next(i for i in dd.recent_items(store)["items"] if i["item_id"] == item["id"])
+    assert [r["label"] for r in shown["responses"]] == ["A", "B", "C", "D"]
+    assert [r["position"] for r in shown["responses"]] != [0, 1, 2, 3]
