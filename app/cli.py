@@ -404,7 +404,8 @@ def _worker_flags(p):
     p.add_argument("--nice", type=int, default=10, help="priority drop (default 10)")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     p.add_argument("--kinds", help="only these job kinds, comma-separated (e.g. sample_batch "
-                                   "for a sampler beside a trainer); default: all")
+                                   "for a sampler beside a trainer; a sample_batch worker also "
+                                   "answers Arena prompts); default: all")
     p.add_argument("--processes", type=int, default=1,
                    help="run policy rounds as `accelerate launch` with this many processes (one "
                         "per GPU) on this host; rank 0 alone talks to the app (default 1)")
