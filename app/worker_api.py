@@ -41,6 +41,7 @@ PREFIX = "/worker-api/v1"
 CHUNK_BYTES = 8 * 1024 * 1024  # largest upload chunk (the body cap of this route)
 MAX_VERSION_BYTES = 4 * 1024 ** 3  # largest version upload (adapters + heads, or a full model)
 READ_VERBS = {"config", "get_job", "current_version", "get_version", "next_version_number",
+              "open_item_count",
               "prompts_of_split", "prompts_by_ids", "least_labeled_prompts", "training_pairs",
               "unscored_responses", "unscored_count", "last_metric_step"}
 PUBLISH_ONLY = {"add_version"}  # versions arrive as verified uploads, never as a bare row

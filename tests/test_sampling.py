@@ -217,9 +217,17 @@ def test_sample_batch_job_creates_items_with_provenance(workspace):
     assert 2 <= len(item["responses"]) <= 3
 
 
+def test_chunk_bounds():
+    from rlhf_core.labeling.batch import chunk_bounds
+    assert chunk_bounds(4, 2, 2) == [(0, 2), (2, 4)]
+    assert chunk_bounds(8, 1, 4) == [(0, 1), (1, 5), (5, 8)]
+    assert chunk_bounds(1, 1, 4) == [(0, 1)] and chunk_bounds(0, 1, 4) == []
+
+
 def test_sample_batch_items_are_rankable_before_the_batch_is_done(workspace):
     """Items stream in, one generate() call's worth of prompts at a time (batch_size 6 / k 3
-    = 2 prompts): while the job still reports progress, the first items can be ranked."""
+    = 2 prompts): while the job still reports progress, the first items can be ranked. With
+    nothing to rank anywhere, the first call samples one prompt alone."""
     from rlhf_core.labeling.batch import sample_batch
     store, cfg, runtime = workspace
     seen = []
@@ -236,8 +244,11 @@ def test_sample_batch_items_are_rankable_before_the_batch_is_done(workspace):
     res = sample_batch(runtime, sampling, replace(cfg.loop, ab_fraction=0.0), reporter=Watch(),
                        seed=1)
     assert res["items"] == 4 and store.scalar("SELECT COUNT(*) FROM batches") == 1
-    assert seen[0] == 0 and seen[1:] == [2, 4]  # 2 items rankable half way through
+    assert seen == [0, 1, 3, 4]  # one item after the first (one-prompt) call
     assert annotation.next_item(store, "alice")["batch_id"] == res["batch_id"]
+    seen.clear()  # items are open now: whole calls from the start
+    sample_batch(runtime, sampling, replace(cfg.loop, ab_fraction=0.0), reporter=Watch(), seed=2)
+    assert seen == [4, 6, 8]
 
 
 def test_sample_batch_at_v0_never_makes_ab_items(workspace):

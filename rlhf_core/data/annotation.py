@@ -367,6 +367,11 @@ def undo_last(store: Store, annotator: str, *, submission_key: str) -> dict | No
             "duplicate": False}
 
 
+def open_item_count(store: Store) -> int:
+    """Items that still need a ranking from somebody (0: whoever opens the page waits)."""
+    return store.scalar("SELECT COUNT(*) FROM open_items") or 0
+
+
 def annotator_progress(store: Store, annotator: str) -> dict:
     """`done`: the annotator's active rankings; `available`: open items they could be given
     now; `held`: open items they have not seen whose every remaining slot another annotator

@@ -56,14 +56,17 @@ def sample_batch(runtime, cfg: SamplingConfig, loop: LoopConfig, *, reporter,
     plain = [r for r in rows if r["id"] not in ab_ids and r.get("selection") != CANDIDATE]
     candidates = [r for r in rows if r["id"] not in ab_ids and r.get("selection") == CANDIDATE]
     per_call = max(1, cfg.batch_size // cfg.k)  # prompts per generate() call
+    # nothing to rank anywhere: the first call samples one prompt alone, so somebody can rank
+    # after K responses rather than after batch_size (a new workspace, a new policy's batch)
+    first = 1 if per_call > 1 and len(plain) > 1 and data.open_item_count() == 0 else per_call
     t0 = time.perf_counter()
     with runtime.lock:
         # plain items stream in: the first is rankable after one generate() call, not after
         # the whole batch (the loop's ranking -> next item latency, bench B5)
-        for start in range(0, len(plain), per_call):
-            part = plain[start:start + per_call]
+        for start, end in chunk_bounds(len(plain), first, per_call):
+            part = plain[start:end]
             out.add(sample_items(runtime, version, part, cfg, seed + start * cfg.k, None))
-            reporter.progress(0.05 + 0.8 * (start + len(part)) / len(rows), "sampling")
+            reporter.progress(0.05 + 0.8 * end / len(rows), "sampling")
         if candidates:  # uncertainty selection needs every candidate's scores first
             sampled = sample_items(runtime, version, candidates, cfg,
                                    seed + len(plain) * cfg.k, None)
@@ -81,6 +84,16 @@ def sample_batch(runtime, cfg: SamplingConfig, loop: LoopConfig, *, reporter,
     return {"batch_id": batch_id, "items": out.items, "responses": out.responses,
             "ab_items": out.ab_items, "policy_version": version, "seconds": round(elapsed, 2),
             "responses_per_s": round(out.responses / max(elapsed, 1e-9), 3), "retired": retired}
+
+
+def chunk_bounds(n: int, first: int, per_call: int) -> list[tuple[int, int]]:
+    """[start, end) of each generate() call over n prompts: `first` prompts, then `per_call`."""
+    bounds, start = [], 0
+    while start < n:
+        end = min(n, start + (first if start == 0 else per_call))
+        bounds.append((start, end))
+        start = end
+    return bounds
 
 
 class BatchWriter:

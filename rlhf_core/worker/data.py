@@ -84,6 +84,9 @@ class LocalData:
         return self.store.add_version(kind, version, **fields)
 
     # -- prompts and labeling batches ------------------------------------------------------------
+    def open_item_count(self) -> int:
+        return annotation.open_item_count(self.store)
+
     def prompts_of_split(self, split: str, limit: int | None = None) -> list[dict]:
         return prompts.of_split(self.store, split, limit)
 
