@@ -1,8 +1,9 @@
 """A cap on request bodies, as ASGI middleware in front of Gradio's routes.
 
-Every call this app serves is a few hundred bytes (a ranking names at most 8 ids; the app has
-no file uploads), so anything much larger is refused with 413 before Gradio parses it: a
-declared Content-Length over the cap at once, a chunked body as soon as it grows past it.
+Every call this app serves is a few hundred bytes (a ranking names at most 8 ids), so anything
+much larger is refused with 413 before Gradio parses it: a declared Content-Length over the cap
+at once, a chunked body as soon as it grows past it. Only the routes named in `prefixes` take
+more (the remote workers' uploads; the Research tab's prompt files, app.ui_prompts).
 Attach with `launch(app_kwargs=with_body_limit(app_kwargs))`.
 """
 from __future__ import annotations

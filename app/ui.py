@@ -59,6 +59,7 @@ from app.ui_assets import CSS, FOCUS_RANKING_JS, HEAD, SHORTCUTS_MD
 from app.ui_dashboard import build_dashboard_tab
 from app.ui_me import build_me_tab
 from app.ui_data import build_data_tab
+from app.ui_prompts import MAX_UPLOAD_BYTES
 from app.ui_research import build_research_tab
 from app.ui_status import build_status_tab, wire_status_tab
 from app.worker_api import PREFIX as WORKER_API_PREFIX
@@ -80,14 +81,14 @@ def build_ui(ctx: AppContext, *, extra_tabs: tuple[Callable[[AppContext], None],
                                        secret=ctx.browser_secret)
         c["drafts"] = gr.BrowserState({}, storage_key="rlhf-loop-drafts",
                                       secret=ctx.browser_secret)
-        with gr.Row(equal_height=True):
-            gr.Markdown("### rlhf-loop · rank the responses, best first")
+        with gr.Row(equal_height=True, elem_id="rl-header"):  # two lines on a phone (CSS)
+            gr.Markdown("### rlhf-loop · rank the responses, best first", elem_id="rl-title")
             c["progress"] = gr.Markdown(elem_id="rl-progress")
             if ctx.auth_enabled:
-                gr.Button("Log out", link="/logout", size="sm", scale=0)
+                gr.Button("Log out", link="/logout", size="sm", scale=0, elem_id="rl-account")
             else:
                 c["switch_btn"] = gr.Button("Not you? Change name", size="sm", scale=0,
-                                            min_width=180)
+                                            min_width=180, elem_id="rl-account")
         with gr.Column(visible=False) as c["login_box"]:
             c["name"] = gr.Textbox(label="Your name (remembered in this browser)", max_lines=1,
                                    placeholder="e.g. ada", autofocus=True, elem_id="rl-name")
@@ -324,6 +325,7 @@ def _register_api(ctx: AppContext) -> None:
         gr.api(fn, api_name=fn.__name__, concurrency_limit=8)
 
 
+UPLOAD_ROUTE = "/gradio_api/upload"  # Gradio's file uploads (multipart)
 SESSION_CAPACITY = 500  # page sessions kept in memory (x 231 KB: 113 MB at most)
 
 
@@ -362,8 +364,12 @@ def launch(ctx: AppContext, host: str = "127.0.0.1", port: int = 7860,
     worker_app = build_worker_app(ctx.store, ctx.workspace)
     app_kwargs["routes"] = [*app_kwargs.get("routes", ()),
                             Mount(WORKER_API_PREFIX, app=worker_app)]
+    # Prompt files (the Research tab) upload through Gradio's route: up to their cap, and
+    # Gradio refuses a bigger file too (max_file_size; its page says so before sending).
+    kwargs.setdefault("max_file_size", MAX_UPLOAD_BYTES)
     kwargs["app_kwargs"] = with_body_limit(  # 413 over 64 KB; upload chunks up to their cap
-        app_kwargs, prefixes={WORKER_API_PREFIX: worker_app.state.api.chunk_bytes + 4096})
+        app_kwargs, prefixes={WORKER_API_PREFIX: worker_app.state.api.chunk_bytes + 4096,
+                              UPLOAD_ROUTE: MAX_UPLOAD_BYTES + 64 * 1024})  # + multipart
     start_loop_ticker(ctx.store)  # the loop policy for remote workers (only with a token)
     demo.launch(server_name=host, server_port=port, share=False,
                 auth=ctx.check_password if ctx.auth_enabled else None,

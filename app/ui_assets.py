@@ -43,6 +43,40 @@ CSS = """
                                           letter-spacing: 0.1em; }
 #rl-ranks { gap: 6px; }
 #rl-message p { margin: 0; }
+#rl-header { align-items: center; }
+#rl-title h3 { margin: 0; }
+/* A phone (390 px): Gradio gives every child of a row an equal share, so the header's title
+   and progress were 57 px columns of broken words beside a 166 px tall button. There: the
+   title on a line of its own, progress and the account button below; rows of form controls
+   wrap instead of squeezing; wide rows (job and worker grids, tables) fit or scroll. */
+@media (max-width: 700px) {
+  #rl-header { flex-wrap: wrap; gap: 2px 8px; }
+  #rl-header > #rl-title { flex: 1 1 100% !important; min-width: 100% !important; }
+  #rl-header > #rl-progress { flex: 1 1 0 !important; min-width: 0 !important; }
+  #rl-header > #rl-account { flex: 0 0 auto !important; min-width: 0 !important;
+                             height: auto !important; align-self: center; }
+  #rl-title h3 { font-size: 1.05em; }
+  .row:has(> #rl-dash-updated) { flex-wrap: wrap; align-items: center; }
+  .row:has(> #rl-dash-updated) > * { flex: 1 1 auto !important; min-width: 0 !important; }
+  .row:has(> #rl-dash-updated) > button { flex: 0 0 auto !important; height: auto !important; }
+  /* Gradio wraps neighbouring form fields in one .form flex box */
+  .form:has(> #rl-allbad) { flex-wrap: wrap; }
+  .form:has(> #rl-allbad) > .block { flex: 1 1 40% !important; }
+  .form:has(> #rl-allbad) > #rl-note { flex: 1 1 100% !important; }
+  .row:has(> .form > #rl-ranking), .row:has(> .form > #rl-raw) { flex-wrap: wrap; }
+  .row:has(> .form > #rl-ranking) > *, .row:has(> .form > #rl-raw) > * {
+    flex: 1 1 100% !important; min-width: 100% !important; }
+  .row:has(> #rl-cancel-btn) > button, .row:has(> #rl-job-algorithm) > button {
+    height: auto !important; align-self: center; }
+  .rl-job { grid-template-columns: minmax(0, 1fr) auto 3em;
+            grid-template-areas: "name status pct" "bar bar bar" "msg msg msg"; }
+  .rl-job-name { grid-area: name; } .rl-job-status { grid-area: status; }
+  .rl-job .rl-bar { grid-area: bar; } .rl-pct { grid-area: pct; }
+  .rl-job .rl-job-msg { grid-area: msg; }
+  .rl-worker { grid-template-columns: minmax(0, 1fr) auto; }
+  #rl-status table, #rs-version table.rs { display: block; overflow-x: auto; }
+  #rl-status th, #rl-status td { white-space: nowrap; word-break: normal; padding: 4px 6px; }
+}
 """
 
 # Alt+<key> shortcuts: click a button, toggle a checkbox, or focus a text field by elem_id.

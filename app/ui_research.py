@@ -225,6 +225,7 @@ def save_guidelines(ctx: AppContext, guidelines: str, rubric: str, username, pro
 # -- the tab -------------------------------------------------------------------------------------
 def build_research_tab(ctx: AppContext, *, refresh_s: float = 10.0) -> None:
     """Add the Research tab (an `extra_tabs` callable of `app.ui.build_ui`)."""
+    from app import ui_prompts as prompts  # here: it imports this module's role check
     c: dict = {}
     with gr.Tab("Research", id="research") as c["tab"]:
         c["notice"] = gr.Markdown(NOTICE, visible=False)
@@ -244,6 +245,7 @@ def build_research_tab(ctx: AppContext, *, refresh_s: float = 10.0) -> None:
                 c["guidelines_btn"] = gr.Button("Save guidelines", size="sm", scale=0,
                                                 min_width=160, elem_id="rs-guidelines-save")
                 c["guidelines_msg"] = gr.Markdown(elem_id="rs-guidelines-msg")
+            prompts.build_prompt_upload(c)
             gr.Markdown("#### Submitted items, the reward model's scores and its agreement")
             with gr.Row(equal_height=True):
                 c["filter"] = gr.Radio(list(FILTERS), value="Recent rankings", show_label=False,
@@ -259,6 +261,7 @@ def build_research_tab(ctx: AppContext, *, refresh_s: float = 10.0) -> None:
                                        secret=ctx.browser_secret)  # the Rank tab's name
         c["timer"] = gr.Timer(refresh_s)
     _wire(ctx, c)
+    prompts.wire_prompt_upload(ctx, c)
 
 
 def _wire(ctx: AppContext, c: dict) -> None:

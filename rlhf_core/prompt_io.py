@@ -45,19 +45,58 @@ def read_prompts(path) -> list[dict]:
 def read_prompts_with_stats(path) -> tuple[list[dict], dict]:
     """Like `read_prompts`, plus `{"read": valid records in file, "duplicates_in_file": m}`.
 
-    Duplicates (same `prompt_key`) keep their first occurrence.
+    Duplicates (same `prompt_key`) keep their first occurrence; the first bad record raises.
     """
-    records, seen, read = [], set(), 0
-    for line, obj in _iter_objects(Path(path)):
-        record = _to_record(obj, line)
-        read += 1
-        key = prompt_key(record["text"])
-        if key not in seen:
-            seen.add(key)
-            records.append(record)
-    if not records:
-        raise ImportRejected("no prompts found")
-    return records, {"read": read, "duplicates_in_file": read - len(records)}
+    records, stats, problems = _collect(_iter_objects(Path(path)), keep=1, scan_all=False)
+    if problems:
+        raise problems[0]
+    del stats["bad"]
+    return records, stats
+
+
+def check_prompt_file(raw: bytes, kind: str, *, max_problems: int = 10):
+    """An uploaded or pasted file checked whole, so a person can fix every line in one go:
+    `(records, stats, problems)`, stats as `read_prompts_with_stats`'s plus "bad" (records
+    refused), problems the first `max_problems` ImportRejected in line order. Any problem means
+    nothing may be imported. `kind`: "jsonl", "csv" or "lines" (one prompt per non-blank line).
+    Invalid UTF-8 or a broken CSV quote ends the check there (nothing after it can be read)."""
+    parse = {"jsonl": _iter_jsonl, "csv": _iter_csv, "lines": _iter_lines}[kind]
+
+    def objects():
+        text = _decode(raw)
+        if not text.strip():
+            raise ImportRejected("no prompts found")
+        yield from parse(text)
+
+    return _collect(objects(), keep=max_problems, scan_all=True)
+
+
+def _collect(objects: Iterator[tuple[int, Any]], *, keep: int, scan_all: bool):
+    """Validate and de-duplicate `objects`; stop at the first problem unless `scan_all`."""
+    records, seen, read, bad, problems = [], set(), 0, 0, []
+    try:
+        for line, obj in objects:
+            try:
+                if isinstance(obj, ImportRejected):  # a line its parser could not read
+                    raise obj
+                record = _to_record(obj, line)
+            except ImportRejected as exc:
+                bad += 1
+                problems += [exc] if len(problems) < keep else []
+                if scan_all:
+                    continue
+                break
+            read += 1
+            key = prompt_key(record["text"])
+            if key not in seen:
+                seen.add(key)
+                records.append(record)
+    except ImportRejected as exc:  # the file as a whole, or a parser that cannot go on
+        bad += 1
+        problems += [exc] if len(problems) < keep else []
+    if not records and not problems:
+        problems.append(ImportRejected("no prompts found"))
+    return records, {"read": read, "duplicates_in_file": read - len(records), "bad": bad}, problems
 
 
 def _iter_objects(path: Path) -> Iterator[tuple[int, Any]]:
@@ -91,6 +130,7 @@ def _decode(raw: bytes) -> str:
 
 
 def _iter_jsonl(text: str) -> Iterator[tuple[int, Any]]:
+    """A line that is not a JSON object comes as an ImportRejected: the next lines are still read."""
     # split on "\n" only: str.splitlines() would also break on U+2028 inside JSON strings
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
@@ -98,12 +138,20 @@ def _iter_jsonl(text: str) -> Iterator[tuple[int, Any]]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ImportRejected(f"invalid JSON ({exc.msg} at column {exc.colno})", number) from None
+            obj = ImportRejected(f"invalid JSON ({exc.msg} at column {exc.colno})", number)
         except RecursionError:  # e.g. 100,000 nested arrays
-            raise ImportRejected("invalid JSON (nested too deeply)", number) from None
+            obj = ImportRejected("invalid JSON (nested too deeply)", number)
         if isinstance(obj, list):
-            raise ImportRejected("expected one JSON object per line (JSON Lines), got an array", number)
+            obj = ImportRejected("expected one JSON object per line (JSON Lines), got an array",
+                                 number)
         yield number, obj
+
+
+def _iter_lines(text: str) -> Iterator[tuple[int, Any]]:
+    """Plain text (a pasted list, a .txt upload): every non-blank line is one prompt."""
+    for number, line in enumerate(text.split("\n"), start=1):
+        if line.strip():
+            yield number, {"prompt": line}
 
 
 def _iter_csv(text: str) -> Iterator[tuple[int, Any]]:

@@ -324,8 +324,9 @@ def test_dashboard_renders_every_figure_in_a_browser(tmp_path):
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
             page.goto(f"http://127.0.0.1:{port}/")
             page.get_by_role("tab", name="Dashboard").click()
-            figures = page.locator(".rl-chart canvas")
-            page.wait_for_function("document.querySelectorAll('.rl-chart canvas').length >= 9",
+            drawn = ".rl-chart canvas, .rl-chart svg.marks"  # the rankings chart is SVG
+            figures = page.locator(drawn)
+            page.wait_for_function(f"document.querySelectorAll('{drawn}').length >= 9",
                                    timeout=60000)
             page.wait_for_timeout(500)
             page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
