@@ -88,7 +88,7 @@ def _sub(cmd, timeout=3600) -> dict:
 def run(quick: bool = False) -> dict:
     from bench import trl_env
     trl_py = trl_env.ensure("reward")
-    reps = 1 if quick else 2
+    reps = 1 if quick else 3
     with tempfile.TemporaryDirectory(prefix="bench-b3-") as tmp:
         base = Path(tmp) / "base"
         cmd = [sys.executable, "-m", "bench.b3_reward_trl", "--setup", str(base)]
@@ -111,6 +111,11 @@ def run(quick: bool = False) -> dict:
     def med(runs, k):
         xs = [x[k] for x in runs if x.get(k) is not None]
         return round(common.median(xs), 3) if xs else None
+
+    def spread(runs, k):
+        xs = [x[k] for x in runs if x.get(k) is not None]
+        return {"min": round(min(xs), 3), "median": round(common.median(xs), 3),
+                "max": round(max(xs), 3)} if xs else None
     return {
         "bench": "B3 reward training vs TRL RewardTrainer",
         "trl_version": trl_env.versions("reward"),
@@ -120,7 +125,17 @@ def run(quick: bool = False) -> dict:
                                             "peak_rss_mb")},
         "trl": {k: med(trl, k) for k in ("pairs_per_s", "train_s", "heldout_accuracy",
                                           "peak_rss_mb")},
-        "ratio": round(common.median(ratios), 2), "runs": {"ours": ours, "trl": trl},
+        "ratio": round(common.median(ratios), 2),
+        "ratio_spread": {"min": round(min(ratios), 2), "max": round(max(ratios), 2)},
+        "pairs_per_s_spread": {"ours": spread(ours, "pairs_per_s"),
+                               "trl": spread(trl, "pairs_per_s")},
+        "peak_rss_mb_spread": {"ours": spread(ours, "peak_rss_mb"),
+                               "trl": spread(trl, "peak_rss_mb")},
+        "ours_versions": common.package_versions(),
+        "gradient_checkpointing": {"ours": False, "trl": False},
+        "forwards_per_ranking": "ours: one forward per distinct response of a ranking (4 for the "
+                                "6 pairs of a K=4 ranking); trl: two per pair (12)",
+        "runs": {"ours": ours, "trl": trl},
         "goal": "pairs/s ratio >= 1.2, held-out accuracy equal within noise",
     }
 

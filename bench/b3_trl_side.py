@@ -54,7 +54,10 @@ def main(spec_path: str) -> None:
         weight_decay=0.0, warmup_steps=0, max_grad_norm=c["max_grad_norm"],
         max_length=c["max_length"], save_strategy="no", report_to=[], logging_steps=1000,
         seed=c["seed"], use_cpu=not cuda, bf16=cuda and torch.cuda.is_bf16_supported(),
-        disable_tqdm=True, dataloader_num_workers=0)
+        disable_tqdm=True, dataloader_num_workers=0,
+        # RewardConfig turns checkpointing on by default; our side does not checkpoint, so the
+        # peer runs without it too (same work per step: issue 14's bench hygiene)
+        gradient_checkpointing=False)
     trainer = RewardTrainer(model=model, args=args, train_dataset=train, processing_class=tok,
                             peft_config=peft_config)
     t0 = time.perf_counter()

@@ -54,7 +54,20 @@ def machine() -> dict:
     import torch
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": mem, "gpu": gpu,
-            "torch": torch.__version__, "python": platform.python_version()}
+            "torch": torch.__version__, "python": platform.python_version(),
+            "packages": package_versions()}
+
+
+def package_versions() -> dict:
+    """Our side's versions of what a result depends on (a peer records its own venv's)."""
+    import importlib.metadata as md
+    out = {}
+    for name in ("torch", "transformers", "peft", "accelerate", "gradio", "sqlite-utils"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def peak_rss_mb() -> float:
