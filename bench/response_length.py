@@ -45,6 +45,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=30, help="N shipped prompts, evenly spaced (30)")
     ap.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 192, 256])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--system-prompt", default=None,
+                    help="the system message (default: AppConfig's; '' for the template's own)")
     ap.add_argument("--each", action="store_true",
                     help="sample once per length (slow); default: once at the longest, the "
                          "shorter caps read from its token counts")
@@ -57,10 +59,13 @@ def main() -> None:
     step = max(1, len(shipped) // args.prompts)  # spread over the file's categories
     prompts = shipped[::step][:args.prompts]
     src = common.embedded_model_dir()
-    tok = models.load_tokenizer(src)
+    from rlhf_core.config import AppConfig
+    system = AppConfig().system_prompt if args.system_prompt is None else args.system_prompt
+    tok = models.load_tokenizer(src, system_prompt=system)
     model = models.load_causal_lm(src, tok).eval()
     rows = []
-    print(f"{len(prompts)} shipped prompts, k={SamplingConfig().k}, torch threads {threads}")
+    print(f"{len(prompts)} shipped prompts, k={SamplingConfig().k}, torch threads {threads}, "
+          f"system prompt {system!r}")
     print("max_new_tokens  responses  ended on their own  median tokens  p90 tokens  seconds  how")
     longest = None
     for n in sorted(args.lengths, reverse=not args.each):
@@ -78,7 +83,8 @@ def main() -> None:
     ok = [r["max_new_tokens"] for r in rows if r["stop_share"] >= 0.9]
     print(f"smallest max_new_tokens with >= 90% ending on their own: {min(ok) if ok else 'none'}")
     common.write_result("response_length", {"machine": common.machine(), "prompts": len(prompts),
-                                            "seed": args.seed, "rows": rows})
+                                            "seed": args.seed, "system_prompt": system,
+                                            "rows": rows})
 
 
 if __name__ == "__main__":

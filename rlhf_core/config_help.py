@@ -15,6 +15,8 @@ HELP = {
     "workspace": "folder of the workspace (database, versions, cache); --workspace",
     "model": "policy base: embedded:smollm2-135m-instruct, a Hub id or a local directory",
     "reward_model": "a separate reward base; unset: a reward adapter on the policy's base",
+    "system_prompt": "system message before every prompt (sampling, rollouts, reward scoring); "
+                     "empty: the chat template's own default; a change needs a worker restart",
     "host": "address the UI binds (127.0.0.1: this machine only)",
     "port": "port of the UI",
     "auth_file": "JSON or CSV of user,password,role: turns login on",

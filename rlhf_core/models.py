@@ -128,10 +128,13 @@ def quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-def load_tokenizer(source: str, *, padding_side: str = "left"):
-    """Tokenizer with a chat template, left padding, and a pad token distinct from EOS."""
+def load_tokenizer(source: str, *, padding_side: str = "left", system_prompt: str = ""):
+    """Tokenizer with a chat template, left padding, and a pad token distinct from EOS.
+    `system_prompt` ("": the template's default) goes before every prompt that
+    `sampling.chat_prompts` encodes: the one place prompts are put in the chat format."""
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(source)
+    tok.rlhf_system_prompt = system_prompt or ""
     tok.padding_side = padding_side
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         # Padding with EOS would teach the model that EOS is noise: use another token.

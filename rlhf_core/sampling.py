@@ -25,9 +25,24 @@ class Sample:
 
 
 def chat_prompts(tokenizer, prompts: list[str]) -> list[str]:
-    """Apply the chat template: each prompt becomes one user turn awaiting the assistant."""
-    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                          add_generation_prompt=True) for p in prompts]
+    """Apply the chat template: each prompt becomes one user turn awaiting the assistant, after
+    the tokenizer's system prompt (models.load_tokenizer) when it has one."""
+    system = getattr(tokenizer, "rlhf_system_prompt", "")
+    return [chat_text(tokenizer, p, system) for p in prompts]
+
+
+def chat_text(tokenizer, prompt: str, system: str = "") -> str:
+    """One prompt in the chat format. A template that refuses a system turn (some do) gets the
+    system text as the first paragraph of the user turn instead."""
+    def render(messages):
+        return tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=True)
+    if not system:
+        return render([{"role": "user", "content": prompt}])
+    try:
+        return render([{"role": "system", "content": system}, {"role": "user", "content": prompt}])
+    except Exception:  # jinja's TemplateError ("System role not supported") and the like
+        return render([{"role": "user", "content": f"{system}\n\n{prompt}"}])
 
 
 def chat_ids(tokenizer, prompt: str, max_tokens: int | None = None) -> list[int]:

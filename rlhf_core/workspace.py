@@ -55,6 +55,10 @@ def merged_config(store: Store, saved: dict, overrides: dict) -> AppConfig:
     """`saved` with `overrides` applied, checked as a whole: a flag may repair a bad saved value.
     A bad value names its field, and says whether the flag or the saved row holds it."""
     merged = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
+    if merged and "system_prompt" not in merged:
+        # saved before the setting existed: its versions were trained on prompts without one,
+        # so it keeps that format (a new workspace gets the default)
+        merged["system_prompt"] = ""
     for key, value in split_overrides(overrides).items():
         if isinstance(value, dict):
             current = merged.get(key)

@@ -244,7 +244,7 @@ def test_multiprocess_grpo_round_matches_single_process(ppo_model_dir, tmp_path)
                         reward_fn=low_id_reward)
     ws = tmp_path / "two"
     make_runtime(ppo_model_dir, ws).data.store.close()
-    store, _ = open_workspace(ws, model=str(ppo_model_dir))
+    store, _ = open_workspace(ws, model=str(ppo_model_dir), system_prompt="")
     store.close()
     out = tmp_path / "result.json"
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu",

@@ -381,3 +381,41 @@ def test_embedded_model_samples_and_cache_loads_fast(embedded_model_dir, tmp_pat
     with torch.no_grad():
         logits = model(**tok(["Hello"], return_tensors="pt")).logits
     assert torch.isfinite(logits).all()
+
+
+def test_system_prompt_goes_before_every_prompt(tiny_model_dir, tmp_path):
+    from rlhf_core.sampling import chat_ids, chat_prompts
+    plain = models.load_tokenizer(str(tiny_model_dir))
+    brief = models.load_tokenizer(str(tiny_model_dir), system_prompt="Be brief.")
+    (text,) = chat_prompts(brief, ["hi"])
+    assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+    assert chat_prompts(plain, ["hi"]) == ["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"]
+    assert chat_ids(brief, "hi") == brief(text, add_special_tokens=False)["input_ids"]
+    # a template that refuses a system turn: the system text opens the user turn instead
+    strict = tmp_path / "strict"
+    import shutil
+    shutil.copytree(tiny_model_dir, strict)
+    tok = models.load_tokenizer(str(strict), system_prompt="Be brief.")
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                         "{{ raise_exception('System role not supported') }}{% endif %}"
+                         "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    assert chat_prompts(tok, ["hi"]) == [
+        "<|im_start|>user\nBe brief.\n\nhi<|im_end|>\n<|im_start|>assistant\n"]
+
+
+def test_older_workspaces_keep_their_prompt_format(tmp_path):
+    from rlhf_core.config import DEFAULT_SYSTEM_PROMPT
+    from rlhf_core.workspace import CONFIG_KEY, open_workspace, read_config
+    store, cfg = open_workspace(tmp_path / "new")
+    assert cfg.system_prompt == DEFAULT_SYSTEM_PROMPT
+    saved = store.get_setting(CONFIG_KEY)
+    del saved["system_prompt"]  # as a workspace saved before the setting existed
+    store.set_setting(CONFIG_KEY, saved)
+    assert read_config(store).system_prompt == ""
+    store.close()
+    store, cfg = open_workspace(tmp_path / "new", system_prompt="Answer in French.")
+    assert cfg.system_prompt == "Answer in French." and read_config(store).system_prompt == (
+        "Answer in French.")
+    store.close()

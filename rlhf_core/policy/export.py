@@ -78,6 +78,11 @@ def model_card(store, cfg: AppConfig, row: dict, *, merged: bool) -> str:
         lines += ["", "## Reward model", "",
                   f"v{reward['version']}: held-out accuracy {fmt(rm.get('heldout_accuracy'))} "
                   f"on {(reward.get('counts') or {}).get('heldout_pairs', '?')} pairs."]
+    if cfg.system_prompt:
+        lines += ["", "## Prompt format", "",
+                  "Trained and labeled with this system message before every user prompt; "
+                  "give it too for the behaviour the labels describe:", "",
+                  f"> {cfg.system_prompt}"]
     lines += ["", "## Use", "", "```python"]
     if merged:
         lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer",

@@ -47,7 +47,7 @@ def backbone(runtime) -> Backbone:
                         runtime.heads, runtime.device.device, _pad_id(model, runtime.tokenizer))
     if runtime.reward_base is None:
         source = models.resolve_model_source(runtime.config.reward_model, runtime.workspace)
-        tok = models.load_tokenizer(source)
+        tok = models.load_tokenizer(source, system_prompt=runtime.config.system_prompt)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(runtime.config.reward.seed)  # a fresh `score` layer is seeded
             clf = models.load_sequence_classifier(source, tok, dtype=runtime.device.dtype,

@@ -42,7 +42,7 @@ class Runtime:
     def refresh_config(self, config: AppConfig) -> None:
         """Take the workspace's current settings (once per claimed job). Loaded weights stay:
         a changed base model, reward base or LoRA shape needs a worker restart."""
-        for name in ("model", "reward_model", "lora"):
+        for name in ("model", "reward_model", "lora", "system_prompt"):
             if getattr(config, name) != getattr(self.config, name):
                 log.warning("setting %r changed; restart the worker to use it", name)
                 config = dataclasses.replace(config, **{name: getattr(self.config, name)})
@@ -57,7 +57,8 @@ class Runtime:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            self._tokenizer = models.load_tokenizer(self.base_source)
+            self._tokenizer = models.load_tokenizer(self.base_source,
+                                                    system_prompt=self.config.system_prompt)
         return self._tokenizer
 
     @property
