@@ -328,7 +328,12 @@ def test_dashboard_renders_every_figure_in_a_browser(tmp_path):
             figures = page.locator(drawn)
             page.wait_for_function(f"document.querySelectorAll('{drawn}').length >= 9",
                                    timeout=60000)
-            page.wait_for_timeout(500)
+            # a chart re-rendered by the refresh timer is 0 px wide for a moment: wait until
+            # every figure is laid out (a figure never sized fails on the timeout)
+            page.wait_for_function(
+                f"[...document.querySelectorAll('{drawn}')].every(e => {{ const r = "
+                "e.getBoundingClientRect(); return r.width > 300 && r.height > 150; })",
+                timeout=30000)
             page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
             for i in range(figures.count()):
                 box = figures.nth(i).bounding_box()
