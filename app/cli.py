@@ -193,12 +193,16 @@ def cmd_worker_token(a):
 
 
 def cmd_import_prompts(a):
-    from rlhf_core.prompt_io import ImportRejected, read_prompts_with_stats
+    from rlhf_core.prompt_io import ImportRejected, check_prompt_path
     store, cfg = open_ws(a)
-    try:
-        records, stats = read_prompts_with_stats(a.file)
+    try:  # every line checked: all the bad ones are named at once, and nothing is added
+        records, stats, problems = check_prompt_path(a.file, max_problems=10)
     except ImportRejected as exc:
         raise CommandError(f"import rejected, nothing was added: {a.file}: {exc}") from None
+    if problems:
+        more = stats["bad"] - len(problems)
+        raise CommandError(f"import rejected, nothing was added: {a.file}: " + "; ".join(
+            [str(p) for p in problems] + ([f"... and {more} more bad records"] if more else [])))
     result = store.add_prompts(records, source=str(a.file),
                                heldout_fraction=cfg.reward.heldout_fraction)
     print(f"{result['added']} prompts added, {result['duplicates']} already present, "

@@ -54,6 +54,13 @@ def read_prompts_with_stats(path) -> tuple[list[dict], dict]:
     return records, stats
 
 
+def check_prompt_path(path, *, max_problems: int = 10):
+    """`check_prompt_file` for a file or dataset directory on disk (the CLI's import): every
+    record checked, `(records, stats, problems)`; a missing path or an unsupported file type
+    raises ImportRejected at once."""
+    return _collect(_iter_objects(Path(path)), keep=max_problems, scan_all=True)
+
+
 def check_prompt_file(raw: bytes, kind: str, *, max_problems: int = 10):
     """An uploaded or pasted file checked whole, so a person can fix every line in one go:
     `(records, stats, problems)`, stats as `read_prompts_with_stats`'s plus "bad" (records

@@ -79,10 +79,12 @@ def test_import_prompts_good_and_bad_file(tmp_path):
     bad.write_text(json.dumps({"prompt": "fresh one"}) + "\n"
                    + json.dumps({"prompt": "fresh two"}) + "\n"
                    + '{"prompt": "broken\n'
-                   + json.dumps({"prompt": "fresh four"}) + "\n")
+                   + json.dumps({"prompt": "fresh four"}) + "\n"
+                   + json.dumps({"prompt": ""}) + "\n")
     out = rlhf(ws, "import-prompts", str(bad))
     assert out.returncode != 0
-    assert "line 3" in out.stderr and "nothing was added" in out.stderr
+    # every bad line named at once (3: broken JSON, 5: an empty prompt)
+    assert "line 3" in out.stderr and "line 5" in out.stderr and "nothing was added" in out.stderr
     assert count_prompts(ws) == 5  # the good lines 1-2 did not land either
 
 
