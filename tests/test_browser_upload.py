@@ -103,13 +103,6 @@ def test_upload_a_prompt_file_through_the_page(ctx, browser, tmp_path):
         drop = page.locator("#rs-upload-file")
         msg = page.locator("#rs-upload-msg")
 
-        huge = tmp_path / "huge.jsonl"  # over the cap: the page says so, nothing is sent
-        huge.write_bytes(b"x" * (MAX_UPLOAD_BYTES + 1))
-        drop.locator("input[type=file]").set_input_files(str(huge))
-        page.get_by_text("exceed the maximum allowed size of 10.0 Mb").first.wait_for(
-            timeout=30000)
-        page.locator(".toast-close").first.click()
-
         drop.locator("input[type=file]").set_input_files(str(bad))
         drop.get_by_text("bad.jsonl").first.wait_for(timeout=30000)  # uploaded
         page.locator("#rs-upload-btn").click()
@@ -136,6 +129,16 @@ def test_upload_a_prompt_file_through_the_page(ctx, browser, tmp_path):
         page.locator("#rs-upload-text textarea").fill("pasted one\npasted two")
         page.locator("#rs-upload-btn").click()
         msg.get_by_text("pasted text: 2 prompts added").wait_for(timeout=30000)
+        assert prompts(ctx) == before + 5005
+
+        # over the cap: the page says so and sends nothing. Done last: in one loaded full-suite
+        # run the upload right after this refusal never showed in the file box (not reproduced
+        # in 5 runs alone; see the closing note of issue 15)
+        huge = tmp_path / "huge.jsonl"
+        huge.write_bytes(b"x" * (MAX_UPLOAD_BYTES + 1))
+        drop.locator("input[type=file]").set_input_files(str(huge))
+        page.get_by_text("exceed the maximum allowed size of 10.0 Mb").first.wait_for(
+            timeout=30000)
         assert prompts(ctx) == before + 5005
 
 
