@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 
 from rlhf_core.data.annotation import (MAX_ID, MAX_KEY_CHARS, MAX_NOTE_CHARS, Refused,
                                        insert_pairs, load_item, validated_tiers)
+from rlhf_core.data.review import letters_of
 from rlhf_core.data.store import Store, dumps, loads, now_iso
 from rlhf_core.evaluation import compare_rankings
 from rlhf_core.preferences import format_ranking_text
@@ -126,27 +127,21 @@ def history(store: Store, annotator: str, *, limit: int = 20, offset: int = 0) -
                          "AND kind IN ('rank', 'skip')", [annotator])
     rows = store.rows(_HISTORY_SQL + " WHERE r.annotator = ? AND r.kind IN ('rank', 'skip') "
                       "ORDER BY r.id DESC LIMIT ? OFFSET ?", [annotator, limit, offset])
-    labels: dict = {}
-    return {"rows": [_history_row(store, r, labels) for r in rows], "total": total}
+    # the letters come from the Rank page's own card order, one query for the whole page
+    labels = letters_of(store, [r["item_id"] for r in rows])
+    return {"rows": [_history_row(r, labels.get(r["item_id"], {})) for r in rows],
+            "total": total}
 
 
-def _history_row(store: Store, r: dict, labels: dict) -> dict:
-    if r["item_id"] not in labels:  # the letters come from the Rank page's own card order
-        labels[r["item_id"]] = item_labels(store, r["item_id"])
+def _history_row(r: dict, labels: dict[int, str]) -> dict:
     prompt = " ".join(r.pop("prompt").split())
     tiers = loads(r.pop("tiers"))
     kind = r.pop("superseded_kind")
     return {**r, "prompt": prompt if len(prompt) <= PROMPT_CHARS
             else prompt[:PROMPT_CHARS - 1] + "…",
-            "tiers": tiers, "ranking": tiers_as_letters(tiers, labels[r["item_id"]]),
+            "tiers": tiers, "ranking": tiers_as_letters(tiers, labels),
             "flagged": bool(r["flagged"]), "all_bad": bool(r["all_bad"]),
             "status": "active" if kind is None else "undone" if kind == "undo" else "corrected"}
-
-
-def item_labels(store: Store, item_id: int) -> dict[int, str]:
-    """response id -> the card letter the Rank page showed for this item."""
-    item = load_item(store, item_id)
-    return {r["id"]: r["label"] for r in item["responses"]} if item else {}
 
 
 def tiers_as_letters(tiers: list[list[int]] | None, labels: dict[int, str]) -> str:
@@ -166,8 +161,7 @@ def ranking_detail(store: Store, ranking_id: int) -> dict | None:
         return None
     item = load_item(store, row["item_id"])
     full_prompt = item["prompt"]
-    out = _history_row(store, row, {row["item_id"]: {r["id"]: r["label"]
-                                                    for r in item["responses"]}})
+    out = _history_row(row, {r["id"]: r["label"] for r in item["responses"]})
     return {**out, "prompt": full_prompt, "item": item}
 
 
