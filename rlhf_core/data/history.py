@@ -15,8 +15,15 @@ import math
 import statistics
 from datetime import datetime, timezone
 
-from rlhf_core.data.annotation import (MAX_ID, MAX_KEY_CHARS, MAX_NOTE_CHARS, Refused,
-                                       insert_pairs, load_item, validated_tiers)
+from rlhf_core.data.annotation import (
+    MAX_ID,
+    MAX_KEY_CHARS,
+    MAX_NOTE_CHARS,
+    Refused,
+    insert_pairs,
+    load_item,
+    validated_tiers,
+)
 from rlhf_core.data.review import letters_of
 from rlhf_core.data.store import Store, dumps, loads, now_iso
 from rlhf_core.evaluation import compare_rankings
