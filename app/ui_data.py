@@ -67,28 +67,29 @@ def _queues_layout(c: dict) -> None:
                 "another annotator ranks the item)")
     c["flags_md"] = gr.Markdown(elem_id="dt-flags-count")
     c["flags_html"] = gr.HTML(css_template=dv.CSS, elem_id="dt-flags", max_height=900)
-    with gr.Row():
-        c["flag_pick"] = gr.Dropdown([], label="Ranking", elem_id="dt-flag-pick", min_width=160)
-        c["flag_note"] = gr.Textbox(label="Review note (optional)", max_lines=2,
-                                    elem_id="dt-flag-note", scale=2)
-        with gr.Column(scale=0, min_width=170):
-            c["resolve_btn"] = gr.Button("Keep (resolve)", size="sm", elem_id="dt-resolve")
-            c["relabel_btn"] = gr.Button("Relabel", size="sm", variant="stop",
-                                         elem_id="dt-relabel")
-    c["flag_msg"] = gr.Markdown(elem_id="dt-flag-msg")
+    _review_row(c, "flag", "Ranking", 170, {"resolve_btn": ("Keep (resolve)", "dt-resolve"),
+                                             "relabel_btn": ("Relabel", "dt-relabel", "stop")})
     gr.Markdown("#### Disagreement queue: items ranked by two or more annotators, most "
                 "disputed first")
     c["disagree_md"] = gr.Markdown(elem_id="dt-disagree-count")
     c["disagree_html"] = gr.HTML(css_template=dv.CSS, elem_id="dt-disagreements",
                                  max_height=900)
+    _review_row(c, "item", "Item", 200, {"more_btn": ("Ask one more annotator", "dt-more"),
+                                          "reviewed_btn": ("Mark reviewed", "dt-reviewed")})
+
+
+def _review_row(c: dict, key: str, label: str, width: int, buttons: dict) -> None:
+    """A queue's actions: pick one (`{key}_pick`), an optional note, the buttons stacked
+    (name -> (text, elem_id[, variant])); the message (`{key}_msg`) below."""
     with gr.Row():
-        c["item_pick"] = gr.Dropdown([], label="Item", elem_id="dt-item-pick", min_width=160)
-        c["item_note"] = gr.Textbox(label="Review note (optional)", max_lines=2,
-                                    elem_id="dt-item-note", scale=2)
-        with gr.Column(scale=0, min_width=200):
-            c["more_btn"] = gr.Button("Ask one more annotator", size="sm", elem_id="dt-more")
-            c["reviewed_btn"] = gr.Button("Mark reviewed", size="sm", elem_id="dt-reviewed")
-    c["item_msg"] = gr.Markdown(elem_id="dt-item-msg")
+        c[f"{key}_pick"] = gr.Dropdown([], label=label, elem_id=f"dt-{key}-pick", min_width=160)
+        c[f"{key}_note"] = gr.Textbox(label="Review note (optional)", max_lines=2,
+                                      elem_id=f"dt-{key}-note", scale=2)
+        with gr.Column(scale=0, min_width=width):
+            for name, (text, elem_id, *variant) in buttons.items():
+                c[name] = gr.Button(text, size="sm", elem_id=elem_id,
+                                    variant=variant[0] if variant else "secondary")
+    c[f"{key}_msg"] = gr.Markdown(elem_id=f"dt-{key}-msg")
 
 
 # -- listeners ---------------------------------------------------------------------------------
