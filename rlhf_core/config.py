@@ -93,6 +93,10 @@ class SamplingConfig:
     min_ready_items: int = 6  # the worker keeps this many unlabeled items ahead
     dedupe_retries: int = 2  # re-sample duplicates this often, then collapse them
     seed: int = 0
+    # weights' precision while decoding (labeling, evaluation, arena, rollouts): "auto" =
+    # bfloat16 where the hardware multiplies it natively (CUDA; CPUs with AVX512-BF16 / AMX),
+    # else float32 (rlhf_core/decoding.py; bench/b1_sampling.py measures both)
+    decode_dtype: str = "auto"
 
     def __post_init__(self):
         check_fields(self)
@@ -293,6 +297,7 @@ LIMITS = {
     "loop.overlap": AT_LEAST_1, "loop.assignment_ttl_s": Range(10),
     "loop.assignment_hold_s": Range(10), "loop.max_newcomer_holds": AT_LEAST_0,
     "loop.algorithm": OneOf(("ppo", "grpo", "rloo", "dpo")),
+    "sampling.decode_dtype": OneOf(("auto", "float32", "bfloat16")),
     "model": NOT_EMPTY, "reward_model": NOT_EMPTY, "host": NOT_EMPTY, "port": Range(1, 65535),
     "torch_threads": AT_LEAST_1,
 }

@@ -33,6 +33,8 @@ HELP = {
     "sampling.min_ready_items": "unlabeled items the worker keeps ready for annotators",
     "sampling.dedupe_retries": "re-sample duplicate responses this often, then collapse them",
     "sampling.seed": "seed of labeling batches",
+    "sampling.decode_dtype": "weights' precision while decoding: auto (bfloat16 where native), "
+                             "float32 or bfloat16",
     # reward model
     "reward.lr": "learning rate of the reward adapter and head",
     "reward.epochs": "passes over the training pairs per reward version",

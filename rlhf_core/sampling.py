@@ -8,6 +8,7 @@ prompt are re-sampled a few times, then collapsed.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -66,24 +67,34 @@ def stop_token_ids(tokenizer, model=None) -> list[int]:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], *, n: int, cfg: SamplingConfig,
              seed: int, device=None, progress=None) -> list[list[Sample]]:
-    """n samples for each prompt, generated in chunks of `cfg.batch_size` sequences."""
+    """n samples for each prompt, decoded in chunks of `cfg.batch_size` sequences
+    (rlhf_core/decoding.py; one noise stream per sequence, seeded from `seed`)."""
+    from rlhf_core import decoding
     device = device or next(model.parameters()).device
-    texts = chat_prompts(tokenizer, prompts)
     stops = stop_token_ids(tokenizer, model)
-    flat = [(i, t) for i, t in enumerate(texts) for _ in range(n)]
+    dtype = decoding.decode_dtype(cfg.decode_dtype, device)
+    encoded = [chat_ids(tokenizer, p) for p in prompts]
+    flat = [(i, ids) for i, ids in enumerate(encoded) for _ in range(n)]
     out: list[list[Sample]] = [[] for _ in prompts]
     for start in range(0, len(flat), cfg.batch_size):
         chunk = flat[start:start + cfg.batch_size]
-        enc = tokenizer([t for _, t in chunk], return_tensors="pt", padding=True,
-                        add_special_tokens=False).to(device)
-        torch.manual_seed(seed + start)  # reproducible per chunk
-        gen = model.generate(**enc, do_sample=True, temperature=cfg.temperature,
-                             top_p=cfg.top_p, top_k=cfg.top_k or None,
-                             max_new_tokens=cfg.max_new_tokens, eos_token_id=stops,
-                             pad_token_id=tokenizer.pad_token_id)
-        new_tokens = gen[:, enc["input_ids"].shape[1]:]  # (b, <=max_new_tokens)
-        for (i, _), row in zip(chunk, new_tokens):
-            out[i].append(_to_sample(tokenizer, row.tolist(), stops))
+        seeds = [seed * 1_000_003 + start + j for j in range(len(chunk))]
+        sampler = decoding.Sampler(seeds, cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                                   device=device)
+        step_progress = None
+        if progress:  # within a chunk too (a first item is one chunk), at most twice a second
+            last, size = [time.monotonic()], len(chunk)
+
+            def step_progress(f, start=start, size=size, last=last):
+                if time.monotonic() - last[0] >= 0.5:
+                    last[0] = time.monotonic()
+                    progress(min(1.0, (start + f * size) / len(flat)))
+        rows = decoding.decode(model, [q for _, q in chunk], sampler,
+                               max_new_tokens=cfg.max_new_tokens, stop_ids=stops,
+                               pad_id=tokenizer.pad_token_id, device=device, dtype=dtype,
+                               step_progress=step_progress)
+        for (i, _), (ids, stopped) in zip(chunk, rows):
+            out[i].append(_to_sample(tokenizer, ids, stops))
         if progress:
             progress(min(1.0, (start + len(chunk)) / len(flat)))
     return out

@@ -14,8 +14,14 @@ import time
 
 import torch
 
-from rlhf_core.advantages import compute_gae, explained_variance, masked_whiten, shape_rewards
+from rlhf_core.advantages import (
+    compute_gae,
+    explained_variance,
+    masked_whiten,
+    shape_rewards,
+)
 from rlhf_core.config import PPOConfig
+from rlhf_core.decoding import decode_dtype
 from rlhf_core.policy.rollout import (
     Rollout,
     autocast,
@@ -54,13 +60,17 @@ def rollout_step(runtime, config: PPOConfig, plan: Plan, dist, prompts=None, *,
     seeds = [plan.seed * 10_007 + g for g in range(lo, lo + n)]  # one noise stream per row
     model = runtime.model
     model.set_adapter("policy")
-    record = config.logprobs_from_sampling and runtime.device.mixed_precision != "bf16"
+    dtype = decode_dtype(runtime.config.sampling.decode_dtype, runtime.device.device)
+    # the sampling step's log-probs are a forward pass's only in float32: else the forward
+    # step computes them (the round's importance ratios use that precision on both sides)
+    record = (config.logprobs_from_sampling and runtime.device.mixed_precision != "bf16"
+              and dtype == torch.float32)
     with autocast(runtime.device):
         return generate(model, runtime.tokenizer, rows[lo:lo + n], seeds,
                         max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                         max_prompt_tokens=config.max_prompt_tokens,
                         batch_size=config.generation_batch_size, device=runtime.device.device,
-                        record_logprobs=record)
+                        record_logprobs=record, dtype=dtype)
 
 
 def collect_experience(runtime, config: PPOConfig, plan: Plan, dist, score_fn, out,

@@ -4,11 +4,11 @@ Shapes: `B` sequences, `P` prompt (query) tokens, left-padded, `T` response toke
 right-padded with the pad token after the stop token. `mask` is 1.0 on real response tokens
 (up to and including the stop token), 0.0 on padding (DESIGN.md contract).
 
-Sampling is Gumbel-max: argmax(logits / temperature + Gumbel noise) is an exact draw from
-softmax(logits / temperature), i.e. the same distribution as `do_sample=True, top_k=0,
-top_p=1.0`. The noise comes from one seeded generator per sequence, so a sequence's tokens do
-not depend on which other sequences share its batch, or on which rank generates it: a DDP round
-samples what the single-process round samples.
+Sampling (rlhf_core/decoding.py) is Gumbel-max: argmax(logits / temperature + Gumbel noise) is
+an exact draw from softmax(logits / temperature), i.e. the same distribution as
+`do_sample=True, top_k=0, top_p=1.0`. The noise comes from one seeded generator per sequence, so
+a sequence's tokens do not depend on which other sequences share its batch, or on which rank
+generates it: a DDP round samples what the single-process round samples.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from rlhf_core.advantages import entropy_from_logp, logprobs_and_entropy
+from rlhf_core.advantages import logprobs_and_entropy
+from rlhf_core.decoding import Sampler, decode
 from rlhf_core.models import pad_sequences
 from rlhf_core.sampling import chat_ids, stop_token_ids
 
@@ -85,55 +86,16 @@ def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return pad_sequences(seqs, pad_id, side="right", mask_dtype=torch.float32)
 
 
-def cut_after_stop(tokens: list[int], stop_ids: set[int]) -> tuple[list[int], bool]:
-    """Keep tokens up to and including the first stop token."""
-    for i, t in enumerate(tokens):
-        if t in stop_ids:
-            return tokens[:i + 1], True
-    return tokens, False
-
-
 # -- sampling ----------------------------------------------------------------------------
-class GumbelSampler:
-    """A logits processor that turns greedy decoding into seeded sampling at `temperature`.
-
-    With `record=True` it also keeps, per step, the log-prob (at `temperature`) and entropy of
-    the token it makes greedy decoding pick: the rollout's old log-probs without a second
-    forward pass of the policy."""
-
-    def __init__(self, seeds: list[int], temperature: float, device, record: bool = False):
-        self.temperature = temperature
-        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
-        self.record = record
-        self.logprobs: list[torch.Tensor] = []  # per step (B,)
-        self.entropy: list[torch.Tensor] = []  # per step (B,)
-
-    def __call__(self, input_ids, scores):  # scores (B,V) -> perturbed (B,V)
-        V = scores.shape[1]
-        u = torch.stack([torch.rand(V, generator=g, device=scores.device)
-                         for g in self.generators])  # (B,V) uniform [0,1)
-        gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))  # (B,V)
-        logits = scores.float() / self.temperature  # (B,V)
-        perturbed = logits + gumbel
-        if self.record:
-            chosen = perturbed.argmax(dim=-1, keepdim=True)  # (B,1): greedy's pick
-            logp = torch.log_softmax(logits, dim=-1)  # (B,V)
-            self.logprobs.append(logp.gather(-1, chosen).squeeze(-1))
-            self.entropy.append(entropy_from_logp(logp))
-        return perturbed
-
-    def recorded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B,steps) log-probs and entropies of the sampled tokens, one column per step."""
-        return torch.stack(self.logprobs, dim=1), torch.stack(self.entropy, dim=1)
-
-
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], seeds: list[int], *, max_new_tokens: int,
              temperature: float, max_prompt_tokens: int, batch_size: int, device,
-             record_logprobs: bool = False) -> Rollout:
-    """Sample one response per prompt (repeat prompts for several); `seeds` one per row.
+             record_logprobs: bool = False, dtype: torch.dtype = torch.float32) -> Rollout:
+    """Sample one response per prompt (repeat prompts for several); `seeds` one per row
+    (rlhf_core/decoding.py: a row's draw does not depend on its batch or its rank).
 
-    `record_logprobs`: fill `logprobs` and `entropy` from the sampling step's own logits."""
+    `record_logprobs`: fill `logprobs` and `entropy` from the sampling step's own logits (exact
+    in float32 only: the caller asks for it only then)."""
     stop_ids = set(stop_token_ids(tokenizer, model))
     queries = [chat_ids(tokenizer, p, max_prompt_tokens) for p in prompts]
     responses: list[list[int]] = []
@@ -141,15 +103,11 @@ def generate(model, tokenizer, prompts: list[str], seeds: list[int], *, max_new_
     recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
     for start in range(0, len(prompts), batch_size):
         chunk = queries[start:start + batch_size]
-        ids, attn = left_pad(chunk, tokenizer.pad_token_id)  # (b,P)
-        sampler = GumbelSampler(seeds[start:start + batch_size], temperature, device,
-                                record=record_logprobs)
-        out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
-                             do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-                             eos_token_id=sorted(stop_ids), pad_token_id=tokenizer.pad_token_id,
-                             logits_processor=[sampler], use_cache=True)
-        for row in out[:, ids.shape[1]:].tolist():  # generated part (b, <=max_new_tokens)
-            cut, stopped = cut_after_stop(row, stop_ids)
+        sampler = Sampler(seeds[start:start + batch_size], temperature, device=device,
+                          record=record_logprobs)
+        for cut, stopped in decode(model, chunk, sampler, max_new_tokens=max_new_tokens,
+                                   stop_ids=stop_ids, pad_id=tokenizer.pad_token_id,
+                                   device=device, dtype=dtype):
             responses.append(cut)
             has_stop.append(stopped)
         if record_logprobs:

@@ -1,0 +1,191 @@
+"""The decode loop (rlhf_core/decoding.py): filtering, the sampler's distribution, the
+hand-written loop against `model.generate` with the same sampler, adapter states, log-probs
+against a forward pass, bfloat16, and the fallback for other architectures."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhf_core import decoding, models
+from rlhf_core.config import LoraSettings, SamplingConfig
+from rlhf_core.decoding import Sampler, decode, filter_logits
+
+INF = float("-inf")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    """The tiny Llama with a `policy` LoRA adapter whose B != 0 (it changes the outputs)."""
+    tok = models.load_tokenizer(str(tiny_model_dir))
+    base = models.load_causal_lm(str(tiny_model_dir), tok)
+    model = models.with_adapters(base, LoraSettings(), ["policy"])
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(3)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    model.eval()
+    model.set_adapter("policy")
+    return model, tok
+
+
+def queries_of(tok, texts):
+    from rlhf_core.sampling import chat_ids
+    return [chat_ids(tok, t) for t in texts]
+
+
+TEXTS = ["hello world", "write a short poem about the sea", "hello world", "one two"]
+# the random model's next token is near uniform: with a sixth of the vocabulary as stop tokens,
+# rows stop at different steps
+STOPS = set(range(200, 250))
+
+
+def run(model, tok, queries, *, loop: bool, seeds=(11, 12, 13, 14), record=False,
+        dtype=torch.float32, n=12, temperature=0.8):
+    sampler = Sampler(list(seeds)[:len(queries)], temperature, record=record)
+    kw = {"max_new_tokens": n, "stop_ids": STOPS, "pad_id": tok.pad_token_id, "device": "cpu"}
+    if loop:
+        rows = decoding._loop(model, queries, sampler, dtype=dtype, **kw)
+    else:
+        rows = decoding._hf_generate(model, queries, sampler, **kw)
+    return [decoding.cut_after_stop(r, STOPS) for r in rows], sampler
+
+
+# -- pure parts ---------------------------------------------------------------------------------
+def test_filter_logits_top_k_and_top_p_by_hand():
+    # softmax([0,1,2,3]) = 0.032, 0.087, 0.237, 0.644
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    assert torch.equal(filter_logits(logits, top_k=2), torch.tensor([[INF, INF, 2.0, 3.0]]))
+    # 0.7: 0.644 is short of it, 0.644 + 0.237 reaches it -> tokens 3 and 2
+    assert torch.equal(filter_logits(logits, top_p=0.7), torch.tensor([[INF, INF, 2.0, 3.0]]))
+    # 0.6: the most likely token alone reaches it
+    assert torch.equal(filter_logits(logits, top_p=0.6), torch.tensor([[INF, INF, INF, 3.0]]))
+    assert torch.equal(filter_logits(logits), logits)  # both off
+    # per row: the order differs between rows
+    two = torch.tensor([[3.0, 2.0, 1.0, 0.0], [0.0, 1.0, 2.0, 3.0]])
+    assert torch.equal(filter_logits(two, top_k=1),
+                       torch.tensor([[3.0, INF, INF, INF], [INF, INF, INF, 3.0]]))
+
+
+def test_sampler_draws_from_the_tempered_filtered_softmax():
+    logits = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    n = 6000
+    sampler = Sampler(list(range(n)), 0.5)
+    picks = sampler.pick(logits.expand(n, 4), list(range(n)))
+    freq = torch.bincount(picks, minlength=4).float() / n
+    expected = torch.softmax(logits / 0.5, dim=0)  # 0.002, 0.016, 0.117, 0.865
+    assert (freq - expected).abs().max() < 0.02  # 4 standard errors at n = 6000
+    top2 = Sampler(list(range(n)), 1.0, top_k=2).pick(logits.expand(n, 4), list(range(n)))
+    assert set(top2.tolist()) == {2, 3}
+    share3 = (top2 == 3).float().mean().item()
+    assert abs(share3 - math.e / (1 + math.e)) < 0.03  # renormalised over the two kept
+
+
+def test_sampler_rows_are_independent_of_their_batch():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    together = Sampler([5, 6, 7], 1.0).pick(logits, [0, 1, 2])
+    alone = Sampler([5, 6, 7], 1.0).pick(logits[1:2], [1])
+    assert alone.item() == together[1].item()
+
+
+def test_decode_dtype_setting():
+    assert decoding.decode_dtype("float32", "cpu") == torch.float32
+    assert decoding.decode_dtype("bfloat16", "cpu") == torch.bfloat16
+    auto = decoding.decode_dtype("auto", "cpu")
+    assert auto == (torch.bfloat16 if decoding.native_bf16_cpu() else torch.float32)
+    with pytest.raises(ValueError, match="decode_dtype"):
+        SamplingConfig(decode_dtype="float16")
+
+
+# -- the loop -----------------------------------------------------------------------------------
+def test_loop_draws_what_generate_draws_with_the_same_sampler(tiny):
+    """float32, a LoRA adapter with B != 0, left padding (prompts of different lengths), a
+    repeated prompt (one prefill shared by two rows), rows that stop at different steps."""
+    model, tok = tiny
+    queries = queries_of(tok, TEXTS)
+    ours, _ = run(model, tok, queries, loop=True)
+    theirs, _ = run(model, tok, queries, loop=False)
+    assert ours == theirs
+    lengths = {len(ids) for ids, _ in ours}
+    assert len(lengths) > 1 and any(stopped for _, stopped in ours)
+    assert ours[0] != ours[2]  # the same prompt, its own noise
+
+
+def test_loop_reads_the_adapter_state_it_is_called_in(tiny):
+    model, tok = tiny
+    queries = queries_of(tok, TEXTS)
+    with model.disable_adapter():
+        base_loop, _ = run(model, tok, queries, loop=True)
+        base_hf, _ = run(model, tok, queries, loop=False)
+    policy_loop, _ = run(model, tok, queries, loop=True)
+    assert base_loop == base_hf
+    assert base_loop != policy_loop  # the adapter changes the draws: the test can fail
+
+
+def test_loop_logprobs_equal_a_forward_pass(tiny):
+    """What the loop records while drawing (float32) is what a forward pass over prompt +
+    response computes, row by row, including rows that stopped early."""
+    from rlhf_core.policy.rollout import build_rollout, policy_logprobs
+    model, tok = tiny
+    queries = queries_of(tok, TEXTS)
+    rows, sampler = run(model, tok, queries, loop=True, record=True, temperature=0.7)
+    ro = build_rollout(tok, TEXTS, queries, [r for r, _ in rows], [s for _, s in rows], "cpu")
+    full, entropy = policy_logprobs(model, ro, 0.7, with_entropy=True)
+    rec_lp, rec_ent = sampler.recorded()
+    m = ro.mask.bool()
+    T = m.shape[1]
+    assert torch.allclose(rec_lp[:, :T][m], full[m], atol=1e-5)
+    assert torch.allclose(rec_ent[:, :T][m], entropy[m], atol=1e-5)
+
+
+def test_bfloat16_loop_stays_close_to_float32(tiny):
+    model, tok = tiny
+    queries = queries_of(tok, TEXTS)
+    rows, sampler = run(model, tok, queries, loop=True, record=True, dtype=torch.bfloat16)
+    from rlhf_core.policy.rollout import build_rollout, policy_logprobs
+    ro = build_rollout(tok, TEXTS, queries, [r for r, _ in rows], [s for _, s in rows], "cpu")
+    full, _ = policy_logprobs(model, ro, 0.8)
+    rec, _ = sampler.recorded()
+    m = ro.mask.bool()
+    diff = (rec[:, :m.shape[1]][m] - full[m]).abs()
+    assert diff.mean() < 0.05 and diff.max() < 0.3  # bf16 rounding, not another model
+    assert diff.max() > 0  # it really ran in bf16
+
+
+def test_decode_falls_back_to_generate_for_other_architectures():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2,
+                                       n_positions=64)).eval()
+    assert "gpt2" in decoding.unsupported(model)
+    queries = [[1, 2, 3], [4, 5]]
+    out = decode(model, queries, Sampler([1, 2], 1.0), max_new_tokens=5, stop_ids={0},
+                 pad_id=39, device="cpu")
+    assert len(out) == 2 and all(1 <= len(ids) <= 5 for ids, _ in out)
+    again = decode(model, queries, Sampler([1, 2], 1.0), max_new_tokens=5, stop_ids={0},
+                   pad_id=39, device="cpu")
+    assert out == again  # seeded
+
+
+def test_sampling_generate_uses_the_loop_and_is_seeded(tiny):
+    from rlhf_core.sampling import generate
+    model, tok = tiny
+    cfg = SamplingConfig(k=2, max_new_tokens=8, batch_size=3, decode_dtype="float32")
+    a = generate(model, tok, TEXTS[:2], n=2, cfg=cfg, seed=4)
+    b = generate(model, tok, TEXTS[:2], n=2, cfg=cfg, seed=4)
+    c = generate(model, tok, TEXTS[:2], n=2, cfg=cfg, seed=5)
+    assert [[s.text for s in x] for x in a] == [[s.text for s in x] for x in b]
+    assert [[s.text for s in x] for x in a] != [[s.text for s in x] for x in c]
+    assert all(s.finish_reason in ("stop", "length") and 1 <= s.n_tokens <= 8
+               for x in a for s in x)
+
