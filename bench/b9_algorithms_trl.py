@@ -1,0 +1,356 @@
+"""B9 critic-free rounds: our GRPO / RLOO / online DPO vs TRL's GRPOTrainer / RLOOTrainer / OnlineDPOTrainer.
+
+One policy round per run on the same work: the embedded model, the same LoRA (r, alpha, targets,
+dropout) on the policy, the same prompts (`common.PROMPTS`, chat-templated by our tokenizer and
+handed to TRL as text), the same group size, response length, temperature, KL coefficient / beta,
+clip range, learning rate, epochs and minibatch size, and the same reward model (our trained
+reward adapter + head; merged into a sequence classifier for TRL, as B2 does). Gradient
+checkpointing is off on both sides (TRL's configs default it on; it is turned off). The current
+TRL release runs in `bench/.venv-trl-latest` (bench/b9_trl_side.py). Each side runs in its own
+subprocess (peak RSS = that process's ru_maxrss); the sides alternate run by run. Optimizer steps
+are counted on both sides by one global `torch.optim.Optimizer` step hook; generated tokens are
+counted up to and including each response's stop token. Every design difference the TRL
+trainers do not let us remove is listed in the result's "asymmetries".
+
+    .venv/bin/python -m bench.b9_algorithms_trl [--quick] [--algorithms grpo,rloo,dpo] [--runs 3]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import common
+
+ALGORITHMS = ("grpo", "rloo", "dpo")
+TRL_TRAINER = {"grpo": "trl.GRPOTrainer", "rloo": "trl.RLOOTrainer",
+               "dpo": "trl.experimental.online_dpo.OnlineDPOTrainer"}
+
+
+def bench_config(quick: bool):
+    """The round's settings: our defaults, with people's pairs off in online DPO (TRL's online
+    DPO has no such mix: both sides train on sampled pairs only)."""
+    from rlhf_core.config import PPOConfig
+    cfg = dataclasses.replace(PPOConfig(), dpo_human_share=0.0)
+    if quick:
+        cfg = dataclasses.replace(cfg, max_new_tokens=8)
+    return cfg
+
+
+def n_prompts(cfg, quick: bool) -> int:
+    """The round's sequence budget spent as groups: 32 x 2 = 64 sequences = 16 prompts x G=4."""
+    if quick:
+        return 2
+    return cfg.prompts_per_round * cfg.rollouts_per_prompt // cfg.group_size
+
+
+# -- set-up (our venv, subprocess): a workspace with a trained reward model, the TRL spec -------
+def setup(ws: Path, quick: bool) -> dict:
+    from bench.b2_ppo_trl import setup as b2_setup
+    from rlhf_core.sampling import chat_prompts, stop_token_ids
+    from rlhf_core.worker.runtime import Runtime
+    from rlhf_core.workspace import open_workspace
+    info = b2_setup(ws)  # reward model trained on 8 synthetic rankings (as B2), promotion gate off
+    cfg = bench_config(quick)
+    prompts = common.PROMPTS[:n_prompts(cfg, quick)]
+    store, app_cfg = open_workspace(ws)
+    runtime = Runtime(store, app_cfg, cpu=True)
+    tok = runtime.tokenizer
+    spec = {**info, "prompts": prompts, "prompt_texts": chat_prompts(tok, prompts),
+            "system_prompt": getattr(tok, "rlhf_system_prompt", ""),
+            "stop_ids": stop_token_ids(tok, runtime.model), "config": dataclasses.asdict(cfg),
+            "group_size": cfg.group_size}
+    store.close()
+    from safetensors.torch import load_file
+    spec["reward_head_bias"] = float(load_file(info["reward_head"])["linear.bias"].item())
+    return spec
+
+
+# -- our side (subprocess) ---------------------------------------------------------------------
+def ours_side(ws: Path, algorithm: str, quick: bool) -> dict:
+    import torch
+
+    from rlhf_core.policy.rounds import policy_round
+    from rlhf_core.policy.setup import PPOHealthError
+    from rlhf_core.worker.runtime import Runtime
+    from rlhf_core.workspace import open_workspace
+    threads = common.set_threads()
+    store, cfg = open_workspace(ws)
+    config = bench_config(quick)
+    prompts = common.PROMPTS[:n_prompts(config, quick)]
+    runtime = Runtime(store, cfg, cpu=not torch.cuda.is_available())
+    model = runtime.model  # loaded outside the timed part, as the TRL side's trainer is built
+    with torch.no_grad():  # the same tiny warm-up generate as the TRL side
+        ids = runtime.tokenizer("hello", return_tensors="pt")["input_ids"].to(runtime.device.device)
+        model.generate(input_ids=ids, max_new_tokens=2, do_sample=False,
+                       pad_token_id=runtime.tokenizer.pad_token_id)
+    steps = count_optimizer_steps(model)
+    t0 = time.perf_counter()
+    try:
+        res = policy_round(runtime, algorithm=algorithm, config=config, prompts=prompts)
+    except PPOHealthError as exc:  # a gate stopped it: less work than a round, so no timing
+        res = exc.result
+    round_s = time.perf_counter() - t0
+    m = res.get("metrics") or {}
+    store.close()
+    if res["status"] != "published":
+        return {"side": "ours", "algorithm": algorithm, "status": res["status"],
+                "reason": res.get("reason"), "aborted_after_s": round_s}
+    return {"side": "ours", "algorithm": algorithm, "round_s": round_s, "threads": threads,
+            "status": res["status"], "optimizer_steps": steps["n"],
+            "checkpointing_while_training": steps["checkpointing"],
+            "mixed_precision": runtime.device.mixed_precision,
+            "optimizer_steps_reported": m.get("ppo_steps"),
+            "sequences": m["n_sequences"],
+            "tokens_generated": round(m["response_length"] * m["n_sequences"]),
+            "time_generate": m.get("time_generate"), "time_score": m.get("time_score"),
+            "time_train": m.get("time_train"),
+            "pairs": m.get("pairs_sampled"), "reward_mean": m.get("reward_mean"),
+            "kl": m.get("kl"), "stop_rate": m.get("stop_rate"),
+            "peak_rss_mb": common.peak_rss_mb()}
+
+
+def count_optimizer_steps(model=None) -> dict:
+    """Counts every optimizer step of this process (a global torch hook: the same count on both
+    sides, whatever the trainer's own bookkeeping says)."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    steps = {"n": 0, "checkpointing": None}
+
+    def hook(optimizer, args, kwargs):
+        steps["n"] += 1
+        if steps["n"] == 1 and model is not None:  # the layers' state while training
+            steps["checkpointing"] = checkpointing_active(model)
+    register_optimizer_step_post_hook(hook)
+    return steps
+
+
+def checkpointing_active(model) -> bool:
+    """True when any layer recomputes its activations (transformers' own flag per layer)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+# -- orchestration -------------------------------------------------------------------------
+def _sub(cmd: list, timeout=3600) -> dict:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          cwd=common.BENCH.parent, check=False)
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode or not line:
+        raise RuntimeError(f"{' '.join(map(str, cmd[:5]))} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(line[-1][7:])
+
+
+def _run_side(cmd: list) -> dict:
+    """One side's run; a failure is recorded (and timed as missing), the bench goes on."""
+    try:
+        return _sub(cmd)
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+        return {"status": "failed", "error": str(exc)[-1500:]}
+
+
+def spread(runs: list[dict], key: str) -> dict | None:
+    xs = [r[key] for r in runs if r.get(key) is not None]
+    if not xs:
+        return None
+    return {"min": round(min(xs), 2), "median": round(common.median(xs), 2),
+            "max": round(max(xs), 2)}
+
+
+def summarize(algorithm: str, ours: list[dict], trl: list[dict]) -> dict:
+    o, t = spread(ours, "round_s"), spread(trl, "round_s")
+    ro, rt = spread(ours, "peak_rss_mb"), spread(trl, "peak_rss_mb")
+    same = lambda runs, k: sorted({r.get(k) for r in runs}, key=str)
+    if not (o and t and ro and rt):  # a side never completed a round: no ratio to state
+        return {"trl_trainer": TRL_TRAINER[algorithm], "incomplete": True,
+                "round_s": {"ours": o, "trl": t}, "runs": {"ours": ours, "trl": trl}}
+    return {
+        "trl_trainer": TRL_TRAINER[algorithm],
+        "round_s": {"ours": o, "trl": t},
+        "ratio_trl_over_ours": round(t["median"] / o["median"], 2),
+        "ratio_per_run": [round(b["round_s"] / a["round_s"], 2) for a, b in zip(ours, trl)
+                          if a.get("round_s") and b.get("round_s")],
+        "completed_runs": {"ours": sum("round_s" in r for r in ours),
+                           "trl": sum("round_s" in r for r in trl)},
+        "generate_s": {"ours": spread(ours, "time_generate"), "trl": spread(trl, "time_generate")},
+        "peak_rss_mb": {"ours": ro, "trl": rt},
+        "rss_ratio_ours_over_trl": round(ro["median"] / rt["median"], 2),
+        "tokens_generated": {"ours": same(ours, "tokens_generated"),
+                             "trl": same(trl, "tokens_generated")},
+        "sequences_generated": {"ours": same(ours, "sequences"), "trl": same(trl, "sequences")},
+        "optimizer_steps": {"ours": same(ours, "optimizer_steps"),
+                            "trl": same(trl, "optimizer_steps")},
+        "checkpointing_while_training": {"ours": same(ours, "checkpointing_while_training"),
+                                         "trl": same(trl, "checkpointing_while_training")},
+        "mixed_precision": {"ours": same(ours, "mixed_precision"),
+                            "trl": same(trl, "mixed_precision")},
+        "stop_rate": {"ours": spread(ours, "stop_rate"), "trl": spread(trl, "stop_rate")},
+        # ours: the reward model's score + missing-EOS penalty; TRL: the raw merged model's
+        # score (no head bias, no penalty): a sanity check that both score on one scale
+        "reward_mean": {"ours": spread(ours, "reward_mean"),
+                        "trl_reward_model": spread(trl, "reward_model_mean")},
+        "runs": {"ours": ours, "trl": trl},
+    }
+
+
+def run(quick: bool = False, algorithms=ALGORITHMS, reps: int | None = None) -> dict:
+    from bench import trl_env
+    trl_py = trl_env.ensure("reward")  # bench/.venv-trl-latest: the current TRL release
+    reps = reps or (1 if quick else 3)
+    result = {"bench": "B9 GRPO / RLOO / online DPO round vs the current TRL's trainers",
+              "quick": quick, "runs_per_side": reps, "machine": common.machine(),
+              "versions": {"ours": common.package_versions()}, "algorithms": {}}
+    with tempfile.TemporaryDirectory(prefix="bench-b9-") as tmp:
+        base = Path(tmp) / "base"
+        spec = _sub([sys.executable, "-m", "bench.b9_algorithms_trl", "--setup", str(base)]
+                    + (["--quick"] if quick else []))
+        spec["threads"] = int(os.environ.get("RLHF_BENCH_THREADS", os.cpu_count() or 2))
+        spec_path = Path(tmp) / "spec.json"
+        spec_path.write_text(json.dumps(spec))
+        result["settings"] = settings(spec, quick)
+        result["asymmetries"] = ASYMMETRIES
+        for algorithm in algorithms:
+            ours, trl = [], []
+            for r in range(reps):
+                for side in (["ours", "trl"] if r % 2 == 0 else ["trl", "ours"]):
+                    if side == "ours":
+                        ws = Path(tmp) / f"{algorithm}{r}"  # a fresh copy: every run is round 1
+                        shutil.copytree(base, ws)
+                        ours.append(_run_side([sys.executable, "-m", "bench.b9_algorithms_trl",
+                                          "--side", str(ws), "--algorithm", algorithm]
+                                         + (["--quick"] if quick else [])))
+                        shutil.rmtree(ws, ignore_errors=True)
+                    else:
+                        trl.append(_run_side([str(trl_py), "-m", "bench.b9_trl_side",
+                                              str(spec_path), algorithm]))
+                    last = (ours if side == "ours" else trl)[-1]
+                    print(f"B9 {algorithm} run {r} {side}: {last.get('round_s', 'no')} s "
+                          f"{last.get('status', '')}", flush=True)
+            result["algorithms"][algorithm] = summarize(algorithm, ours, trl)
+            result["versions"]["trl"] = next((t["versions"] for t in trl if "versions" in t),
+                                             result["versions"].get("trl"))
+            if not quick:  # a partial result survives an interrupted run
+                common.write_result("b9_algorithms_trl", result)
+    return result
+
+
+def settings(spec: dict, quick: bool) -> dict:
+    c = spec["config"]
+    P, G = len(spec["prompts"]), spec["group_size"]
+    return {"model": "embedded (SmolLM2-135M-Instruct)", "prompts": P, "group_size": G,
+            "sequences_per_round": P * G, "max_new_tokens": c["max_new_tokens"],
+            "temperature": c["temperature"], "top_k": 0, "top_p": 1.0,
+            "kl_coef_grpo_rloo": c["kl_coef"], "kl_estimator_rloo": c["kl_estimator"],
+            "dpo_beta": c["dpo_beta"], "dpo_human_share": c["dpo_human_share"],
+            "clip_eps": c["clip_eps"], "lr": c["lr"], "lr_schedule": "constant",
+            "adam_eps": 1e-5, "weight_decay": 0.0, "max_grad_norm": c["max_grad_norm"],
+            "epochs": c["epochs"], "minibatch_sequences": c["minibatch_size"],
+            "dpo_minibatch_pairs": max(1, c["minibatch_size"] // 2),
+            "missing_eos_penalty": c["missing_eos_penalty"], "lora": spec["lora"],
+            "gradient_checkpointing": {"ours": c["gradient_checkpointing"], "trl": False},
+            "dtype": "float32 on both sides (TRL's bf16 default turned off: CPU)",
+            "dropout": "off on both sides (LoRA dropout 0; TRL disable_dropout=True)",
+            "threads": spec["threads"],
+            "reward": f"our reward v{spec['reward_version']} (adapter + head; merged into a "
+                      "sequence classifier for TRL)",
+            "reward_head_bias": spec.get("reward_head_bias"),
+            "system_prompt": spec["system_prompt"],
+            "timed": "the round only: ours policy_round() incl. publishing the adapter; TRL "
+                     "trainer.train(). Model loading and trainer construction excluded on "
+                     "both sides; one 2-token warm-up generate on both sides"}
+
+
+ASYMMETRIES = [
+    ("Reward model: ours scores with the reward LoRA adapter + head on the policy's own base "
+     "weights (one set of base weights in memory for policy, reference and reward); TRL gets the "
+     "same weights merged into a separate AutoModelForSequenceClassification (a second copy of "
+     "the 135M base), as TRL documents a reward model. This is our design and is part of the "
+     "RSS ratio."),
+    ("Reward text: ours scores chat(prompt) + response + EOS, exactly as in reward training; TRL "
+     "scores prompt text + decoded completion (its reward-model path decodes with "
+     "skip_special_tokens, so no EOS at the end): one token less per scored sequence on TRL's "
+     "side, and different reward values (checked on two texts: our scorer 0.752 / 0.523, the "
+     "merged model with the EOS appended 0.752 / 0.523, without it 0.986 / 1.214). So the "
+     "merge is exact, but TRL's documented path feeds it a text it was not trained on; the "
+     "work is the same. The merged model's score layer has no bias (ours is about -3e-4): a "
+     "constant shift."),
+    ("Missing-EOS penalty: ours adds -1 to the score of a response without a stop token; "
+     "GRPOTrainer and RLOOTrainer have no such option, so TRL gets a second reward function (a "
+     "plain Python function, weight 1) giving the same -1; OnlineDPOTrainer has its own "
+     "missing_eos_penalty=1.0."),
+    ("Old log-probs: ours records the rollout's log-probs from the sampling step's own logits (no "
+     "policy forward); GRPOTrainer (with num_iterations=2) and RLOOTrainer always recompute them "
+     "with one more no-grad policy forward over all sequences. A design difference, not disabled."),
+    ("Generation batching: ours generates in chunks of generation_batch_size=16 sequences with a "
+     "seeded Gumbel-max sampler (one noise stream per row); TRL's GRPO/RLOO generate the whole "
+     "generation batch (all sequences of the round) in one model.generate call with "
+     "multinomial sampling, online DPO the step's prompts x 2. Same temperature, top_k=0, "
+     "top_p=1.0; different random draws, so response lengths (tokens generated, reported per "
+     "side) differ somewhat."),
+    ("Epochs: ours reshuffles the rollout into new minibatches each epoch; GRPO/RLOOTrainer with "
+     "num_iterations=2 reuse the same minibatch slices in the same order twice."),
+    ("RLOO loss: RLOOTrainer clips a sequence-level ratio (exp of summed log-prob differences) "
+     "and averages per sequence; ours clips per token and averages over tokens (PPO's surrogate "
+     "with the sequence advantage broadcast). Same forwards and backwards."),
+    ("GRPO loss: TRL loss_type='bnpo' (masked mean over the minibatch's tokens, as ours) and "
+     "use_bias_correction_kl=False (plain k3, as ours); both are set, not TRL's defaults "
+     "('dapo', True)."),
+    ("Online DPO: OnlineDPOTrainer samples 2 completions per prompt at every optimizer step "
+     "(fully online: a step's pair comes from the current policy), and runs its policy forward "
+     "on both completions with gradients before knowing which is chosen; it computes the full "
+     "logits over prompt + completion (no logits_to_keep). Ours samples G=4 per prompt once per "
+     "round, pairs the best with the worst by reward, forwards each pair's sequences once more "
+     "(policy and reference, no grad) and trains 2 epochs over the pairs. With 16 prompts, TRL "
+     "runs 2 epochs over the 16 prompts (2 x 16 x 2 = 64 sequences generated, the same as our "
+     "16 x 4) and 4 pairs per step (4 steps per epoch, 8 in all), like ours (16 pairs, 4 per "
+     "step, 2 epochs = 8 steps); the pairs differ in origin (best-vs-worst of 4 vs the 2 "
+     "samples)."),
+    ("Health gates and provenance: ours checks finite values and KL gates before and during "
+     "the update and publishes the adapter with its manifest and a DB row inside the timed "
+     "round; TRL does neither (save_strategy='no'). Ours also loads the reward adapter (a few "
+     "MB) from the workspace inside the timed round; TRL's reward model is built before its "
+     "timer."),
+    ("Logging: TRL logs every 1000 steps (effectively never within the round) and prints "
+     "nothing; ours writes its per-step metrics to the workspace DB inside the round."),
+]
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="2 prompts, 8 tokens, 1 run per side")
+    ap.add_argument("--algorithms", default=",".join(ALGORITHMS))
+    ap.add_argument("--runs", type=int, default=None, help="runs per side (default 3; quick 1)")
+    ap.add_argument("--setup", help=argparse.SUPPRESS)
+    ap.add_argument("--side", help=argparse.SUPPRESS)
+    ap.add_argument("--algorithm", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.setup:
+        print("RESULT " + json.dumps(setup(Path(args.setup), args.quick)), flush=True)
+        return {}
+    if args.side:
+        print("RESULT " + json.dumps(ours_side(Path(args.side), args.algorithm, args.quick)),
+              flush=True)
+        return {}
+    algorithms = [a for a in args.algorithms.split(",") if a]
+    bad = set(algorithms) - set(ALGORITHMS)
+    if bad:
+        ap.error(f"unknown algorithms {sorted(bad)}: one of {', '.join(ALGORITHMS)}")
+    res = run(args.quick, algorithms, args.runs)
+    if args.quick:  # a smoke test: never over the committed full result
+        path = Path(tempfile.gettempdir()) / "b9_algorithms_trl_quick.json"
+        path.write_text(json.dumps(res, indent=2, default=str) + "\n")
+    else:
+        path = common.write_result("b9_algorithms_trl", res)
+    print(f"written: {path}", flush=True)
+    print(json.dumps({a: {k: v for k, v in s.items() if k != "runs"}
+                      for a, s in res["algorithms"].items()}, indent=1))
+    return res
+
+
+if __name__ == "__main__":
+    main()
