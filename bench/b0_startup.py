@@ -53,16 +53,22 @@ def time_to_first_item(workspace: Path, model_cache: Path, timeout_s: float = 90
             proc.kill()
 
 
-def run(quick: bool = False) -> dict:
+def run(quick: bool = False, repeats: int = 3) -> dict:
     root = Path(tempfile.mkdtemp(prefix="rlhf-b0-"))
     try:
         # cold: the first start on this machine (an empty model cache: the GGUF is converted)
         cold = time_to_first_item(root / "cold", root / "models")
         # warm: any later new workspace (the converted copy is in the user's model cache)
-        warm = time_to_first_item(root / "warm", root / "models")
+        runs = [time_to_first_item(root / f"warm{i}", root / "models")
+                for i in range(1 if quick else repeats)]
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    firsts = sorted(r["first_item_s"] for r in runs)
+    warm = {**runs[len(runs) // 2], "first_item_s": common.median(firsts),
+            "first_item_s_min": firsts[0], "first_item_s_max": firsts[-1],
+            "first_item_s_runs": [r["first_item_s"] for r in runs]}
     return {"name": "b0_startup", "cold": cold, "warm": warm, "machine": common.machine(),
+            "packages": common.package_versions(),
             "note": "rlhf up on a new workspace -> first item from /get_item; cold: the first "
                     "start on a machine (the one-time GGUF conversion into the user's model "
                     "cache); warm: a new workspace once that copy exists"}
@@ -71,7 +77,9 @@ def run(quick: bool = False) -> dict:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    res = run(ap.parse_args(argv).quick)
+    ap.add_argument("--repeats", type=int, default=3, help="warm runs (median, min, max)")
+    args = ap.parse_args(argv)
+    res = run(args.quick, args.repeats)
     common.write_result("b0_startup", res)
     print(res)
     return res
