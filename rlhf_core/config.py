@@ -82,9 +82,10 @@ DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Answer in a few sentences.
 class SamplingConfig:
     k: int = 4  # responses per prompt, 2..8
     # the smallest cap at which >= 90% of labeling answers end on their own (annotators judge
-    # whole answers): 384 with the default system prompt on the embedded model, 30 shipped
-    # prompts x 4 (bench/response_length.py: 128 61%, 256 83%, 320 87%, 384 90%); 64 cut 69%
-    max_new_tokens: int = 384
+    # whole answers): 448 with the default system prompt on the embedded model, 60 shipped
+    # prompts x 4 (bench/response_length.py: 128 63%, 256 85%, 320 87%, 384 89.6%, 448 90.0%,
+    # 512 90.4%); 64 cut 69%
+    max_new_tokens: int = 448
     temperature: float = 0.9
     top_p: float = 1.0
     top_k: int = 0
@@ -107,9 +108,9 @@ class RewardConfig:
     lr: float = 2e-4
     epochs: int = 2
     rankings_per_step: int = 4  # all pairs of one ranking share a step
-    # prompt + response tokens scored; the prompt's start is dropped first. 512: a whole labeling
-    # answer (sampling.max_new_tokens 384) with the system prompt and a typical prompt before it
-    max_length: int = 512
+    # prompt + response tokens scored; the prompt's start is dropped first. 576: a whole labeling
+    # answer (sampling.max_new_tokens 448) with the system prompt and a typical prompt before it
+    max_length: int = 576
     heldout_fraction: float = 0.2
     replay_ratio: float = 1.0  # old pairs replayed per new pair
     soft_ties: bool = True
