@@ -6,13 +6,17 @@ handed to TRL as text), the same group size, response length, temperature, KL co
 clip range, learning rate, epochs and minibatch size, and the same reward model (our trained
 reward adapter + head; merged into a sequence classifier for TRL, as B2 does). Gradient
 checkpointing is off on both sides (TRL's configs default it on; it is turned off). The current
-TRL release runs in `bench/.venv-trl-latest` (bench/b9_trl_side.py). Each side runs in its own
-subprocess (peak RSS = that process's ru_maxrss); the sides alternate run by run. Optimizer steps
+TRL release runs in `bench/.venv-trl-latest` (bench/b9_trl_side.py). Our side runs twice: `ours`
+(the project's defaults: on a CPU with native bf16 the rollout decodes with bf16 weights) and
+`ours-f32` (float32 decoding: TRL's precision in every phase, the same-work comparison). Each
+side runs in its own subprocess (peak RSS = that process's ru_maxrss); the order of the sides
+rotates run by run, so each runs first, second and third once in 3 runs. Optimizer steps
 are counted on both sides by one global `torch.optim.Optimizer` step hook; generated tokens are
 counted up to and including each response's stop token. Every design difference the TRL
 trainers do not let us remove is listed in the result's "asymmetries".
 
     .venv/bin/python -m bench.b9_algorithms_trl [--quick] [--algorithms grpo,rloo,dpo] [--runs 3]
+                                               [--sides ours,ours-f32,trl]
 """
 from __future__ import annotations
 
@@ -74,15 +78,16 @@ def setup(ws: Path, quick: bool) -> dict:
 
 
 # -- our side (subprocess) ---------------------------------------------------------------------
-def ours_side(ws: Path, algorithm: str, quick: bool) -> dict:
+def ours_side(ws: Path, algorithm: str, quick: bool, decode: str | None = None) -> dict:
     import torch
 
+    from rlhf_core.decoding import decode_dtype
     from rlhf_core.policy.rounds import policy_round
     from rlhf_core.policy.setup import PPOHealthError
     from rlhf_core.worker.runtime import Runtime
     from rlhf_core.workspace import open_workspace
     threads = common.set_threads()
-    store, cfg = open_workspace(ws)
+    store, cfg = open_workspace(ws, **{"sampling.decode_dtype": decode})
     config = bench_config(quick)
     prompts = common.PROMPTS[:n_prompts(config, quick)]
     runtime = Runtime(store, cfg, cpu=not torch.cuda.is_available())
@@ -107,6 +112,7 @@ def ours_side(ws: Path, algorithm: str, quick: bool) -> dict:
             "status": res["status"], "optimizer_steps": steps["n"],
             "checkpointing_while_training": steps["checkpointing"],
             "mixed_precision": runtime.device.mixed_precision,
+            "decode_dtype": str(decode_dtype(cfg.sampling.decode_dtype, runtime.device.device)),
             "optimizer_steps_reported": m.get("ppo_steps"),
             "sequences": m["n_sequences"],
             "tokens_generated": round(m["response_length"] * m["n_sequences"]),
@@ -162,48 +168,62 @@ def spread(runs: list[dict], key: str) -> dict | None:
             "max": round(max(xs), 2)}
 
 
-def summarize(algorithm: str, ours: list[dict], trl: list[dict]) -> dict:
-    o, t = spread(ours, "round_s"), spread(trl, "round_s")
-    ro, rt = spread(ours, "peak_rss_mb"), spread(trl, "peak_rss_mb")
-    same = lambda runs, k: sorted({r.get(k) for r in runs}, key=str)
-    if not (o and t and ro and rt):  # a side never completed a round: no ratio to state
-        return {"trl_trainer": TRL_TRAINER[algorithm], "incomplete": True,
-                "round_s": {"ours": o, "trl": t}, "runs": {"ours": ours, "trl": trl}}
-    return {
-        "trl_trainer": TRL_TRAINER[algorithm],
-        "round_s": {"ours": o, "trl": t},
-        "ratio_trl_over_ours": round(t["median"] / o["median"], 2),
-        "ratio_per_run": [round(b["round_s"] / a["round_s"], 2) for a, b in zip(ours, trl)
-                          if a.get("round_s") and b.get("round_s")],
-        "completed_runs": {"ours": sum("round_s" in r for r in ours),
-                           "trl": sum("round_s" in r for r in trl)},
-        "generate_s": {"ours": spread(ours, "time_generate"), "trl": spread(trl, "time_generate")},
-        "peak_rss_mb": {"ours": ro, "trl": rt},
-        "rss_ratio_ours_over_trl": round(ro["median"] / rt["median"], 2),
-        "tokens_generated": {"ours": same(ours, "tokens_generated"),
-                             "trl": same(trl, "tokens_generated")},
-        "sequences_generated": {"ours": same(ours, "sequences"), "trl": same(trl, "sequences")},
-        "optimizer_steps": {"ours": same(ours, "optimizer_steps"),
-                            "trl": same(trl, "optimizer_steps")},
-        "checkpointing_while_training": {"ours": same(ours, "checkpointing_while_training"),
-                                         "trl": same(trl, "checkpointing_while_training")},
-        "mixed_precision": {"ours": same(ours, "mixed_precision"),
-                            "trl": same(trl, "mixed_precision")},
-        "stop_rate": {"ours": spread(ours, "stop_rate"), "trl": spread(trl, "stop_rate")},
+SIDES = ("ours", "ours-f32", "trl")
+# ours: the project's defaults (on a CPU with native bf16, rollouts decode with bf16 weights:
+# sampling.decode_dtype=auto); ours-f32: decode_dtype=float32, TRL's precision in every phase
+
+
+def summarize(algorithm: str, runs: dict[str, list[dict]]) -> dict:
+    same = lambda xs, k: sorted({r.get(k) for r in xs}, key=str)
+    per = lambda k: {side: spread(xs, k) for side, xs in runs.items()}
+    secs, rss = per("round_s"), per("peak_rss_mb")
+    out = {"trl_trainer": TRL_TRAINER[algorithm], "round_s": secs,
+           "completed_runs": {side: sum("round_s" in r for r in xs)
+                              for side, xs in runs.items()}}
+    trl = runs.get("trl", [])
+    for side in (s for s in runs if s != "trl"):
+        if not (secs.get(side) and secs.get("trl") and rss.get(side) and rss.get("trl")):
+            out[f"incomplete_{side}"] = True  # a side never completed a round: no ratio
+            continue
+        out[f"ratio_trl_over_{side}"] = round(secs["trl"]["median"] / secs[side]["median"], 2)
+        out[f"ratio_per_run_trl_over_{side}"] = [
+            round(b["round_s"] / a["round_s"], 2) for a, b in zip(runs[side], trl)
+            if a.get("round_s") and b.get("round_s")]
+        out[f"rss_ratio_{side}_over_trl"] = round(rss[side]["median"] / rss["trl"]["median"], 2)
+    return out | {
+        "generate_s": per("time_generate"), "peak_rss_mb": rss,
+        "tokens_generated": {side: same(xs, "tokens_generated") for side, xs in runs.items()},
+        "sequences_generated": {side: same(xs, "sequences") for side, xs in runs.items()},
+        "optimizer_steps": {side: same(xs, "optimizer_steps") for side, xs in runs.items()},
+        "checkpointing_while_training": {side: same(xs, "checkpointing_while_training")
+                                         for side, xs in runs.items()},
+        "mixed_precision": {side: same(xs, "mixed_precision") for side, xs in runs.items()},
+        "decode_dtype": {side: same(xs, "decode_dtype") for side, xs in runs.items()},
+        "stop_rate": per("stop_rate"),
         # ours: the reward model's score + missing-EOS penalty; TRL: the raw merged model's
-        # score (no head bias, no penalty): a sanity check that both score on one scale
-        "reward_mean": {"ours": spread(ours, "reward_mean"),
-                        "trl_reward_model": spread(trl, "reward_model_mean")},
-        "runs": {"ours": ours, "trl": trl},
+        # score (no head bias, no penalty, no EOS in the text): a sanity check, not a figure
+        "reward_mean": {side: spread(xs, "reward_model_mean" if side == "trl" else "reward_mean")
+                        for side, xs in runs.items()},
+        "runs": runs,
     }
 
 
-def run(quick: bool = False, algorithms=ALGORITHMS, reps: int | None = None) -> dict:
+def side_cmd(side: str, algorithm: str, ws: Path, spec_path: Path, trl_py, quick: bool) -> list:
+    if side == "trl":
+        return [str(trl_py), "-m", "bench.b9_trl_side", str(spec_path), algorithm]
+    return ([sys.executable, "-m", "bench.b9_algorithms_trl", "--side", str(ws),
+             "--algorithm", algorithm] + (["--quick"] if quick else [])
+            + (["--decode-dtype", "float32"] if side == "ours-f32" else []))
+
+
+def run(quick: bool = False, algorithms=ALGORITHMS, reps: int | None = None,
+        sides=SIDES) -> dict:
     from bench import trl_env
     trl_py = trl_env.ensure("reward")  # bench/.venv-trl-latest: the current TRL release
     reps = reps or (1 if quick else 3)
     result = {"bench": "B9 GRPO / RLOO / online DPO round vs the current TRL's trainers",
-              "quick": quick, "runs_per_side": reps, "machine": common.machine(),
+              "quick": quick, "runs_per_side": reps, "sides": list(sides),
+              "machine": common.machine(),
               "versions": {"ours": common.package_versions()}, "algorithms": {}}
     with tempfile.TemporaryDirectory(prefix="bench-b9-") as tmp:
         base = Path(tmp) / "base"
@@ -215,25 +235,22 @@ def run(quick: bool = False, algorithms=ALGORITHMS, reps: int | None = None) -> 
         result["settings"] = settings(spec, quick)
         result["asymmetries"] = ASYMMETRIES
         for algorithm in algorithms:
-            ours, trl = [], []
+            runs: dict[str, list[dict]] = {side: [] for side in sides}
             for r in range(reps):
-                for side in (["ours", "trl"] if r % 2 == 0 else ["trl", "ours"]):
-                    if side == "ours":
-                        ws = Path(tmp) / f"{algorithm}{r}"  # a fresh copy: every run is round 1
+                order = list(sides[r % len(sides):]) + list(sides[:r % len(sides)])  # rotated
+                for side in order:
+                    ws = Path(tmp) / f"{algorithm}-{side}-{r}"  # a fresh copy: every run is round 1
+                    if side != "trl":
                         shutil.copytree(base, ws)
-                        ours.append(_run_side([sys.executable, "-m", "bench.b9_algorithms_trl",
-                                          "--side", str(ws), "--algorithm", algorithm]
-                                         + (["--quick"] if quick else [])))
-                        shutil.rmtree(ws, ignore_errors=True)
-                    else:
-                        trl.append(_run_side([str(trl_py), "-m", "bench.b9_trl_side",
-                                              str(spec_path), algorithm]))
-                    last = (ours if side == "ours" else trl)[-1]
+                    runs[side].append(_run_side(side_cmd(side, algorithm, ws, spec_path, trl_py,
+                                                         quick)))
+                    shutil.rmtree(ws, ignore_errors=True)
+                    last = runs[side][-1]
                     print(f"B9 {algorithm} run {r} {side}: {last.get('round_s', 'no')} s "
                           f"{last.get('status', '')}", flush=True)
-            result["algorithms"][algorithm] = summarize(algorithm, ours, trl)
-            result["versions"]["trl"] = next((t["versions"] for t in trl if "versions" in t),
-                                             result["versions"].get("trl"))
+            result["algorithms"][algorithm] = summarize(algorithm, runs)
+            result["versions"]["trl"] = next((t["versions"] for t in runs.get("trl", [])
+                                              if "versions" in t), result["versions"].get("trl"))
             if not quick:  # a partial result survives an interrupted run
                 common.write_result("b9_algorithms_trl", result)
     return result
@@ -253,7 +270,9 @@ def settings(spec: dict, quick: bool) -> dict:
             "dpo_minibatch_pairs": max(1, c["minibatch_size"] // 2),
             "missing_eos_penalty": c["missing_eos_penalty"], "lora": spec["lora"],
             "gradient_checkpointing": {"ours": c["gradient_checkpointing"], "trl": False},
-            "dtype": "float32 on both sides (TRL's bf16 default turned off: CPU)",
+            "dtype": "training, reference and reward forwards float32 on every side (TRL's bf16 "
+                     "default turned off); decoding: ours bf16 weights by default on this CPU, "
+                     "ours-f32 float32, TRL float32",
             "dropout": "off on both sides (LoRA dropout 0; TRL disable_dropout=True)",
             "threads": spec["threads"],
             "reward": f"our reward v{spec['reward_version']} (adapter + head; merged into a "
@@ -283,15 +302,20 @@ ASYMMETRIES = [
      "GRPOTrainer and RLOOTrainer have no such option, so TRL gets a second reward function (a "
      "plain Python function, weight 1) giving the same -1; OnlineDPOTrainer has its own "
      "missing_eos_penalty=1.0."),
-    ("Old log-probs: ours records the rollout's log-probs from the sampling step's own logits (no "
-     "policy forward); GRPOTrainer (with num_iterations=2) and RLOOTrainer always recompute them "
-     "with one more no-grad policy forward over all sequences. A design difference, not disabled."),
-    ("Generation batching: ours generates in chunks of generation_batch_size=16 sequences with a "
-     "seeded Gumbel-max sampler (one noise stream per row); TRL's GRPO/RLOO generate the whole "
-     "generation batch (all sequences of the round) in one model.generate call with "
-     "multinomial sampling, online DPO the step's prompts x 2. Same temperature, top_k=0, "
-     "top_p=1.0; different random draws, so response lengths (tokens generated, reported per "
-     "side) differ somewhat."),
+    ("Decoding: ours runs the project's hand-written KV-cache loop (rlhf_core/decoding.py: the "
+     "LoRA adapter merged into a weight snapshot per call, q/k/v and gate/up fused, one prefill "
+     "per distinct prompt shared by its G samples, stopped rows leave the batch) in chunks of "
+     "generation_batch_size=16 rows, with a seeded Gumbel-max sampler. Side 'ours' keeps the "
+     "project default sampling.decode_dtype=auto, which on this CPU (AVX512-BF16) decodes with "
+     "bfloat16 weights (norms, attention, logits float32); side 'ours-f32' decodes in float32. "
+     "TRL calls model.generate on the peft model (adapter unmerged), float32, multinomial "
+     "sampling: GRPO/RLOO the whole round's sequences in one call, online DPO each step's "
+     "prompts x 2. Same temperature, top_k=0, top_p=1.0; different random draws, so the "
+     "tokens generated (reported per side) differ somewhat."),
+    ("Old log-probs: 'ours' (bf16 decoding) recomputes the rollout's log-probs with one "
+     "float32 no-grad policy forward, as GRPOTrainer (num_iterations=2) and RLOOTrainer do; "
+     "'ours-f32' takes them from the sampling step's own logits (exact in float32), one policy "
+     "forward less. A design difference, not disabled."),
     ("Epochs: ours reshuffles the rollout into new minibatches each epoch; GRPO/RLOOTrainer with "
      "num_iterations=2 reuse the same minibatch slices in the same order twice."),
     ("RLOO loss: RLOOTrainer clips a sequence-level ratio (exp of summed log-prob differences) "
@@ -328,26 +352,32 @@ def main(argv=None) -> dict:
     ap.add_argument("--setup", help=argparse.SUPPRESS)
     ap.add_argument("--side", help=argparse.SUPPRESS)
     ap.add_argument("--algorithm", help=argparse.SUPPRESS)
+    ap.add_argument("--decode-dtype", help=argparse.SUPPRESS)
+    ap.add_argument("--sides", default=",".join(SIDES),
+                    help="ours (defaults), ours-f32 (float32 decoding), trl")
     args = ap.parse_args(argv)
     if args.setup:
         print("RESULT " + json.dumps(setup(Path(args.setup), args.quick)), flush=True)
         return {}
     if args.side:
-        print("RESULT " + json.dumps(ours_side(Path(args.side), args.algorithm, args.quick)),
-              flush=True)
+        print("RESULT " + json.dumps(ours_side(Path(args.side), args.algorithm, args.quick,
+                                               args.decode_dtype)), flush=True)
         return {}
     algorithms = [a for a in args.algorithms.split(",") if a]
     bad = set(algorithms) - set(ALGORITHMS)
     if bad:
         ap.error(f"unknown algorithms {sorted(bad)}: one of {', '.join(ALGORITHMS)}")
-    res = run(args.quick, algorithms, args.runs)
+    sides = tuple(x for x in args.sides.split(",") if x)
+    if set(sides) - set(SIDES) or "trl" not in sides:
+        ap.error(f"--sides: some of {', '.join(SIDES)}, with trl")
+    res = run(args.quick, algorithms, args.runs, sides)
     if args.quick:  # a smoke test: never over the committed full result
         path = Path(tempfile.gettempdir()) / "b9_algorithms_trl_quick.json"
         path.write_text(json.dumps(res, indent=2, default=str) + "\n")
     else:
         path = common.write_result("b9_algorithms_trl", res)
     print(f"written: {path}", flush=True)
-    print(json.dumps({a: {k: v for k, v in s.items() if k != "runs"}
+    print(json.dumps({a: {k: v for k, v in s.items() if k.startswith(("ratio", "rss", "round"))}
                       for a, s in res["algorithms"].items()}, indent=1))
     return res
 

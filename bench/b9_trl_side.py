@@ -180,6 +180,7 @@ def main(spec_path: str, algorithm: str) -> None:
         "optimizer_steps": steps["n"], "global_step": out.global_step,
         "checkpointing_while_training": steps["checkpointing"],
         "mixed_precision": str(trainer.accelerator.mixed_precision),
+        "decode_dtype": str(next(trainer.model.parameters()).dtype),
         "sequences": gen["sequences"], "tokens_generated": gen["tokens"],
         "generate_calls": gen["calls"], "time_generate": gen["seconds"],
         "stop_rate": gen["stopped"] / max(1, gen["sequences"]),
