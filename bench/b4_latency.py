@@ -129,15 +129,17 @@ def client_main(args) -> None:
 
 
 # -- the server side ----------------------------------------------------------------------------
-def prepare_workspace(ws: Path, n_items: int) -> None:
-    """Model = the cached embedded dir; a few ranked items (reward model for PPO); many open ones."""
+def prepare_workspace(ws: Path, n_items: int, worker_threads: int | None = None) -> None:
+    """Model = the cached embedded dir; a few ranked items (reward model for PPO); many open ones.
+    `worker_threads`: the workspace's torch_threads (None: the worker's default)."""
     from bench.bench_reward import add_rankings
     from rlhf_core.data import annotation
     from rlhf_core.workspace import open_workspace
     # a PPO bench needs a serving reward model, not evidence: 8 rankings never clear the
     # promotion gate (RewardConfig.promote_min_heldout_pairs), so it is off here
+    threads = {"torch_threads": worker_threads} if worker_threads else {}
     store, cfg = open_workspace(ws, model=common.embedded_model_dir(), **{
-        "reward.promote_min_heldout_pairs": 0, "reward.promote_min_accuracy": 0.0})
+        "reward.promote_min_heldout_pairs": 0, "reward.promote_min_accuracy": 0.0, **threads})
     add_rankings(store, 8, start=0, seed=0)  # 8 ranked K=4 items -> 48 pairs for train_reward
     rng = random.Random(1)
     recs = [{"text": f"Bench prompt {i}: describe {rng.choice(['a lake', 'a city', 'a song'])}"}
@@ -246,7 +248,7 @@ def _r(x):
     return None if x is None else round(x, 1)
 
 
-def run(quick: bool = False) -> dict:
+def run(quick: bool = False, worker_threads: int | None = None) -> dict:
     from app.launcher import start_app
     from rlhf_core.data import jobs
     from rlhf_core.data.store import Store
@@ -254,7 +256,7 @@ def run(quick: bool = False) -> dict:
     need = 2 * sum(n * (per + 2) for n, per, _ in levels.values()) + 200
     with tempfile.TemporaryDirectory(prefix="bench-b4-") as tmp:
         ws = Path(tmp) / "ws"
-        prepare_workspace(ws, need)
+        prepare_workspace(ws, need, worker_threads)
         url, stop = start_app(ws)
         store = Store(ws / "rlhf.db")
         try:
@@ -278,6 +280,8 @@ def run(quick: bool = False) -> dict:
                 "ppo_jobs": [{"id": j["id"], "status": j["status"], "error": j["error"]}
                              for j in ppo_jobs],
                 "load_label": "ppo_round job in the worker (niced), as in production",
+                "worker_threads": worker_threads or "default",
+                "packages": common.package_versions(),
                 "gradio_client": idle.get("overhead"),
                 "goal": "p95 <= 150 ms at 32 annotators during PPO; 0 failed, 0 lost",
             }
@@ -311,13 +315,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--tag", default="x", help=argparse.SUPPRESS)
     ap.add_argument("--overhead", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--worker-threads", type=int, dest="worker_threads",
+                    help="the worker's torch threads (default: the app's default)")
+    ap.add_argument("--out", default="b4_latency", help="result name (bench/results/OUT.json)")
     args = ap.parse_args(argv)
     if args.client:
         args.url = args.client
         client_main(args)
         return {}
-    res = run(args.quick)
-    common.write_result("b4_latency", res)
+    res = run(args.quick, args.worker_threads)
+    common.write_result(args.out, res)
     print(json.dumps({k: res[k] for k in ("idle", "ppo", "gradio_client")}, indent=1))
     return res
 

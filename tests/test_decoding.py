@@ -189,3 +189,25 @@ def test_sampling_generate_uses_the_loop_and_is_seeded(tiny):
     assert all(s.finish_reason in ("stop", "length") and 1 <= s.n_tokens <= 8
                for x in a for s in x)
 
+
+
+def test_loop_matches_generate_on_qwen2_with_qkv_bias():
+    """Another supported family: Qwen2 (biases on q/k/v, untied head), no tokenizer needed."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, max_position_embeddings=128,
+                                         tie_word_embeddings=False)).eval()
+    with torch.no_grad():  # random biases: a loop that dropped them would draw otherwise
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    assert decoding.unsupported(model) is None
+    queries = [[5, 6, 7, 8], [9, 10], [5, 6, 7, 8]]
+    kw = {"max_new_tokens": 10, "stop_ids": set(range(50, 60)), "pad_id": 0, "device": "cpu"}
+    ours = decoding._loop(model, queries, Sampler([1, 2, 3], 0.9), dtype=torch.float32, **kw)
+    theirs = decoding._hf_generate(model, queries, Sampler([1, 2, 3], 0.9), **kw)
+    stops = set(range(50, 60))
+    assert ([decoding.cut_after_stop(r, stops) for r in ours]
+            == [decoding.cut_after_stop(r, stops) for r in theirs])
