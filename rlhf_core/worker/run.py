@@ -144,9 +144,11 @@ def lower_priority(nice: int, threads: int | None) -> None:
         except OSError:
             log.warning("could not lower the worker's priority")
     if threads is None:
-        # Leave a core to the UI on small machines (DESIGN.md: p95 latency doubles otherwise).
-        cores = os.cpu_count() or 2
-        threads = max(1, cores - 1) if cores <= 4 else cores
+        # Every core, niced: bench/b4_latency.py --worker-threads 2 on a 2-core VM kept the
+        # ranking UI's p95 at 62.6 ms with 32 annotators during a PPO round (goal <= 150 ms;
+        # 33.8 ms at 1 thread), while a round at 2 threads takes ~2/3 of its time at 1.
+        # `torch_threads` (or `--threads`) caps it where the UI needs more room.
+        threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
 
 
