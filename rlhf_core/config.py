@@ -90,7 +90,10 @@ class SamplingConfig:
     top_p: float = 1.0
     top_k: int = 0
     prompts_per_batch: int = 8
-    batch_size: int = 16  # sequences per generate() call
+    # sequences per decode call: items become rankable call by call, so a batch streams in.
+    # Measured (decode loop, bf16, 128 new tokens): 273 tokens/s at 16, 320 at 32, 335 at 64;
+    # 16 keeps the stream (4 prompts per call) for 15% of throughput
+    batch_size: int = 16
     min_ready_items: int = 6  # the worker keeps this many unlabeled items ahead
     dedupe_retries: int = 2  # re-sample duplicates this often, then collapse them
     seed: int = 0
@@ -165,7 +168,9 @@ class PPOConfig:
     gradient_checkpointing: bool = False
     seed: int = 0
     max_prompt_tokens: int = 256  # longer chat-templated prompts keep their last tokens
-    generation_batch_size: int = 16  # sequences per generate() call in a rollout
+    # sequences per decode call in a rollout: the round's 64 at once. Measured (decode loop, bf16,
+    # 32 new tokens, this 2-core VM): 216 tokens/s at 16, 286 at 32, 342 at 64
+    generation_batch_size: int = 64
     # the rollout's old log-probs come from the sampling step's own logits (one policy forward
     # less per round); recomputed anyway under bf16, where incremental decoding and a full
     # forward round differently enough to move the first PPO ratio away from 1
