@@ -66,6 +66,18 @@ def build_tiny_model(path: Path, *, seed: int = 0, hidden: int = 32, layers: int
     return path
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run faster on one thread, and the machine's cores are shared (measured: 16
+    new tokens took 25-50 s with 2 threads beside other jobs, 3 s with 1). Use with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
