@@ -164,6 +164,8 @@ def unsupported(model, total_len: int | None = None) -> str | None:
         return f"activation {cfg.hidden_act!r}"
     if getattr(cfg, "pretraining_tp", 1) != 1:
         return "pretraining_tp"
+    if getattr(cfg, "mlp_bias", False):
+        return "MLP bias"
     window = getattr(cfg, "sliding_window", None)
     if window and getattr(cfg, "use_sliding_window", True) and (total_len or 0) > window:
         return "sequence longer than the sliding window"
@@ -230,7 +232,7 @@ class Weights:
             gu = [_effective(x) for x in (m.gate_proj, m.up_proj)]
             down_w, down_b = _effective(m.down_proj)
             if any(b is not None for _, b in gu) or down_b is not None:
-                raise ValueError("MLP bias")  # unsupported() lets none through; a guard
+                raise ValueError("MLP bias")  # unsupported() lets none through
             self.layers.append(_Layer(
                 ln1=layer.input_layernorm.weight.float(),
                 ln2=layer.post_attention_layernorm.weight.float(),

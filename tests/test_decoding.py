@@ -206,3 +206,15 @@ def test_loop_matches_generate_on_qwen2_with_qkv_bias():
     stops = set(range(50, 60))
     assert ([decoding.cut_after_stop(r, stops) for r in ours]
             == [decoding.cut_after_stop(r, stops) for r in theirs])
+
+
+def test_an_mlp_bias_falls_back_to_generate():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         mlp_bias=True)).eval()
+    assert decoding.unsupported(model) == "MLP bias"
+    out = decode(model, [[1, 2, 3]], Sampler([1], 1.0), max_new_tokens=4, stop_ids={0},
+                 pad_id=39, device="cpu")
+    assert 1 <= len(out[0][0]) <= 4
