@@ -1,29 +1,62 @@
 """B2, TRL side: one round of `trl.experimental.ppo.PPOTrainer` (trl==1.12.0), run in bench/.venv-trl.
 
+    bench/.venv-trl/bin/python -m bench.b2_trl_side SPEC.json {full|lora}
+
 Self-contained (the TRL venv has no rlhf_core). Reads a JSON spec written by b2_ppo_trl.py and
-prints `RESULT {json}`: wall time split into generate / score / train, peak RSS.
+prints `RESULT {json}`: wall time split into generate / score / train, peak RSS at the end of
+each phase, generated tokens, optimizer steps, package versions.
 
 Setup, as TRL 1.12 documents it for LoRA: the policy gets `peft_config` (the reference is the
 policy with its adapter disabled); the value model and the reward model are separate
 `AutoModelForSequenceClassification` models (TRL's `get_reward` needs `.score` on a backbone).
 Our reward model (LoRA adapter + scalar head on the same base) is merged into such a model, so
 both sides score with identical weights; the value model starts as a copy of it (our critic
-also starts from the reward model). TRL trains the value model fully: that is its design.
+also starts from the reward model). Two value-model variants:
+- `full`: the copy trains in full (135M parameters), TRL's default design;
+- `lora`: the copy is wrapped by `peft.get_peft_model` with our LoRA settings (task SEQ_CLS, so
+  its `score` head trains too, through peft's modules_to_save), what a user can pass as
+  `value_model`. TRL then reaches the backbone as `getattr(value_model, "model")`, which on a
+  PeftModel resolves to the whole LoRA-injected classifier: its forward also computes the
+  576->1 score on every position, a negligible extra.
+
+Optimizer steps: `per_device_train_batch_size` = the whole rollout, `gradient_accumulation_steps`
+= 1 and `num_mini_batches` = rollout / minibatch: TRL's rollout is `per_device x accumulation`
+rows, its micro-batch loop slices the minibatch, so each minibatch of 8 is one backward and one
+optimizer step, as on our side (16 steps per round; counted by a torch optimizer-step hook).
 """
 from __future__ import annotations
 
+import copy
 import json
 import resource
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 
 def vm_rss_mb() -> float:
-    for line in open("/proc/self/status"):
+    for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def package_versions() -> dict:
+    """The same names as bench.common.package_versions() on our side, plus trl and datasets."""
+    import importlib.metadata as md
+    out = {}
+    for name in ("torch", "transformers", "peft", "accelerate", "gradio", "sqlite-utils", "trl",
+                 "datasets"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def merged_reward_model(spec, dtype):
@@ -33,7 +66,7 @@ def merged_reward_model(spec, dtype):
     from transformers import AutoModelForSequenceClassification
     model = AutoModelForSequenceClassification.from_pretrained(spec["model_dir"], num_labels=1,
                                                                dtype=torch.float32)
-    cfg = json.load(open(f"{spec['reward_adapter']}/adapter_config.json"))
+    cfg = json.loads(Path(spec["reward_adapter"], "adapter_config.json").read_text())
     scale = cfg["lora_alpha"] / cfg["r"]
     lora = load_file(f"{spec['reward_adapter']}/adapter_model.safetensors")
     params = dict(model.named_parameters())
@@ -52,15 +85,104 @@ def merged_reward_model(spec, dtype):
     return model.to(dtype).eval()
 
 
-def main(spec_path: str) -> None:
-    spec = json.load(open(spec_path))
+def lora_config(spec, task_type: str):
+    from peft import LoraConfig
+    lora = spec["lora"]
+    return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                      target_modules=list(lora["target_modules"]), bias="none",
+                      task_type=task_type)
+
+
+def value_model(reward, spec, variant: str):
+    value = copy.deepcopy(reward)
+    if variant == "full":
+        return value
+    from peft import get_peft_model
+    return get_peft_model(value, lora_config(spec, "SEQ_CLS"))
+
+
+def ppo_args(spec, n_rows: int, dtype):
+    import torch
+    from trl.experimental.ppo import PPOConfig
+    c, cuda = spec["config"], torch.cuda.is_available()
+    return PPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="trl-ppo-"),
+        # one optimizer step per minibatch, as ours (see the module docstring)
+        per_device_train_batch_size=n_rows, gradient_accumulation_steps=1,
+        num_mini_batches=n_rows // c["minibatch_size"], num_ppo_epochs=c["epochs"],
+        total_episodes=n_rows, response_length=c["max_new_tokens"],
+        temperature=c["temperature"], stop_token="eos",
+        missing_eos_penalty=-c["missing_eos_penalty"], kl_coef=c["kl_coef"],
+        kl_estimator=c["kl_estimator"], vf_coef=c["vf_coef"], cliprange=c["clip_eps"],
+        cliprange_value=c["value_clip_eps"], gamma=c["gamma"], lam=c["lam"],
+        learning_rate=c["lr"], max_grad_norm=c["max_grad_norm"],
+        local_rollout_forward_batch_size=c["generation_batch_size"], num_sample_generations=0,
+        save_strategy="no", report_to=[], logging_steps=1, seed=c["seed"], use_cpu=not cuda,
+        bf16=dtype == torch.bfloat16, disable_tqdm=True, dataloader_num_workers=0,
+        # PPOTrainer overrides train(), so it never enables checkpointing itself; stated anyway,
+        # as on our side (PPOConfig.gradient_checkpointing=False)
+        activation_checkpointing=c["gradient_checkpointing"])
+
+
+def instrument(trainer, mod, pad_token_id: int) -> dict:
+    """Phase marks, peak RSS at each phase's end, generated tokens, optimizer steps.
+
+    generate = every `batch_generation` call; score = from the end of generation to the first
+    *training* forward (the PolicyAndValueWrapper's; reference, value and reward forwards go
+    through the same `forward`/`get_reward` on other modules); train = from there to the end."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    marks = {"gen_s": 0.0, "tokens": 0, "optimizer_steps": 0}
+    real_generation, real_forward = mod.batch_generation, mod.forward
+    real_truncate, real_backward = mod.truncate_response, trainer.accelerator.backward
+
+    def generation(*a, **kw):
+        t0 = time.perf_counter()
+        out = real_generation(*a, **kw)
+        marks["gen_s"] += time.perf_counter() - t0
+        marks["gen_end"] = time.perf_counter()
+        marks["rss_generate"] = peak_rss_mb()
+        return out
+
+    def forward(model, *a, **kw):
+        if "train_start" not in marks and isinstance(trainer.accelerator.unwrap_model(model),
+                                                     mod.PolicyAndValueWrapper):
+            marks["train_start"] = time.perf_counter()
+            marks["rss_score"] = peak_rss_mb()
+        return real_forward(model, *a, **kw)
+
+    def truncate(stop_token_id, pad, responses):  # non-pad tokens up to and including the stop
+        out = real_truncate(stop_token_id, pad, responses)
+        marks["tokens"] += int((out != pad_token_id).sum())
+        return out
+
+    def backward(loss, **kw):
+        marks.setdefault("first_backward", time.perf_counter())
+        return real_backward(loss, **kw)
+
+    def count_step(optimizer, args, kwargs):
+        if not marks["optimizer_steps"]:  # checkpointing as it is while training
+            inner = trainer.accelerator.unwrap_model(trainer.model)
+            marks["checkpointing"] = {"policy": checkpointing_on(inner.policy),
+                                      "value": checkpointing_on(inner.value_model)}
+        marks["optimizer_steps"] += 1
+    mod.batch_generation, mod.forward, mod.truncate_response = generation, forward, truncate
+    trainer.accelerator.backward = backward
+    marks["hook"] = register_optimizer_step_post_hook(count_step)
+    return marks
+
+
+def checkpointing_on(model) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def main(spec_path: str, variant: str = "full") -> None:
+    spec = json.loads(Path(spec_path).read_text())
     import torch
     torch.set_num_threads(spec["threads"])
     import trl
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl.experimental.ppo import PPOConfig, PPOTrainer
+    from trl.experimental.ppo import PPOTrainer
     from trl.experimental.ppo import ppo_trainer as mod
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
@@ -69,74 +191,50 @@ def main(spec_path: str) -> None:
     tok.pad_token = tok.convert_ids_to_tokens(spec["pad_token_id"])
     policy = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
     reward = merged_reward_model(spec, torch.float32)
-    import copy
-    value = copy.deepcopy(reward)
+    value = value_model(reward, spec, variant)
     queries = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                        add_generation_prompt=True) for p in spec["rows"]]
     ids = [tok(q, add_special_tokens=False)["input_ids"][-spec["max_prompt_tokens"]:]
            for q in queries]
-    dataset = Dataset.from_dict({"input_ids": ids})
-    c = spec["config"]
-    out_dir = tempfile.mkdtemp(prefix="trl-ppo-")
-    args = PPOConfig(
-        output_dir=out_dir, per_device_train_batch_size=c["minibatch_size"],
-        gradient_accumulation_steps=len(ids) // c["minibatch_size"],
-        num_mini_batches=len(ids) // c["minibatch_size"], num_ppo_epochs=c["epochs"],
-        total_episodes=len(ids), response_length=c["max_new_tokens"],
-        temperature=c["temperature"], stop_token="eos",
-        missing_eos_penalty=-c["missing_eos_penalty"], kl_coef=c["kl_coef"],
-        kl_estimator=c["kl_estimator"], vf_coef=c["vf_coef"], cliprange=c["clip_eps"],
-        cliprange_value=c["value_clip_eps"], gamma=c["gamma"], lam=c["lam"],
-        learning_rate=c["lr"], max_grad_norm=c["max_grad_norm"],
-        local_rollout_forward_batch_size=c["generation_batch_size"], num_sample_generations=0,
-        save_strategy="no", report_to=[], logging_steps=1, seed=c["seed"], use_cpu=not cuda,
-        bf16=dtype == torch.bfloat16, disable_tqdm=True, dataloader_num_workers=0)
-    lora = LoraConfig(r=spec["lora"]["r"], lora_alpha=spec["lora"]["alpha"],
-                      lora_dropout=spec["lora"]["dropout"],
-                      target_modules=list(spec["lora"]["target_modules"]), bias="none",
-                      task_type="CAUSAL_LM")
-    trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=None,
-                         reward_model=reward, train_dataset=dataset, value_model=value,
-                         peft_config=lora)
+    trainer = PPOTrainer(args=ppo_args(spec, len(ids), dtype), processing_class=tok,
+                         model=policy, ref_model=None, reward_model=reward,
+                         train_dataset=Dataset.from_dict({"input_ids": ids}),
+                         value_model=value, peft_config=lora_config(spec, "CAUSAL_LM"))
     load_s = time.perf_counter() - t_load
     rss_loaded = vm_rss_mb()
-
-    marks = {}
-    real_generation = mod.batch_generation
-
-    def timed_generation(*a, **kw):
-        t0 = time.perf_counter()
-        out = real_generation(*a, **kw)
-        marks.setdefault("gen_s", 0.0)
-        marks["gen_s"] += time.perf_counter() - t0
-        marks["gen_end"] = time.perf_counter()
-        return out
-    mod.batch_generation = timed_generation
-    real_backward = trainer.accelerator.backward
-
-    def timed_backward(loss, **kw):
-        marks.setdefault("first_backward", time.perf_counter())
-        return real_backward(loss, **kw)
-    trainer.accelerator.backward = timed_backward
+    marks = instrument(trainer, mod, tok.pad_token_id)
     # a tiny warm-up generate (kernels, allocator), as our side gets
     with torch.no_grad():
         trainer.model.policy.generate(torch.tensor([ids[0]]), max_new_tokens=2, do_sample=False,
                                       pad_token_id=tok.pad_token_id)
+    marks["optimizer_steps"] = 0
     t0 = time.perf_counter()
     trainer.train()
     end = time.perf_counter()
-    n_trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    result = {
-        "side": "trl", "trl": trl.__version__, "wall_s": end - t0, "load_s": load_s,
-        "time_generate": marks.get("gen_s"),
-        "time_score": marks["first_backward"] - marks["gen_end"],
-        "time_train": end - marks["first_backward"],
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "rss_after_load_mb": rss_loaded, "trainable_params": n_trainable,
+    marks["hook"].remove()
+    inner = trainer.accelerator.unwrap_model(trainer.model)
+    print("RESULT " + json.dumps({
+        "side": f"trl-{variant}", "variant": variant, "trl": trl.__version__,
+        "wall_s": end - t0, "load_s": load_s, "threads": torch.get_num_threads(),
+        "time_generate": marks["gen_s"],
+        "time_score": marks["train_start"] - marks["gen_end"],
+        "time_train": end - marks["train_start"],
+        # the former split (to the first backward), which held the first training forward
+        "time_score_to_first_backward": marks["first_backward"] - marks["gen_end"],
+        "peak_rss_mb": peak_rss_mb(), "rss_after_load_mb": rss_loaded,
+        "peak_rss_generate_mb": marks["rss_generate"], "peak_rss_score_mb": marks["rss_score"],
+        "peak_rss_train_mb": peak_rss_mb(),
+        "tokens": marks["tokens"], "optimizer_steps": marks["optimizer_steps"],
+        "trainable_params": sum(p.numel() for p in inner.parameters() if p.requires_grad),
+        "value_trainable_params": sum(p.numel() for p in inner.value_model.parameters()
+                                      if p.requires_grad),
+        "value_model_class": type(inner.value_model).__name__,
+        "gradient_checkpointing": {"args": bool(trainer.args.activation_checkpointing),
+                                   **marks.get("checkpointing", {})},
         "sequences": len(ids), "device": "cuda" if cuda else "cpu",
-    }
-    print("RESULT " + json.dumps(result), flush=True)
+        "versions": package_versions(),
+    }), flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])
