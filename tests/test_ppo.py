@@ -178,10 +178,10 @@ def test_select_drops_padding_columns_without_changing_the_math(runtime):
 def test_logprobs_recorded_while_sampling_equal_a_full_forward(runtime):
     """The sampler's own log-probs / entropies (old log-probs without a policy pass) match a
     recompute over query + response, at temperature != 1 and over generate() chunks that stop
-    at different lengths (each chunk's record is padded to the rollout's width). In float32:
-    the only decode precision that records (rlhf_core/decoding.py)."""
+    at different lengths (each chunk's record is padded to the rollout's width). A rollout that
+    records decodes in float32 whatever sampling.decode_dtype says (rlhf_core/decoding.py)."""
     runtime.config = replace(runtime.config, sampling=replace(runtime.config.sampling,
-                                                              decode_dtype="float32"))
+                                                              decode_dtype="bfloat16"))
     config = replace(TINY, prompts_per_round=6, max_new_tokens=10, temperature=0.7,
                      generation_batch_size=3)
     plan = Plan(1, 0, seed=5, kl_coef=0.05)

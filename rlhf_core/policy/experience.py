@@ -60,11 +60,14 @@ def rollout_step(runtime, config: PPOConfig, plan: Plan, dist, prompts=None, *,
     seeds = [plan.seed * 10_007 + g for g in range(lo, lo + n)]  # one noise stream per row
     model = runtime.model
     model.set_adapter("policy")
-    dtype = decode_dtype(runtime.config.sampling.decode_dtype, runtime.device.device)
-    # the sampling step's log-probs are a forward pass's only in float32: else the forward
-    # step computes them (the round's importance ratios use that precision on both sides)
-    record = (config.logprobs_from_sampling and runtime.device.mixed_precision != "bf16"
-              and dtype == torch.float32)
+    # Old log-probs from the sampling step itself need float32 decoding (only then do they
+    # equal a forward pass). Measured (bench/b9_algorithms_trl.py, GRPO round): bf16 decoding
+    # saved 3-4 s of generation but its float32 forward for the old log-probs cost 8-9 s (69.3
+    # vs 58.4 s a round), so a rollout that can record decodes in float32; the rest decode at
+    # sampling.decode_dtype and the forward step computes the log-probs.
+    record = config.logprobs_from_sampling and runtime.device.mixed_precision != "bf16"
+    dtype = (torch.float32 if record
+             else decode_dtype(runtime.config.sampling.decode_dtype, runtime.device.device))
     with autocast(runtime.device):
         return generate(model, runtime.tokenizer, rows[lo:lo + n], seeds,
                         max_new_tokens=config.max_new_tokens, temperature=config.temperature,
