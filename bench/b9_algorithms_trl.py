@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from bench import common
+from bench.b9_trl_side import count_optimizer_steps
 
 ALGORITHMS = ("grpo", "rloo", "dpo")
 TRL_TRAINER = {"grpo": "trl.GRPOTrainer", "rloo": "trl.RLOOTrainer",
@@ -123,23 +124,8 @@ def ours_side(ws: Path, algorithm: str, quick: bool, decode: str | None = None) 
             "peak_rss_mb": common.peak_rss_mb()}
 
 
-def count_optimizer_steps(model=None) -> dict:
-    """Counts every optimizer step of this process (a global torch hook: the same count on both
-    sides, whatever the trainer's own bookkeeping says)."""
-    from torch.optim.optimizer import register_optimizer_step_post_hook
-    steps = {"n": 0, "checkpointing": None}
-
-    def hook(optimizer, args, kwargs):
-        steps["n"] += 1
-        if steps["n"] == 1 and model is not None:  # the layers' state while training
-            steps["checkpointing"] = checkpointing_active(model)
-    register_optimizer_step_post_hook(hook)
-    return steps
-
-
-def checkpointing_active(model) -> bool:
-    """True when any layer recomputes its activations (transformers' own flag per layer)."""
-    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+# count_optimizer_steps / checkpointing_active: one copy, in b9_trl_side.py (stdlib-only at
+# import time, so both venvs can import it)
 
 
 # -- orchestration -------------------------------------------------------------------------
