@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_core.advantages import entropy_from_logp
+from rlhf_core.models import pad_sequences
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 ARCHITECTURES = ("llama", "mistral", "qwen2")
@@ -331,13 +332,8 @@ def _loop(model, queries, sampler: Sampler, *, max_new_tokens, stop_ids, pad_id,
         distinct.setdefault(tuple(q), len(distinct))
     first = torch.tensor([distinct[tuple(q)] for q in queries], device=device)  # (B,)
     uniq = [list(q) for q in distinct]
-    P = max(len(q) for q in uniq)
-    ids = torch.full((len(uniq), P), pad_id, dtype=torch.long)
-    attn = torch.zeros(len(uniq), P, dtype=torch.long)
-    for j, q in enumerate(uniq):
-        ids[j, P - len(q):] = torch.tensor(q, dtype=torch.long)
-        attn[j, P - len(q):] = 1
-    ids, attn = ids.to(device), attn.to(device)
+    ids, attn = pad_sequences(uniq, pad_id, side="left")  # (U,P)
+    ids, attn, P = ids.to(device), attn.to(device), ids.shape[1]
     L = P + max_new_tokens
     # positions count real tokens only (left padding), as generate() does
     pos = (attn.cumsum(dim=1) - 1).clamp(min=0)  # (U,P)
@@ -386,11 +382,7 @@ def _loop(model, queries, sampler: Sampler, *, max_new_tokens, stop_ids, pad_id,
 
 
 def _hf_generate(model, queries, sampler: Sampler, *, max_new_tokens, stop_ids, pad_id, device):
-    ids = torch.full((len(queries), max(len(q) for q in queries)), pad_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    for j, q in enumerate(queries):
-        ids[j, ids.shape[1] - len(q):] = torch.tensor(q, dtype=torch.long)
-        attn[j, ids.shape[1] - len(q):] = 1
+    ids, attn = pad_sequences(queries, pad_id, side="left")  # (B,P)
     out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
                          do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
                          eos_token_id=sorted(stop_ids), pad_token_id=pad_id,

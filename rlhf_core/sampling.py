@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from rlhf_core import decoding
 from rlhf_core.config import SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,6 @@ def generate(model, tokenizer, prompts: list[str], *, n: int, cfg: SamplingConfi
              seed: int, device=None, progress=None) -> list[list[Sample]]:
     """n samples for each prompt, decoded in chunks of `cfg.batch_size` sequences
     (rlhf_core/decoding.py; one noise stream per sequence, seeded from `seed`)."""
-    from rlhf_core import decoding
     device = device or next(model.parameters()).device
     stops = stop_token_ids(tokenizer, model)
     dtype = decoding.decode_dtype(cfg.decode_dtype, device)
@@ -101,11 +101,9 @@ def generate(model, tokenizer, prompts: list[str], *, n: int, cfg: SamplingConfi
 
 
 def _to_sample(tokenizer, ids: list[int], stops: list[int]) -> Sample:
-    for pos, tok in enumerate(ids):
-        if tok in stops:
-            return Sample(tokenizer.decode(ids[:pos], skip_special_tokens=True).strip(),
-                          pos + 1, "stop")
-    return Sample(tokenizer.decode(ids, skip_special_tokens=True).strip(), len(ids), "length")
+    cut, stopped = decoding.cut_after_stop(ids, set(stops))
+    text = tokenizer.decode(cut[:-1] if stopped else cut, skip_special_tokens=True).strip()
+    return Sample(text, len(cut), "stop" if stopped else "length")
 
 
 def dedupe(samples: list[Sample]) -> tuple[list[Sample], int]:
