@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import copy
 import json
-import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench.common import package_versions, peak_rss_mb  # stdlib-only at import
 
 
 def vm_rss_mb() -> float:
@@ -42,21 +43,6 @@ def vm_rss_mb() -> float:
     return 0.0
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def package_versions() -> dict:
-    """The same names as bench.common.package_versions() on our side, plus trl and datasets."""
-    import importlib.metadata as md
-    out = {}
-    for name in ("torch", "transformers", "peft", "accelerate", "gradio", "sqlite-utils", "trl",
-                 "datasets"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 def merged_reward_model(spec, dtype):
@@ -232,7 +218,7 @@ def main(spec_path: str, variant: str = "full") -> None:
         "gradient_checkpointing": {"args": bool(trainer.args.activation_checkpointing),
                                    **marks.get("checkpointing", {})},
         "sequences": len(ids), "device": "cuda" if cuda else "cpu",
-        "versions": package_versions(),
+        "versions": package_versions(("trl", "datasets")),
     }), flush=True)
 
 

@@ -19,16 +19,7 @@ import sys
 import tempfile
 import time
 
-
-def versions() -> dict:
-    import importlib.metadata as md
-    out = {}
-    for name in ("trl", "torch", "transformers", "peft", "accelerate", "datasets"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
-    return out
+from bench.common import package_versions  # stdlib-only at import
 
 
 def count_generation(stop_ids: set[int]) -> dict:
@@ -187,7 +178,7 @@ def main(spec_path: str, algorithm: str) -> None:
         "reward_model_mean": sum(scores) / len(scores) if scores else None,
         "reward_model_scored": len(scores),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "versions": versions()}), flush=True)
+        "versions": package_versions(("trl", "datasets"))}), flush=True)
 
 
 if __name__ == "__main__":

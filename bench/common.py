@@ -58,11 +58,12 @@ def machine() -> dict:
             "packages": package_versions()}
 
 
-def package_versions() -> dict:
-    """Our side's versions of what a result depends on (a peer records its own venv's)."""
+def package_versions(extra: tuple[str, ...] = ()) -> dict:
+    """Versions of what a result depends on, None where not installed: our side's packages,
+    plus `extra` (a TRL side adds ("trl", "datasets") and records its own venv's)."""
     import importlib.metadata as md
     out = {}
-    for name in ("torch", "transformers", "peft", "accelerate", "gradio", "sqlite-utils"):
+    for name in ("torch", "transformers", "peft", "accelerate", "gradio", "sqlite-utils", *extra):
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:
