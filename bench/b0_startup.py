@@ -68,7 +68,6 @@ def run(quick: bool = False, repeats: int = 3) -> dict:
             "first_item_s_min": firsts[0], "first_item_s_max": firsts[-1],
             "first_item_s_runs": [r["first_item_s"] for r in runs]}
     return {"name": "b0_startup", "cold": cold, "warm": warm, "machine": common.machine(),
-            "packages": common.package_versions(),
             "note": "rlhf up on a new workspace -> first item from /get_item; cold: the first "
                     "start on a machine (the one-time GGUF conversion into the user's model "
                     "cache); warm: a new workspace once that copy exists"}

@@ -30,13 +30,7 @@ TINY = PPOConfig(prompts_per_round=4, rollouts_per_prompt=2, max_new_tokens=8, e
                  minibatch_size=4, lr=1e-2, kl_coef=0.05, generation_batch_size=8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are faster on one thread, and the machine's cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -52,13 +52,7 @@ def assert_learned(metrics: dict, prefix: str = "heldout") -> None:
     assert metrics[f"{prefix}_mean_p_chosen"] >= MIN_P_CHOSEN, metrics
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and lose a lot beside other jobs on 2 cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def seed_rankings(store, n: int, *, start: int = 0, flip_train: bool = False,
