@@ -21,7 +21,7 @@ from rlhf_core.policy.rounds import ROUNDS, policy_round
 from rlhf_core.policy.setup import Plan, PPOHealthError, SingleProcess, adapter_params
 from rlhf_core.worker.run import run_one
 from rlhf_core.workspace import open_workspace
-from tests.test_ppo import (  # noqa: F401 (ppo_model_dir, runtime, one_thread are fixtures)
+from tests.test_ppo import (  # noqa: F401 (ppo_model_dir, runtime are fixtures)
     ROOT,
     TINY,
     direction_reward,
@@ -30,11 +30,12 @@ from tests.test_ppo import (  # noqa: F401 (ppo_model_dir, runtime, one_thread a
     low_id_reward,
     make_runtime,
     nan_reward,
-    one_thread,
     policy_logprobs,
     ppo_model_dir,
     runtime,
 )
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # 4 prompts x 2 = 8 sequences a round; the critic-free rounds spend them as 2 prompts x G = 4
 SMALL = replace(TINY, group_size=4)
