@@ -155,6 +155,10 @@ class PPOConfig:
     clip_eps: float = 0.2
     value_clip_eps: float = 0.2
     vf_coef: float = 0.1
+    # the critic: "adapter" = its own `value` LoRA adapter + head (DESIGN.md's four roles);
+    # "trunk" = a value head on the policy adapter's hidden states (detached: the value loss
+    # trains the head only), trained in the policy's one forward/backward per minibatch
+    critic: str = "adapter"
     gamma: float = 1.0
     lam: float = 0.95
     epochs: int = 2
@@ -294,6 +298,7 @@ LIMITS = {
     "ppo.max_kl": POSITIVE, "ppo.max_approx_kl": POSITIVE, "ppo.seed": AT_LEAST_0,
     "ppo.max_prompt_tokens": AT_LEAST_1, "ppo.generation_batch_size": AT_LEAST_1,
     "ppo.group_size": Range(2), "ppo.grpo_scale": OneOf(("std", "none")),
+    "ppo.critic": OneOf(("adapter", "trunk")),
     "ppo.dpo_beta": POSITIVE, "ppo.dpo_label_smoothing": Range(0, 0.5),
     "ppo.dpo_human_share": Range(0, 0.9),
     "loop.retrain_every": AT_LEAST_1, "loop.ab_fraction": SHARE,

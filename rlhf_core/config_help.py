@@ -68,6 +68,8 @@ HELP = {
     "ppo.clip_eps": "PPO ratio clip",
     "ppo.value_clip_eps": "value clip around the old values",
     "ppo.vf_coef": "weight of the value loss",
+    "ppo.critic": "PPO's critic: adapter (its own value adapter + head) or trunk (a value "
+                  "head on the policy's detached hidden states: one forward/backward a step)",
     "ppo.gamma": "discount",
     "ppo.lam": "GAE lambda",
     "ppo.epochs": "passes over a round's rollouts",

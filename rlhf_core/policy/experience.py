@@ -29,6 +29,7 @@ from rlhf_core.policy.rollout import (
     critic_values,
     generate,
     policy_logprobs,
+    trunk_forward,
 )
 from rlhf_core.policy.setup import Plan, PPOHealthError, aborted
 
@@ -107,16 +108,30 @@ def score_step(runtime, rollout: Rollout, config: PPOConfig, score_fn, *,
 @torch.no_grad()
 def forward_step(runtime, rollout: Rollout, config: PPOConfig, *, critic: bool = True) -> None:
     """Fill `ref_logprobs`, `values` (with `critic`) and, unless recorded while sampling,
-    `logprobs` and `entropy`: one chunk of `minibatch_size` rows at a time, 0 on padding."""
+    `logprobs` and `entropy`: one chunk of `minibatch_size` rows at a time, 0 on padding.
+    A trunk critic reads the policy adapter's hidden states: one pass gives the policy's
+    log-probs and its values (or only the values, without the LM head, when recorded)."""
     model = runtime.model
     chunks = list(_chunks(len(rollout), config.minibatch_size))
     recorded = rollout.logprobs is not None
+    trunk = critic and config.critic == "trunk"
     parts = {"ref_logprobs": []} | ({"values": []} if critic else {}) | (
         {} if recorded else {"logprobs": [], "entropy": []})
     with autocast(runtime.device):
         for idx in chunks:
             batch = rollout.select(idx)
-            if not recorded:
+            if trunk:
+                model.set_adapter("policy")
+                if recorded:
+                    values = critic_values(model, runtime.heads["value"], batch)
+                else:
+                    logprobs, entropy, values = trunk_forward(
+                        model, runtime.heads["value"], batch, config.temperature,
+                        with_entropy=True)
+                    parts["logprobs"].append(logprobs.float())
+                    parts["entropy"].append(entropy.float())
+                parts["values"].append(values.float())
+            elif not recorded:
                 model.set_adapter("policy")
                 logprobs, entropy = policy_logprobs(model, batch, config.temperature,
                                                     with_entropy=True)
@@ -125,7 +140,7 @@ def forward_step(runtime, rollout: Rollout, config: PPOConfig, *, critic: bool =
             with runtime.reference():
                 ref_logprobs, _ = policy_logprobs(model, batch, config.temperature)
             parts["ref_logprobs"].append(ref_logprobs.float())
-            if critic:
+            if critic and not trunk:
                 model.set_adapter("value")
                 parts["values"].append(critic_values(model, runtime.heads["value"], batch).float())
     model.set_adapter("policy")

@@ -13,7 +13,7 @@ from rlhf_core import models
 from rlhf_core.advantages import AdaptiveKLController
 from rlhf_core.checkpoints import publish
 from rlhf_core.config import PPOConfig, to_dict
-from rlhf_core.policy.setup import Plan
+from rlhf_core.policy.setup import TRUNK, Plan
 
 
 # -- 6. publish ---------------------------------------------------------------------------------------
@@ -26,6 +26,7 @@ def publish_step(runtime, config: PPOConfig, plan: Plan, stats: dict, dist, out,
         stats["kl_coef_next"] = ctl.update(stats["kl"], stats["n_sequences"])
     else:
         stats["kl_coef_next"] = plan.kl_coef
+    trunk = critic and config.critic == "trunk"
     if critic:
         stats["critic_init"] = plan.critic_init
     result = {"status": "published", "version": plan.version, "parent": plan.parent,
@@ -37,10 +38,12 @@ def publish_step(runtime, config: PPOConfig, plan: Plan, stats: dict, dist, out,
 
         def write(tmp: Path) -> None:
             models.save_adapter(model, "policy", tmp)
-            if critic:
-                models.save_adapter(model, "value", tmp)
+            if critic:  # a trunk critic is its head alone (it reads the policy's states)
+                if not trunk:
+                    models.save_adapter(model, "value", tmp)
                 models.save_head(runtime.heads["value"], tmp / "value",
-                                 meta={"role": "value", "version": plan.version})
+                                 meta={"role": "value", "version": plan.version,
+                                       "critic": config.critic})
 
         manifest = {k: result[k] for k in ("version", "parent", "reward_version", "algorithm")}
         manifest |= {"kind": "policy", "config": settings, "metrics": stats,
@@ -55,7 +58,7 @@ def publish_step(runtime, config: PPOConfig, plan: Plan, stats: dict, dist, out,
     dist.barrier()  # other ranks return once the version exists
     runtime.loaded["policy"] = plan.version
     if critic:
-        runtime.loaded["value"] = plan.version
+        runtime.loaded["value"] = (TRUNK, plan.version) if trunk else plan.version
     out.progress(1.0, f"published policy v{plan.version}")
     return result
 

@@ -124,8 +124,11 @@ def setup_actor(runtime, plan: Plan) -> dict:
 
 
 def setup_actor_critic(runtime, plan: Plan, config: PPOConfig) -> dict:
-    """Make `policy` hold the parent version and `value` + head the critic; return a snapshot."""
+    """Make `policy` hold the parent version and `value` + head the critic (with `ppo.critic =
+    "trunk"`: a value head on the policy's own hidden states); return a snapshot."""
     model = runtime.model
+    if config.critic == "trunk":
+        return setup_trunk_critic(runtime, plan)
     setup_actor(runtime, plan)
     parent_dir = runtime.policy_dir(plan.parent) / "value" if plan.parent else None
     if runtime.loaded.get("value") == plan.parent and plan.parent and "value" in runtime.heads:
@@ -139,6 +142,43 @@ def setup_actor_critic(runtime, plan: Plan, config: PPOConfig) -> dict:
         init_critic(runtime, plan)
     model.set_adapter("policy")
     return snapshot_adapters(runtime)
+
+
+TRUNK = "trunk"  # runtime.loaded["value"] names a trunk head as ("trunk", version)
+
+
+def check_trunk_model(model) -> None:
+    """The trunk critic computes the LM head's logits itself (`rollout.trunk_forward`): only for
+    models whose logits are the plain projection of the last hidden state."""
+    cfg = model.get_base_model().config
+    odd = [k for k in ("final_logit_softcapping", "logit_scale") if getattr(cfg, k, None)]
+    if odd:
+        raise ValueError(f"ppo.critic=trunk does not support {cfg.model_type} ({', '.join(odd)} "
+                         "on its logits): use ppo.critic=adapter")
+
+
+def setup_trunk_critic(runtime, plan: Plan) -> dict:
+    """`policy` holds the parent version; the critic is a value head on its hidden states:
+    the parent's head when the parent was trained with one, else a fresh head (a reward head
+    reads the reward adapter's features, not the policy's). Returns a snapshot."""
+    check_trunk_model(runtime.model)
+    setup_actor(runtime, plan)
+    parent_dir = runtime.policy_dir(plan.parent) / "value" if plan.parent else None
+    if runtime.loaded.get("value") == (TRUNK, plan.parent) and plan.parent:
+        plan.critic_init = "continued"
+    elif (parent_dir is not None and (parent_dir / models.HEAD_FILE).exists()
+          and not (parent_dir / "adapter_model.safetensors").exists()):
+        runtime.heads["value"] = models.load_head(parent_dir, runtime.hidden_size,
+                                                  runtime.device.device)
+        runtime.loaded["value"] = (TRUNK, plan.parent)
+        plan.critic_init = "continued"
+    else:
+        runtime.heads["value"] = models.ScalarHead(runtime.hidden_size, seed=plan.seed + 1).to(
+            runtime.device.device)
+        runtime.loaded["value"] = (TRUNK, -1)  # not a published head
+        plan.critic_init = "fresh"
+    snap = snapshot_adapters(runtime, roles=("policy",))
+    return snap | {"head": copy.deepcopy(runtime.heads["value"].state_dict())}
 
 
 def init_critic(runtime, plan: Plan) -> None:

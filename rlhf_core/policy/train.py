@@ -15,7 +15,13 @@ import torch
 
 from rlhf_core.config import PPOConfig
 from rlhf_core.losses import ppo_policy_loss, ppo_value_loss
-from rlhf_core.policy.rollout import Rollout, autocast, critic_values, policy_logprobs
+from rlhf_core.policy.rollout import (
+    Rollout,
+    autocast,
+    critic_values,
+    policy_logprobs,
+    trunk_forward,
+)
 from rlhf_core.policy.setup import Plan, PPOHealthError, aborted, adapter_params
 
 
@@ -30,8 +36,10 @@ def train_step(runtime, rollout: Rollout, config: PPOConfig, plan: Plan, dist, o
                objective=ppo_objective, critic: bool = True) -> dict:
     model = runtime.model
     policy = list(adapter_params(model, "policy").values())
-    critic_params = (list(adapter_params(model, "value").values())
-                     + list(runtime.heads["value"].parameters())) if critic else []
+    head = list(runtime.heads["value"].parameters()) if critic else []
+    # a trunk critic is the value head alone on the policy's hidden states
+    critic_params = (head if config.critic == "trunk"
+                     else list(adapter_params(model, "value").values()) + head)
     params = policy + critic_params
     mb = config.minibatch_size // dist.world_size  # this rank's share of a minibatch
     if mb < 1:
@@ -88,11 +96,49 @@ def minibatch_update(runtime, batch: Rollout, config: PPOConfig, dist, params, p
                      critic, *, objective=ppo_objective, plan: Plan | None = None) -> dict:
     """Backward of the objective (+ vf_coef * vf_loss with a critic), each a global token mean,
     then all-reduce and clip."""
-    model = runtime.model
     n_tokens = batch.mask.sum()
     global_tokens = dist.sum(n_tokens.clone())
     # each rank's masked mean, re-weighted so the mean over ranks is the global token mean
     scale = n_tokens * dist.world_size / global_tokens
+    if critic and config.critic == "trunk":
+        local = _trunk_losses(runtime, batch, config, policy + critic, scale, objective, plan)
+    else:
+        local = _two_pass_losses(runtime, batch, config, policy, critic, scale, objective, plan)
+    grad_norm = reduce_and_clip(dist, params, config.max_grad_norm)
+    # token-weighted means over ranks: equal to the single-process minibatch's statistics
+    stats = {k: (dist.sum(v.float() * n_tokens) / global_tokens).item() for k, v in local.items()}
+    if critic:
+        stats["loss"] += config.vf_coef * stats["vf_loss"]
+    stats["grad_norm"] = grad_norm
+    return stats
+
+
+def _trunk_losses(runtime, batch: Rollout, config: PPOConfig, params, scale, objective,
+                  plan) -> dict:
+    """`ppo.critic = "trunk"`: one forward of the policy adapter feeds the LM head and the value
+    head; one backward of `pg_loss + vf_coef * vf_loss` (the head reads detached hidden
+    states: the value loss trains the head alone)."""
+    model = runtime.model
+    with autocast(runtime.device):
+        model.set_adapter("policy")
+        logprobs, entropy, values = trunk_forward(model, runtime.heads["value"], batch,
+                                                  config.temperature, with_entropy=True)
+        pg_loss, pg_stats = objective(logprobs, batch, config, plan)
+        vf_loss, vf_stats = ppo_value_loss(values, batch.values, batch.returns, batch.mask,
+                                           config.value_clip_eps)
+    backward_if_finite((pg_loss + config.vf_coef * vf_loss) * scale, params)
+    return {"loss": pg_loss.detach(), "pg_loss": pg_loss.detach(),
+            "entropy": (entropy * batch.mask).sum() / batch.mask.sum(), **pg_stats,
+            "vf_loss": vf_loss.detach(), **vf_stats}
+
+
+def _two_pass_losses(runtime, batch: Rollout, config: PPOConfig, policy, critic, scale,
+                     objective, plan) -> dict:
+    """The policy's forward/backward with `policy` active, then (with a critic) the value
+    adapter's with `value` active: disjoint parameters, so the summed gradients are those of
+    `pg_loss + vf_coef * vf_loss`."""
+    model = runtime.model
+    n_tokens = batch.mask.sum()
     with autocast(runtime.device):
         model.set_adapter("policy")
         logprobs, entropy = policy_logprobs(model, batch, config.temperature, with_entropy=True)
@@ -109,13 +155,7 @@ def minibatch_update(runtime, batch: Rollout, config: PPOConfig, dist, params, p
                                                config.value_clip_eps)
         backward_if_finite(config.vf_coef * vf_loss * scale, critic)
         local |= {"vf_loss": vf_loss.detach(), **vf_stats}
-    grad_norm = reduce_and_clip(dist, params, config.max_grad_norm)
-    # token-weighted means over ranks: equal to the single-process minibatch's statistics
-    stats = {k: (dist.sum(v.float() * n_tokens) / global_tokens).item() for k, v in local.items()}
-    if critic:
-        stats["loss"] += config.vf_coef * stats["vf_loss"]
-    stats["grad_norm"] = grad_norm
-    return stats
+    return local
 
 
 def reduce_and_clip(dist, params, max_grad_norm: float) -> float:
