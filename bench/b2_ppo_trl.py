@@ -112,7 +112,7 @@ def instrument_ours(model) -> dict:
     return marks
 
 
-def ours_side(ws: Path, quick: bool, decode: str | None = None) -> dict:
+def ours_side(ws: Path, quick: bool, decode: str | None = None, critic: str = "adapter") -> dict:
     import torch
 
     from rlhf_core.decoding import decode_dtype
@@ -121,7 +121,7 @@ def ours_side(ws: Path, quick: bool, decode: str | None = None) -> dict:
     from rlhf_core.workspace import open_workspace
     threads = common.set_threads()
     store, cfg = open_workspace(ws, **({"sampling.decode_dtype": decode} if decode else {}))
-    config = ppo_config(quick)
+    config = dataclasses.replace(ppo_config(quick), critic=critic)
     t_load = time.perf_counter()
     runtime = Runtime(store, cfg, cpu=not _cuda())
     model = runtime.model
@@ -155,8 +155,13 @@ def ours_side(ws: Path, quick: bool, decode: str | None = None) -> dict:
             "trainable_params": n_trainable + n_head, "value_trainable_params": n_value + n_head,
             "gradient_checkpointing": {"config": config.gradient_checkpointing,
                                        "while_training": marks.get("checkpointing")},
-            "decode_dtype": str(decode_dtype(cfg.sampling.decode_dtype, runtime.device.device)),
-            "sequences": m["n_sequences"], "status": res["status"],
+            # what the rollout decoded in: float32 when it records the old log-probs (the
+            # default since the B9 fix), else sampling.decode_dtype
+            "decode_dtype": str(torch.float32 if config.logprobs_from_sampling
+                                and runtime.device.mixed_precision != "bf16"
+                                else decode_dtype(cfg.sampling.decode_dtype,
+                                                  runtime.device.device)),
+            "critic": config.critic, "sequences": m["n_sequences"], "status": res["status"],
             "versions": common.package_versions()}
 
 
@@ -177,11 +182,14 @@ def _sub(cmd: list, env=None, timeout=3600) -> dict:
     return json.loads(line[-1][7:])
 
 
-# ours: the project's defaults (sampling.decode_dtype=auto: on a CPU with native bf16 the rollout
-# decodes with bf16 weights, and the old log-probs then come from a float32 forward in the
-# score phase); ours-f32: float32 decoding, TRL's precision in every phase (the same work)
-SIDES = ("ours", "ours-f32", "trl-full", "trl-lora")
-OURS = ("ours", "ours-f32")
+# ours: the project's defaults (a rollout that records its old log-probs decodes in float32
+# since the B9 fix; before it, sampling.decode_dtype=auto decoded rollouts in bf16 here and
+# paid a float32 forward for the old log-probs); ours-f32: float32 decoding forced (the same
+# as ours now; kept to compare with results of before the fix); ours-trunk: the defaults with
+# ppo.critic=trunk (a value head on the policy's hidden states, no value adapter)
+SIDES = ("ours", "ours-f32", "ours-trunk", "trl-full", "trl-lora")
+DEFAULT_SIDES = ("ours", "ours-trunk", "trl-full", "trl-lora")
+OURS = ("ours", "ours-f32", "ours-trunk")
 PEERS = ("trl-full", "trl-lora")
 PHASES = ("wall_s", "time_generate", "time_score", "time_train")
 KEYS = PHASES + ("peak_rss_mb", "peak_rss_generate_mb", "peak_rss_score_mb",
@@ -193,7 +201,8 @@ def run_side(side: str, ws: Path, spec_path: Path, trl_py: Path, quick: bool) ->
     if side in OURS:
         res = _sub([sys.executable, "-m", "bench.b2_ppo_trl", "--side", str(ws)]
                    + (["--quick"] if quick else [])
-                   + (["--decode-dtype", "float32"] if side == "ours-f32" else []))
+                   + (["--decode-dtype", "float32"] if side == "ours-f32" else [])
+                   + (["--critic", "trunk"] if side == "ours-trunk" else []))
     else:
         res = _sub([str(trl_py), "-m", "bench.b2_trl_side", str(spec_path),
                     side.split("-", 1)[1]])
@@ -219,7 +228,7 @@ def ratios(ours: list[dict], peer: list[dict]) -> dict:
     return out
 
 
-def run(quick: bool = False, reps: int | None = None, sides=SIDES) -> dict:
+def run(quick: bool = False, reps: int | None = None, sides=DEFAULT_SIDES) -> dict:
     from bench import trl_env
     trl_py = trl_env.ensure("ppo")
     cfg = ppo_config(quick)
@@ -344,18 +353,21 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reps", type=int, help="runs per side (default 3, --quick 1)")
-    ap.add_argument("--sides", default=",".join(SIDES), help="comma-separated, of: "
+    ap.add_argument("--sides", default=",".join(DEFAULT_SIDES), help="comma-separated, of: "
                     + ", ".join(SIDES))
+    ap.add_argument("--out", default="b2_ppo_trl",
+                    help="results name (bench/results/NAME.json), e.g. for a run of some sides")
     ap.add_argument("--setup", help=argparse.SUPPRESS)
     ap.add_argument("--side", help=argparse.SUPPRESS)
     ap.add_argument("--decode-dtype", help=argparse.SUPPRESS)
+    ap.add_argument("--critic", default="adapter", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.setup:
         print("RESULT " + json.dumps(setup(Path(args.setup))), flush=True)
         return {}
     if args.side:
-        print("RESULT " + json.dumps(ours_side(Path(args.side), args.quick, args.decode_dtype)),
-              flush=True)
+        print("RESULT " + json.dumps(ours_side(Path(args.side), args.quick, args.decode_dtype,
+                                               args.critic)), flush=True)
         return {}
     sides = tuple(args.sides.split(","))
     if set(sides) - set(SIDES):
@@ -364,7 +376,7 @@ def main(argv=None) -> dict:
     res = run(args.quick, args.reps, sides)
     res["bench_seconds"] = round(time.perf_counter() - t0, 1)
     res["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    common.write_result("b2_ppo_trl", res)
+    common.write_result(args.out, res)
     print(json.dumps({k: res[k] for k in ("median", "speedup_by_pair", "memory_ratio_by_pair",
                                           "optimizer_steps", "decode_dtype")}, indent=1))
     return res

@@ -8,7 +8,8 @@
 Every algorithm gets a new workspace (OUT/ws-ALG) and the same `rlhf simulate` arguments (given
 after `--`) and seed, so round 1 ranks the same base-model batch; the runs are sequential, so
 their seconds are comparable (on a shared machine, only roughly). `--collect` rebuilds the table
-from OUT/ALG.json. Win-rate per minute = (win-rate - 0.5) per minute of policy-round time, the
+from OUT/ALG.json. `--algorithms` also takes `ppo-trunk` (PPO with `ppo.critic=trunk`).
+Win-rate per minute = (win-rate - 0.5) per minute of policy-round time, the
 gain over the reference bought by the round's compute (labeling and evaluation are the same
 work for every algorithm).
 """
@@ -22,9 +23,14 @@ import time
 from pathlib import Path
 
 
+# variants: a name -> the algorithm and its --set values
+VARIANTS = {"ppo-trunk": ("ppo", ["--set", "ppo.critic=trunk"])}
+
+
 def run(algorithm: str, out: Path, sim_args: list[str]) -> None:
+    base, settings = VARIANTS.get(algorithm, (algorithm, []))
     cmd = [sys.executable, "-m", "app.cli", "simulate", "--workspace", str(out / f"ws-{algorithm}"),
-           "--algorithm", algorithm, "--out", str(out / algorithm), *sim_args]
+           "--algorithm", base, "--out", str(out / algorithm), *sim_args, *settings]
     print("$", " ".join(cmd), flush=True)
     t0 = time.monotonic()
     subprocess.run(cmd, check=True)
