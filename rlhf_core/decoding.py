@@ -62,17 +62,30 @@ class Sampler:
     """Draws each row's next token from softmax(filtered logits / temperature), one seeded
     generator per row. With `record=True` it keeps, per row, the log-prob (at `temperature`,
     unfiltered: the policy's own) and entropy of every token it draws: a rollout's old
-    log-probs without a second forward pass."""
+    log-probs without a second forward pass. With a `value_head` it also keeps the head's value
+    of the hidden state that produced each draw's logits (the loop passes it; `model.generate`
+    cannot, so `recorded_values` is then None)."""
 
     def __init__(self, seeds: list[int], temperature: float, *, top_k: int = 0,
-                 top_p: float = 1.0, record: bool = False, device="cpu"):
+                 top_p: float = 1.0, record: bool = False, device="cpu", value_head=None):
         self.temperature, self.top_k, self.top_p, self.record = temperature, top_k, top_p, record
         self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
         self.logprobs: list[list[torch.Tensor]] = [[] for _ in seeds]  # per row, per step ()
         self.entropy: list[list[torch.Tensor]] = [[] for _ in seeds]
+        self.value_head = value_head
+        self.values: list[list[torch.Tensor]] = [[] for _ in seeds]
+        self.drawn = [0 for _ in seeds]  # tokens drawn per row
 
-    def pick(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        """(b,V) logits of the rows `rows` -> (b,) token ids."""
+    def pick(self, logits: torch.Tensor, rows: list[int],
+             hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """(b,V) logits of the rows `rows` -> (b,) token ids; `hidden` (b,H) the final hidden
+        states the logits came from (for `value_head`)."""
+        for r in rows:
+            self.drawn[r] += 1
+        if self.value_head is not None and hidden is not None:
+            v = self.value_head(hidden).float()  # (b,)
+            for j, r in enumerate(rows):
+                self.values[r].append(v[j])
         V = logits.shape[-1]
         scaled = logits.float() / self.temperature  # (b,V)
         u = torch.stack([torch.rand(V, generator=self.generators[r], device=logits.device)
@@ -94,6 +107,18 @@ class Sampler:
         picked = self.pick(scores, list(range(scores.shape[0])))
         out = torch.full_like(scores, float("-inf"))
         return out.scatter_(-1, picked[:, None], 0.0)
+
+    def recorded_values(self) -> torch.Tensor | None:
+        """(B,steps) values of the drawn tokens' preceding states, right-padded with 0; None
+        unless every draw had its hidden state (the hand-written loop, with a value head)."""
+        if self.value_head is None or any(len(v) != n for v, n in zip(self.values, self.drawn)):
+            return None
+        width = max(self.drawn + [1])
+        out = torch.zeros(len(self.values), width)
+        for i, v in enumerate(self.values):
+            if v:
+                out[i, :len(v)] = torch.stack(v).cpu()
+        return out
 
     def recorded(self, rows: range | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,steps) log-probs and entropies of the drawn tokens, each row right-padded with 0."""
@@ -298,7 +323,8 @@ def _rope(x, cos, sin):  # x (B,h,T,d); cos/sin (B,1,T,d)
 
 def _forward(w: Weights, cache: _Cache, tokens, start: int, cos, sin, key_bias):
     """Tokens (B,T) at cache positions [start, start+T) -> float32 logits (B,V) of the last
-    position. `key_bias` (B,1,T,start+T): 0 where a query may attend, -inf elsewhere."""
+    position and its final (normed) hidden state (B,H). `key_bias` (B,1,T,start+T): 0 where a
+    query may attend, -inf elsewhere."""
     B, T = tokens.shape
     nq, nk = w.n_heads * w.head_dim, w.n_kv * w.head_dim
     end = start + T
@@ -319,7 +345,7 @@ def _forward(w: Weights, cache: _Cache, tokens, start: int, cos, sin, key_bias):
         gate, up = w.linear(x, ly.gate_up).chunk(2, dim=-1)
         h = h + w.linear(F.silu(gate) * up, ly.down)
     last = F.rms_norm(h[:, -1], (h.shape[-1],), w.norm, w.eps)  # (B,H)
-    return w.linear(last, w.lm_head)  # (B,V)
+    return w.linear(last, w.lm_head), last  # (B,V), (B,H)
 
 
 @torch.no_grad()
@@ -348,17 +374,18 @@ def _loop(model, queries, sampler: Sampler, *, max_new_tokens, stop_ids, pad_id,
     prefill_bias = torch.zeros(len(uniq), 1, P, P, device=device).masked_fill(
         ~allowed[:, None], float("-inf"))  # a padding query sees itself: no empty row, no NaN
     cache = _Cache(len(weights.layers), len(uniq), weights.n_kv, L, weights.head_dim, device)
-    logits = _forward(weights, cache, ids, 0, cos[..., :P, :], sin[..., :P, :], prefill_bias)
+    logits, last = _forward(weights, cache, ids, 0, cos[..., :P, :], sin[..., :P, :],
+                            prefill_bias)
     # expand to one row per query
     cache.keep(first)
-    logits, cos, sin, keys = logits[first], cos[first], sin[first], keys[first]
+    logits, last, cos, sin, keys = logits[first], last[first], cos[first], sin[first], keys[first]
     key_bias = torch.zeros(len(queries), 1, 1, L, device=device).masked_fill(
         ~keys[:, None, None, :], float("-inf"))  # (B,1,1,L)
     rows = list(range(len(queries)))  # original index of each live row
     out: list[list[int]] = [[] for _ in queries]
     stops = set(stop_ids)
     for t in range(max_new_tokens):
-        picked = sampler.pick(logits, rows).tolist()
+        picked = sampler.pick(logits, rows, hidden=last).tolist()
         live = []
         for j, (r, tok) in enumerate(zip(rows, picked)):
             out[r].append(tok)
@@ -376,8 +403,8 @@ def _loop(model, queries, sampler: Sampler, *, max_new_tokens, stop_ids, pad_id,
             picked = [picked[j] for j in live]
         at = P + t  # the position of the token just drawn
         tok = torch.tensor(picked, device=device)[:, None]  # (b,1)
-        logits = _forward(weights, cache, tok, at, cos[..., at:at + 1, :], sin[..., at:at + 1, :],
-                          key_bias[..., :at + 1])
+        logits, last = _forward(weights, cache, tok, at, cos[..., at:at + 1, :],
+                                sin[..., at:at + 1, :], key_bias[..., :at + 1])
     return out
 
 

@@ -11,7 +11,7 @@ import torch
 
 from rlhf_core import models
 from rlhf_core.policy.ppo import ppo_round
-from rlhf_core.policy.rollout import critic_values, policy_logprobs, trunk_forward
+from rlhf_core.policy.rollout import critic_values, generate, policy_logprobs, trunk_forward
 from rlhf_core.policy.setup import adapter_params, check_trunk_model
 from rlhf_core.worker.runtime import Runtime
 from tests.test_ppo import (  # noqa: F401 (ppo_model_dir, runtime are fixtures)
@@ -51,6 +51,28 @@ def test_trunk_forward_equals_the_two_separate_forwards(runtime):
     assert (logprobs - base_lp).abs().max() > 1e-3  # it read the adapter, not the base
 
 
+def test_values_recorded_while_decoding_equal_a_forward(runtime):
+    """The decode loop's values (the head on the float32 hidden state that produced each
+    draw) equal `critic_values` over the finished rollout, padding 0; rows that stop early and
+    a repeated prompt included."""
+    model = runtime.model
+    with torch.no_grad():
+        for p in adapter_params(model, "policy").values():
+            p.normal_(0.0, 0.05)
+    head = models.ScalarHead(runtime.hidden_size, init_std=0.5, seed=2)
+    model.set_adapter("policy")
+    prompts = ["hello there", "say something about the sea", "hello there", "lists"]
+    rollout = generate(model, runtime.tokenizer, prompts, [1, 2, 3, 4], max_new_tokens=10,
+                       temperature=1.0, max_prompt_tokens=64, batch_size=4, device="cpu",
+                       record_logprobs=True, value_head=head)
+    assert rollout.values is not None and rollout.values.shape == rollout.mask.shape
+    with torch.no_grad():
+        expected = critic_values(model, head, rollout) * rollout.mask
+    torch.testing.assert_close(rollout.values, expected, rtol=1e-4, atol=1e-4)
+    assert expected.abs().max() > 0.1  # a head that says something
+    assert (rollout.values[rollout.mask == 0] == 0).all()
+
+
 def count_backbone_passes(model) -> list:
     calls = []
     base = model.get_base_model()
@@ -66,8 +88,11 @@ def test_trunk_round_publishes_a_head_only_critic_in_one_pass_per_minibatch(runt
     assert result["status"] == "published" and m["critic_init"] == "fresh"
     assert m["first_ratio"] == pytest.approx(1.0, abs=1e-5)  # still on-policy at step 1
     assert "value" not in runtime.model.peft_config  # no value adapter was made
-    # training: one forward (with grad) per minibatch, where the adapter critic needs two
+    # training: one forward (with grad) per minibatch, where the adapter critic needs two;
+    # scoring: the reference's forward per chunk of minibatch_size rows and nothing of the
+    # policy's (the decode loop recorded its log-probs and values)
     assert sum(calls) == m["ppo_steps"] == TINY.epochs * 2
+    assert calls.count(False) == 8 // TINY.minibatch_size
     for k in ("vf_loss", "explained_variance", "pg_loss", "entropy"):
         assert torch.isfinite(torch.tensor(m[k])), k
     path = Path(result["path"])

@@ -46,10 +46,12 @@ def rollout_prompts(data, n: int, seed: int) -> list[str]:
 
 
 def rollout_step(runtime, config: PPOConfig, plan: Plan, dist, prompts=None, *,
-                 per_prompt: int | None = None) -> Rollout:
+                 per_prompt: int | None = None, critic: bool = False) -> Rollout:
     """This rank's shard of prompts x `per_prompt` responses (default rollouts_per_prompt) from
     the policy, a prompt's responses contiguous. Without `prompts`, as many train prompts as
-    keep the round's budget of prompts_per_round x rollouts_per_prompt sequences."""
+    keep the round's budget of prompts_per_round x rollouts_per_prompt sequences. A trunk
+    critic's values are recorded while decoding too (`critic` and ppo.critic=trunk), from the
+    same float32 hidden states as the old log-probs."""
     per_prompt = per_prompt or config.rollouts_per_prompt
     n_prompts = max(1, config.prompts_per_round * config.rollouts_per_prompt // per_prompt)
     prompts = prompts or rollout_prompts(runtime.data, n_prompts, plan.seed)
@@ -74,7 +76,9 @@ def rollout_step(runtime, config: PPOConfig, plan: Plan, dist, prompts=None, *,
                         max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                         max_prompt_tokens=config.max_prompt_tokens,
                         batch_size=config.generation_batch_size, device=runtime.device.device,
-                        record_logprobs=record, dtype=dtype)
+                        record_logprobs=record, dtype=dtype,
+                        value_head=(runtime.heads["value"] if record and critic
+                                    and config.critic == "trunk" else None))
 
 
 def collect_experience(runtime, config: PPOConfig, plan: Plan, dist, score_fn, out,
@@ -83,7 +87,8 @@ def collect_experience(runtime, config: PPOConfig, plan: Plan, dist, score_fn, o
     """Steps 1-2: sample this rank's rollout, then score it; returns it with the two timings."""
     out.progress(0.02, f"v{plan.version}: generating")
     t0 = time.perf_counter()
-    rollout = rollout_step(runtime, config, plan, dist, prompts, per_prompt=per_prompt)  # 1.
+    rollout = rollout_step(runtime, config, plan, dist, prompts, per_prompt=per_prompt,
+                           critic=critic)  # 1.
     times = {"time_generate": time.perf_counter() - t0}
     out.progress(0.25, f"v{plan.version}: scoring")
     t0 = time.perf_counter()
@@ -115,12 +120,15 @@ def forward_step(runtime, rollout: Rollout, config: PPOConfig, *, critic: bool =
     chunks = list(_chunks(len(rollout), config.minibatch_size))
     recorded = rollout.logprobs is not None
     trunk = critic and config.critic == "trunk"
-    parts = {"ref_logprobs": []} | ({"values": []} if critic else {}) | (
+    values_recorded = trunk and recorded and rollout.values is not None
+    parts = {"ref_logprobs": []} | ({"values": []} if critic and not values_recorded else {}) | (
         {} if recorded else {"logprobs": [], "entropy": []})
     with autocast(runtime.device):
         for idx in chunks:
             batch = rollout.select(idx)
-            if trunk:
+            if values_recorded:
+                pass  # the decode loop gave log-probs and values: nothing of the policy's here
+            elif trunk:
                 model.set_adapter("policy")
                 if recorded:
                     values = critic_values(model, runtime.heads["value"], batch)

@@ -90,21 +90,25 @@ def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], seeds: list[int], *, max_new_tokens: int,
              temperature: float, max_prompt_tokens: int, batch_size: int, device,
-             record_logprobs: bool = False, dtype: torch.dtype = torch.float32) -> Rollout:
+             record_logprobs: bool = False, dtype: torch.dtype = torch.float32,
+             value_head=None) -> Rollout:
     """Sample one response per prompt (repeat prompts for several); `seeds` one per row
     (rlhf_core/decoding.py: a row's draw does not depend on its batch or its rank).
 
     `record_logprobs`: fill `logprobs` and `entropy` from the sampling step's own logits (exact
-    in float32 only: the caller asks for it only then)."""
+    in float32 only: the caller asks for it only then). `value_head`: also fill `values`, the
+    head on the hidden state before each response token (a trunk critic), when every chunk
+    ran the hand-written loop (else `values` stays None and the score step computes them)."""
     stop_ids = set(stop_token_ids(tokenizer, model))
     queries = [chat_ids(tokenizer, p, max_prompt_tokens) for p in prompts]
     responses: list[list[int]] = []
     has_stop: list[bool] = []
     recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
+    values: list[torch.Tensor | None] = []
     for start in range(0, len(prompts), batch_size):
         chunk = queries[start:start + batch_size]
         sampler = Sampler(seeds[start:start + batch_size], temperature, device=device,
-                          record=record_logprobs)
+                          record=record_logprobs, value_head=value_head)
         for cut, stopped in decode(model, chunk, sampler, max_new_tokens=max_new_tokens,
                                    stop_ids=stop_ids, pad_id=tokenizer.pad_token_id,
                                    device=device, dtype=dtype):
@@ -112,7 +116,11 @@ def generate(model, tokenizer, prompts: list[str], seeds: list[int], *, max_new_
             has_stop.append(stopped)
         if record_logprobs:
             recorded.append(sampler.recorded())
+        values.append(sampler.recorded_values())
     rollout = build_rollout(tokenizer, prompts, queries, responses, has_stop, device)
+    if value_head is not None and all(v is not None for v in values):
+        T = rollout.mask.shape[1]
+        rollout.values = cat_to_width(values, T).to(device) * rollout.mask
     if record_logprobs:  # chunks generate different lengths
         T = rollout.mask.shape[1]
         rollout.logprobs = cat_to_width([lp for lp, _ in recorded], T).to(device)
