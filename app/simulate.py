@@ -76,8 +76,17 @@ class RoundRow:
     distinct_2: float | None = None  # of the policy's held-out samples
     algorithm: str = ""
     policy_seconds: float | None = None  # the policy round job alone
+    policy_aborted: bool = False  # a health gate stopped the round: the parent kept serving
     seconds: float = 0.0
     notes: list = field(default_factory=list)
+
+
+class JobFailed(RuntimeError):
+    """A queued job ended failed or cancelled; `.job` is its row."""
+
+    def __init__(self, kind: str, job: dict):
+        super().__init__(f"{kind} job {job['id']} {job['status']}: {job['error']}")
+        self.job = job
 
 
 class AnnotatorGaveUp(RuntimeError):
@@ -211,7 +220,7 @@ class Simulation:
             job = jobs.get_job(self.store, job_id)
             if job["status"] in ("done", "failed", "cancelled"):
                 if job["status"] != "done":
-                    raise RuntimeError(f"{kind} job {job_id} {job['status']}: {job['error']}")
+                    raise JobFailed(kind, job)
                 return job["result"] or {}
             time.sleep(1.0)
         raise TimeoutError(f"{kind} job {job_id} did not finish in {timeout_s:.0f} s")
@@ -245,7 +254,16 @@ class Simulation:
         row.fresh_acc = metrics.get("fresh_accuracy")
         if reward.get("status") == "promoted" or self.store.current_version("reward"):
             t_policy = time.monotonic()
-            ppo = self.run_job("ppo_round", {"algorithm": self.cfg.loop.algorithm})
+            try:
+                ppo = self.run_job("ppo_round", {"algorithm": self.cfg.loop.algorithm})
+            except JobFailed as exc:  # a health gate: nothing published, the parent serves on
+                error = exc.job.get("error") or ""
+                if not error.startswith("PPOHealthError"):
+                    raise
+                ppo = {}
+                row.policy_aborted = True
+                row.notes.append("policy round aborted, nothing published: "
+                                 + error.split("nothing published: ", 1)[-1])
             row.policy_seconds = round(time.monotonic() - t_policy, 1)
             row.algorithm = ppo.get("algorithm", self.cfg.loop.algorithm)
             row.kl = (ppo.get("metrics") or {}).get("kl", ppo.get("kl"))
@@ -279,7 +297,8 @@ def format_table(rows: list[RoundRow]) -> str:
                      f"{r.comparisons:>4} {f(r.kl):>6} {f(r.mean_tokens, '.1f'):>6} "
                      f"{f(r.reference_tokens, '.1f'):>5} {f(r.distinct_2):>6} "
                      f"{r.algorithm or '-':>5} {f(r.policy_seconds, '.0f'):>8} {r.seconds:>6.0f}")
-    return "\n".join(lines) + "\n(* = candidate not promoted)"
+    notes = [f"round {r.round}: {n}" for r in rows for n in r.notes]
+    return "\n".join(lines + ["(* = candidate not promoted)"] + notes)
 
 
 def write_table(rows: list[RoundRow], out: Path) -> None:

@@ -179,6 +179,9 @@ class PPOConfig:
     # less per round); recomputed anyway under bf16, where incremental decoding and a full
     # forward round differently enough to move the first PPO ratio away from 1
     logprobs_from_sampling: bool = True
+    # the chat-template prefix every query starts with (system prompt, role markers) runs once
+    # per forward call and the rows share its keys/values (policy/rollout.response_states)
+    prefix_cache: bool = True
     # critic-free rounds (loop.algorithm grpo / rloo / dpo): the round's sample budget,
     # prompts_per_round x rollouts_per_prompt sequences, is spent as groups of `group_size`
     # samples of one prompt that are judged against each other (no value model)

@@ -68,6 +68,8 @@ HELP = {
     "ppo.clip_eps": "PPO ratio clip",
     "ppo.value_clip_eps": "value clip around the old values",
     "ppo.vf_coef": "weight of the value loss",
+    "ppo.prefix_cache": "run the prefix every query shares (system prompt) once per forward "
+                        "in scoring and training, the rows sharing its keys/values",
     "ppo.critic": "PPO's critic: adapter (its own value adapter + head) or trunk (a value "
                   "head on the policy's detached hidden states: one forward/backward a step)",
     "ppo.gamma": "discount",

@@ -97,3 +97,28 @@ def test_simulate_runs_the_chosen_algorithm(tmp_path, tiny_model_dir, judge_modu
     version = store.current_version("policy")
     assert version["version"] == 1 and version["config"]["algorithm"] == "dpo"
     assert "dpo" in simulate.format_table([row])
+
+
+def test_a_policy_round_stopped_by_a_health_gate_is_noted_and_the_run_goes_on(
+        tmp_path, tiny_model_dir, judge_module):
+    """A gate abort (here: every minibatch's approx_kl above a tiny max_approx_kl) publishes
+    nothing; the run records it in the round's notes and goes on to the next round instead of
+    losing the run."""
+    ws = tmp_path / "ws"
+    store, _ = open_workspace(ws, model=str(tiny_model_dir), torch_threads=1, **{
+        "sampling.max_new_tokens": 8, "reward.min_pairs": 4, "ppo.max_new_tokens": 8,
+        "ppo.prompts_per_round": 4, "loop.ab_fraction": 0.0, "ppo.max_approx_kl": 1e-12,
+        **NO_GATE})
+    store.add_prompts([{"text": f"question number {i}: say something"} for i in range(30)],
+                      source="test")
+    args = _args(ws, tmp_path / "table", oracle="judge_mod:judge", rounds=2,
+                 labels_per_round=6, annotators=1, eval_samples=1, eval_prompts=3)
+    rows = simulate.main(args, start_app)
+    assert [r.round for r in rows] == [1, 2] and rows[-1].labels == 12
+    for r in rows:
+        assert r.policy_aborted and r.policy_version == 0 and r.win_rate is None
+        assert any("approx_kl" in n and "max_approx_kl" in n for n in r.notes), r.notes
+    assert "round 2: policy round aborted" in simulate.format_table(rows)
+    assert store.current_version("policy")["version"] == 0
+    data = json.loads((tmp_path / "table.json").read_text())
+    assert [d["policy_aborted"] for d in data] == [True, True]

@@ -117,8 +117,11 @@ def dpo_update(runtime, chosen: Rollout, rejected: Rollout, config: PPOConfig, d
     model = runtime.model
     with autocast(runtime.device):
         model.set_adapter("policy")
-        logprobs_c, _ = policy_logprobs(model, chosen, config.temperature)  # (b,T)
-        logprobs_r, _ = policy_logprobs(model, rejected, config.temperature)
+        cached = config.prefix_cache
+        logprobs_c, _ = policy_logprobs(model, chosen, config.temperature,
+                                        prefix_cache=cached)  # (b,T)
+        logprobs_r, _ = policy_logprobs(model, rejected, config.temperature,
+                                        prefix_cache=cached)
         loss, stats = dpo_loss(seq_logps(logprobs_c, chosen), seq_logps(logprobs_r, rejected),
                                seq_logps(chosen.ref_logprobs, chosen),
                                seq_logps(rejected.ref_logprobs, rejected),

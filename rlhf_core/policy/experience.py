@@ -121,6 +121,7 @@ def forward_step(runtime, rollout: Rollout, config: PPOConfig, *, critic: bool =
     recorded = rollout.logprobs is not None
     trunk = critic and config.critic == "trunk"
     values_recorded = trunk and recorded and rollout.values is not None
+    cached = config.prefix_cache
     parts = {"ref_logprobs": []} | ({"values": []} if critic and not values_recorded else {}) | (
         {} if recorded else {"logprobs": [], "entropy": []})
     with autocast(runtime.device):
@@ -131,26 +132,29 @@ def forward_step(runtime, rollout: Rollout, config: PPOConfig, *, critic: bool =
             elif trunk:
                 model.set_adapter("policy")
                 if recorded:
-                    values = critic_values(model, runtime.heads["value"], batch)
+                    values = critic_values(model, runtime.heads["value"], batch,
+                                           prefix_cache=cached)
                 else:
                     logprobs, entropy, values = trunk_forward(
                         model, runtime.heads["value"], batch, config.temperature,
-                        with_entropy=True)
+                        with_entropy=True, prefix_cache=cached)
                     parts["logprobs"].append(logprobs.float())
                     parts["entropy"].append(entropy.float())
                 parts["values"].append(values.float())
             elif not recorded:
                 model.set_adapter("policy")
                 logprobs, entropy = policy_logprobs(model, batch, config.temperature,
-                                                    with_entropy=True)
+                                                    with_entropy=True, prefix_cache=cached)
                 parts["logprobs"].append(logprobs.float())
                 parts["entropy"].append(entropy.float())
             with runtime.reference():
-                ref_logprobs, _ = policy_logprobs(model, batch, config.temperature)
+                ref_logprobs, _ = policy_logprobs(model, batch, config.temperature,
+                                                  prefix_cache=cached)
             parts["ref_logprobs"].append(ref_logprobs.float())
             if critic and not trunk:
                 model.set_adapter("value")
-                parts["values"].append(critic_values(model, runtime.heads["value"], batch).float())
+                parts["values"].append(critic_values(model, runtime.heads["value"], batch,
+                                                     prefix_cache=cached).float())
     model.set_adapter("policy")
     T = rollout.mask.shape[1]  # chunks come trimmed to their own width (Rollout.select)
     for k in ("logprobs", "entropy", "ref_logprobs") + (("values",) if critic else ()):

@@ -122,7 +122,8 @@ def _trunk_losses(runtime, batch: Rollout, config: PPOConfig, params, scale, obj
     with autocast(runtime.device):
         model.set_adapter("policy")
         logprobs, entropy, values = trunk_forward(model, runtime.heads["value"], batch,
-                                                  config.temperature, with_entropy=True)
+                                                  config.temperature, with_entropy=True,
+                                                  prefix_cache=config.prefix_cache)
         pg_loss, pg_stats = objective(logprobs, batch, config, plan)
         vf_loss, vf_stats = ppo_value_loss(values, batch.values, batch.returns, batch.mask,
                                            config.value_clip_eps)
@@ -141,7 +142,8 @@ def _two_pass_losses(runtime, batch: Rollout, config: PPOConfig, policy, critic,
     n_tokens = batch.mask.sum()
     with autocast(runtime.device):
         model.set_adapter("policy")
-        logprobs, entropy = policy_logprobs(model, batch, config.temperature, with_entropy=True)
+        logprobs, entropy = policy_logprobs(model, batch, config.temperature, with_entropy=True,
+                                            prefix_cache=config.prefix_cache)
         pg_loss, pg_stats = objective(logprobs, batch, config, plan)
     backward_if_finite(pg_loss * scale, policy)
     # an objective may report its surrogate part as pg_loss; "loss" is what was minimised
@@ -150,7 +152,8 @@ def _two_pass_losses(runtime, batch: Rollout, config: PPOConfig, policy, critic,
     if critic:
         with autocast(runtime.device):
             model.set_adapter("value")
-            values = critic_values(model, runtime.heads["value"], batch)
+            values = critic_values(model, runtime.heads["value"], batch,
+                                   prefix_cache=config.prefix_cache)
             vf_loss, vf_stats = ppo_value_loss(values, batch.values, batch.returns, batch.mask,
                                                config.value_clip_eps)
         backward_if_finite(config.vf_coef * vf_loss * scale, critic)
