@@ -83,7 +83,9 @@ def count_backbone_passes(model) -> list:
 
 def test_trunk_round_publishes_a_head_only_critic_in_one_pass_per_minibatch(runtime):
     calls = count_backbone_passes(runtime.model)
-    result = ppo_round(runtime, config=TRUNK, reward_fn=low_id_reward)
+    # (without the shared-prefix pass, which would add one small call per forward)
+    result = ppo_round(runtime, config=replace(TRUNK, prefix_cache=False),
+                       reward_fn=low_id_reward)
     m = result["metrics"]
     assert result["status"] == "published" and m["critic_init"] == "fresh"
     assert m["first_ratio"] == pytest.approx(1.0, abs=1e-5)  # still on-policy at step 1
@@ -106,7 +108,8 @@ def test_trunk_round_publishes_a_head_only_critic_in_one_pass_per_minibatch(runt
 def test_adapter_round_makes_two_passes_per_minibatch(runtime):
     """The counterpart of the test above (the count is what the trunk critic saves)."""
     calls = count_backbone_passes(runtime.model)
-    result = ppo_round(runtime, config=replace(TINY, epochs=1), reward_fn=low_id_reward)
+    result = ppo_round(runtime, config=replace(TINY, epochs=1, prefix_cache=False),
+                       reward_fn=low_id_reward)
     assert sum(calls) == 2 * result["metrics"]["ppo_steps"]
 
 
