@@ -413,3 +413,31 @@ def test_older_workspaces_keep_their_prompt_format(tmp_path):
     assert cfg.system_prompt == "Answer in French." and read_config(store).system_prompt == (
         "Answer in French.")
     store.close()
+
+
+def test_a_batch_job_without_a_seed_samples_the_same_in_two_workspaces(tmp_path, tiny_model_dir):
+    """Without a seed in its params a batch is seeded from its job's number, not the clock:
+    two workspaces with the same history sample the same batch (what `rlhf simulate --seed`
+    needs to compare algorithms from the same first batch); the next job samples another."""
+    from rlhf_core.labeling import batch as batch_jobs  # noqa: F401  registers sample_batch
+    from rlhf_core.worker.runtime import Runtime
+    from rlhf_core.workspace import open_workspace
+    texts = []
+    for name in ("a", "b"):
+        store, cfg = open_workspace(tmp_path / name, model=str(tiny_model_dir),
+                                    **{"sampling.max_new_tokens": 8, "sampling.k": 2})
+        store.add_prompts([{"text": f"question {i}: say something"} for i in range(12)],
+                          source="test", heldout_fraction=0.0)
+        runtime = Runtime(store, cfg, cpu=True)
+        for _ in range(2):
+            jobs.enqueue(store, "sample_batch", {"prompts_per_batch": 3, "ab_fraction": 0.0})
+            assert run_one(runtime, "w")["status"] == "done"
+        rows = store.rows("SELECT i.batch_id, p.text AS prompt, r.text FROM responses r "
+                          "JOIN items i ON i.id = r.item_id JOIN prompts p ON p.id = i.prompt_id "
+                          "ORDER BY r.id")
+        texts.append(rows)
+        store.close()
+    assert texts[0] == texts[1] and len(texts[0]) == 12
+    first = [(r["prompt"], r["text"]) for r in texts[0] if r["batch_id"] == 1]
+    second = [(r["prompt"], r["text"]) for r in texts[0] if r["batch_id"] == 2]
+    assert first != second

@@ -35,13 +35,20 @@ def baseline_version(data, rule: str, current: int) -> int | None:
     raise ValueError(f"unknown A/B baseline {rule!r}: use reference, previous or vN")
 
 
+def batch_seed(base: int, job_id: int | None) -> int:
+    """A batch's seed when its job names none: from the job's number, so two workspaces with
+    the same history sample the same batches (`rlhf simulate --seed` runs compare algorithms
+    on the same first batch); the clock only for a batch made outside the job queue."""
+    return base * 1_000_003 + (int(job_id) if job_id is not None else int(time.time()))
+
+
 def sample_batch(runtime, cfg: SamplingConfig, loop: LoopConfig, *, reporter,
                  policy_version: int | None = None, seed: int | None = None,
                  prompt_ids: list[int] | None = None) -> dict:
     data = runtime.data
     current = data.current_version("policy")["version"]
     version = int(current if policy_version is None else policy_version)
-    seed = cfg.seed + int(time.time()) if seed is None else int(seed)
+    seed = batch_seed(cfg.seed, getattr(reporter, "job_id", None)) if seed is None else int(seed)
     rows = choose_batch_prompts(runtime, loop, cfg.prompts_per_batch, seed, prompt_ids)
     if not rows:
         raise ValueError("no prompts in the workspace: import some with `rlhf import-prompts`")
