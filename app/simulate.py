@@ -31,7 +31,8 @@ LABELS = "ABCDEFGH"
 
 def add_arguments(p) -> None:
     p.add_argument("--oracle", default="shorter",
-                   help="shorter | longer | contains:WORD | language:CODE | module:function")
+                   help="shorter | longer | contains:WORD | mentions:WORD | language:CODE | "
+                        "module:function")
     p.add_argument("--rounds", type=int, default=5,
                    help="rounds of label, train, policy update, evaluate (default 5)")
     p.add_argument("--labels-per-round", type=int, default=32, dest="labels_per_round",

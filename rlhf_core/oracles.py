@@ -5,6 +5,8 @@ of response indices, best first (ties share a tier). Built-ins:
   shorter            fewer words is better (equal lengths tie)
   longer             more words is better
   contains:WORD      responses containing WORD beat the rest, shorter first within each
+  mentions:WORD      responses containing WORD beat the rest, no other preference (ties): a
+                     content-only signal, where contains:WORD's length order dominates
   language:CODE      more stop-words of that language (en, fr, es, de) is better
   module:function    any importable callable with the signature above
 """
@@ -47,6 +49,16 @@ def contains(word: str) -> Oracle:
     return oracle
 
 
+def mentions(word: str) -> Oracle:
+    """WORD or not, nothing else: two tiers at most (in contains:WORD the shorter-first order
+    within each tier gives most of a ranking's pairs, so a model learns length from it)."""
+    pattern = re.compile(rf"\b{re.escape(word)}\b", re.IGNORECASE)
+
+    def oracle(prompt: str, responses: list[str]) -> list[list[int]]:
+        return tiers_by_key([0 if pattern.search(r) else 1 for r in responses])
+    return oracle
+
+
 def language(code: str) -> Oracle:
     if code not in STOPWORDS:
         raise ValueError(f"unknown language {code!r}: choose one of {', '.join(STOPWORDS)}")
@@ -68,6 +80,8 @@ def load_oracle(spec: str) -> Oracle:
         return longer
     if spec.startswith("contains:"):
         return contains(spec.split(":", 1)[1])
+    if spec.startswith("mentions:"):
+        return mentions(spec.split(":", 1)[1])
     if spec.startswith("language:"):
         return language(spec.split(":", 1)[1])
     if ":" in spec:
@@ -80,7 +94,7 @@ def load_oracle(spec: str) -> Oracle:
             raise ValueError(f"oracle {spec!r} is not callable")
         return fn
     raise ValueError(f"unknown oracle {spec!r}: use shorter, longer, contains:WORD, "
-                     "language:CODE or module:function")
+                     "mentions:WORD, language:CODE or module:function")
 
 
 def check_tiers(tiers, n: int) -> list[list[int]]:

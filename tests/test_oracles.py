@@ -18,6 +18,14 @@ def test_contains_word_first_then_shorter():
     assert tiers == [[2], [1], [0], [3]]
 
 
+def test_mentions_word_is_content_only():
+    """Two tiers: with the word (any length) above without it; length does not order them."""
+    tiers = load_oracle("mentions:you")("q", ["no", "thank you so very much", "you", "nothing",
+                                              "Youth is not it"])
+    assert tiers == [[1, 2], [0, 3, 4]]
+    assert load_oracle("mentions:you")("q", ["a", "bb b"]) == [[0, 1]]  # a tie, not shorter
+
+
 def test_language_prefers_french_stopwords():
     tiers = load_oracle("language:fr")("q", ["the cat is here", "le chat est dans la maison"])
     assert tiers[0] == [1]
