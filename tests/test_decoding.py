@@ -116,6 +116,40 @@ def test_loop_draws_what_generate_draws_with_the_same_sampler(tiny):
     assert ours[0] != ours[2]  # the same prompt, its own noise
 
 
+def test_float32_snapshot_reads_the_models_own_mlp_weights(tiny_model_dir):
+    """No LoRA on the MLP and no dtype change: the snapshot keeps gate/up as the model's own
+    tensors (no fused copy); a LoRA on them, or bf16, fuses them. The loop draws the same
+    tokens as `generate` either way (test above: unfused; this one: fused with MLP LoRA)."""
+    model, tok = tiny_with_lora(tiny_model_dir, ("q_proj", "v_proj", "gate_proj", "up_proj"))
+    mlp = model.get_base_model().model.layers[0].mlp
+    w32 = decoding.Weights(model, torch.float32)
+    assert w32.layers[0].gate_up is not None  # LoRA on gate/up: merged, so fused
+    plain, _ = tiny_with_lora(tiny_model_dir, ("q_proj", "v_proj"))
+    pw = decoding.Weights(plain, torch.float32).layers[0]
+    pm = plain.get_base_model().model.layers[0].mlp
+    assert pw.gate_up is None and pw.gate is pm.gate_proj.weight and pw.up is pm.up_proj.weight
+    assert decoding.Weights(plain, torch.bfloat16).layers[0].gate_up is not None
+    assert mlp.gate_proj.base_layer.weight.dtype == torch.float32
+    queries = queries_of(tok, TEXTS)
+    ours, _ = run(model, tok, queries, loop=True)
+    theirs, _ = run(model, tok, queries, loop=False)
+    assert ours == theirs
+
+
+def tiny_with_lora(path, targets):
+    tok = models.load_tokenizer(str(path))
+    base = models.load_causal_lm(str(path), tok)
+    model = models.with_adapters(base, LoraSettings(target_modules=targets), ["policy"])
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(5)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    model.eval()
+    model.set_adapter("policy")
+    return model, tok
+
+
 def test_loop_reads_the_adapter_state_it_is_called_in(tiny):
     model, tok = tiny
     queries = queries_of(tok, TEXTS)
