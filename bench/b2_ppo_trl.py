@@ -309,7 +309,12 @@ ASYMMETRIES = [
      "sequence classifier); ours trains a LoRA adapter plus a scalar head on the shared base "
      "(r16 on q/k/v/o, 1.84M + 577 parameters); trl-lora wraps TRL's value model with "
      "peft.get_peft_model and the same LoRA settings (its score head trains through "
-     "modules_to_save: 1.84M + 576)."),
+     "modules_to_save: 1.84M + 576). ours-trunk (ppo.critic=trunk) has no value adapter: its "
+     "critic is a scalar head (577 parameters) on the policy adapter's detached hidden states, "
+     "one forward/backward per minibatch, values recorded while decoding; TRL has no such "
+     "option, so ours-trunk vs TRL compares designs, not the same critic."),
+    ("Shared prefix: ours runs the chat-template prefix every query shares once per forward "
+     "in scoring and training (ppo.prefix_cache); TRL runs every row in full."),
     ("Models held: TRL holds three copies of the base weights (policy with its LoRA, whose "
      "disabled adapter is the reference; value model; reward model with our reward adapter "
      "merged in); ours holds one base with policy, value and reward adapters."),
