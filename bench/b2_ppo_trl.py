@@ -112,7 +112,8 @@ def instrument_ours(model) -> dict:
     return marks
 
 
-def ours_side(ws: Path, quick: bool, decode: str | None = None, critic: str = "adapter") -> dict:
+def ours_side(ws: Path, quick: bool, decode: str | None = None, critic: str = "adapter",
+              prefix_cache: bool = True) -> dict:
     import torch
 
     from rlhf_core.decoding import decode_dtype
@@ -121,7 +122,7 @@ def ours_side(ws: Path, quick: bool, decode: str | None = None, critic: str = "a
     from rlhf_core.workspace import open_workspace
     threads = common.set_threads()
     store, cfg = open_workspace(ws, **({"sampling.decode_dtype": decode} if decode else {}))
-    config = dataclasses.replace(ppo_config(quick), critic=critic)
+    config = dataclasses.replace(ppo_config(quick), critic=critic, prefix_cache=prefix_cache)
     t_load = time.perf_counter()
     runtime = Runtime(store, cfg, cpu=not _cuda())
     model = runtime.model
@@ -161,7 +162,8 @@ def ours_side(ws: Path, quick: bool, decode: str | None = None, critic: str = "a
                                 and runtime.device.mixed_precision != "bf16"
                                 else decode_dtype(cfg.sampling.decode_dtype,
                                                   runtime.device.device)),
-            "critic": config.critic, "sequences": m["n_sequences"], "status": res["status"],
+            "critic": config.critic, "prefix_cache": config.prefix_cache,
+            "sequences": m["n_sequences"], "status": res["status"],
             "versions": common.package_versions()}
 
 
@@ -186,10 +188,11 @@ def _sub(cmd: list, env=None, timeout=3600) -> dict:
 # since the B9 fix; before it, sampling.decode_dtype=auto decoded rollouts in bf16 here and
 # paid a float32 forward for the old log-probs); ours-f32: float32 decoding forced (the same
 # as ours now; kept to compare with results of before the fix); ours-trunk: the defaults with
-# ppo.critic=trunk (a value head on the policy's hidden states, no value adapter)
-SIDES = ("ours", "ours-f32", "ours-trunk", "trl-full", "trl-lora")
+# ppo.critic=trunk (a value head on the policy's hidden states, no value adapter);
+# ours-noprefix: the defaults with ppo.prefix_cache=false (what the shared prefix saves)
+SIDES = ("ours", "ours-f32", "ours-trunk", "ours-noprefix", "trl-full", "trl-lora")
 DEFAULT_SIDES = ("ours", "ours-trunk", "trl-full", "trl-lora")
-OURS = ("ours", "ours-f32", "ours-trunk")
+OURS = ("ours", "ours-f32", "ours-trunk", "ours-noprefix")
 PEERS = ("trl-full", "trl-lora")
 PHASES = ("wall_s", "time_generate", "time_score", "time_train")
 KEYS = PHASES + ("peak_rss_mb", "peak_rss_generate_mb", "peak_rss_score_mb",
@@ -202,7 +205,8 @@ def run_side(side: str, ws: Path, spec_path: Path, trl_py: Path, quick: bool) ->
         res = _sub([sys.executable, "-m", "bench.b2_ppo_trl", "--side", str(ws)]
                    + (["--quick"] if quick else [])
                    + (["--decode-dtype", "float32"] if side == "ours-f32" else [])
-                   + (["--critic", "trunk"] if side == "ours-trunk" else []))
+                   + (["--critic", "trunk"] if side == "ours-trunk" else [])
+                   + (["--no-prefix-cache"] if side == "ours-noprefix" else []))
     else:
         res = _sub([str(trl_py), "-m", "bench.b2_trl_side", str(spec_path),
                     side.split("-", 1)[1]])
@@ -366,13 +370,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--side", help=argparse.SUPPRESS)
     ap.add_argument("--decode-dtype", help=argparse.SUPPRESS)
     ap.add_argument("--critic", default="adapter", help=argparse.SUPPRESS)
+    ap.add_argument("--no-prefix-cache", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.setup:
         print("RESULT " + json.dumps(setup(Path(args.setup))), flush=True)
         return {}
     if args.side:
         print("RESULT " + json.dumps(ours_side(Path(args.side), args.quick, args.decode_dtype,
-                                               args.critic)), flush=True)
+                                               args.critic, not args.no_prefix_cache)),
+              flush=True)
         return {}
     sides = tuple(args.sides.split(","))
     if set(sides) - set(SIDES):
