@@ -21,17 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
     """The tiny Llama with a `policy` LoRA adapter whose B != 0 (it changes the outputs)."""
-    tok = models.load_tokenizer(str(tiny_model_dir))
-    base = models.load_causal_lm(str(tiny_model_dir), tok)
-    model = models.with_adapters(base, LoraSettings(), ["policy"])
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(3)
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    model.eval()
-    model.set_adapter("policy")
-    return model, tok
+    return tiny_with_lora(tiny_model_dir, LoraSettings().target_modules, seed=3)
 
 
 def queries_of(tok, texts):
@@ -136,12 +126,13 @@ def test_float32_snapshot_reads_the_models_own_mlp_weights(tiny_model_dir):
     assert ours == theirs
 
 
-def tiny_with_lora(path, targets):
+def tiny_with_lora(path, targets, seed: int = 5):
+    """The tiny Llama with a `policy` LoRA adapter on `targets`, its B != 0 (seeded)."""
     tok = models.load_tokenizer(str(path))
     base = models.load_causal_lm(str(path), tok)
     model = models.with_adapters(base, LoraSettings(target_modules=targets), ["policy"])
     with torch.no_grad():
-        g = torch.Generator().manual_seed(5)
+        g = torch.Generator().manual_seed(seed)
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.copy_(0.3 * torch.randn(p.shape, generator=g))
