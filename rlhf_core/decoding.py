@@ -113,25 +113,21 @@ class Sampler:
         unless every draw had its hidden state (the hand-written loop, with a value head)."""
         if self.value_head is None or any(len(v) != n for v, n in zip(self.values, self.drawn)):
             return None
-        width = max(self.drawn + [1])
-        out = torch.zeros(len(self.values), width)
-        for i, v in enumerate(self.values):
-            if v:
-                out[i, :len(v)] = torch.stack(v).cpu()
-        return out
+        return _table(self.values, range(len(self.values)))
 
     def recorded(self, rows: range | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,steps) log-probs and entropies of the drawn tokens, each row right-padded with 0."""
         rows = range(len(self.logprobs)) if rows is None else rows
-        width = max([len(self.logprobs[r]) for r in rows] + [1])
+        return _table(self.logprobs, rows), _table(self.entropy, rows)
 
-        def table(per_row):
-            out = torch.zeros(len(rows), width)
-            for i, r in enumerate(rows):
-                if per_row[r]:
-                    out[i, :len(per_row[r])] = torch.stack(per_row[r]).float().cpu()
-            return out
-        return table(self.logprobs), table(self.entropy)
+
+def _table(per_row: list[list[torch.Tensor]], rows) -> torch.Tensor:
+    """(len(rows), longest) float32 on CPU: the rows' per-step scalars, right-padded with 0."""
+    out = torch.zeros(len(rows), max([len(per_row[r]) for r in rows] + [1]))
+    for i, r in enumerate(rows):
+        if per_row[r]:
+            out[i, :len(per_row[r])] = torch.stack(per_row[r]).float().cpu()
+    return out
 
 
 # -- the dtype ---------------------------------------------------------------------------------

@@ -119,11 +119,10 @@ def generate(model, tokenizer, prompts: list[str], seeds: list[int], *, max_new_
             recorded.append(sampler.recorded())
         values.append(sampler.recorded_values())
     rollout = build_rollout(tokenizer, prompts, queries, responses, has_stop, device)
+    T = rollout.mask.shape[1]  # chunks generate different lengths
     if value_head is not None and all(v is not None for v in values):
-        T = rollout.mask.shape[1]
-        rollout.values = cat_to_width(values, T).to(device) * rollout.mask
-    if record_logprobs:  # chunks generate different lengths
-        T = rollout.mask.shape[1]
+        rollout.values = cat_to_width(values, T).to(device)
+    if record_logprobs:
         rollout.logprobs = cat_to_width([lp for lp, _ in recorded], T).to(device)
         rollout.entropy = cat_to_width([e for _, e in recorded], T).to(device)
     return rollout
@@ -174,11 +173,13 @@ def shared_prefix_len(batch: Rollout) -> int:
     return shared if shared >= MIN_SHARED_PREFIX else 0
 
 
-def _plain_logits(base) -> bool:
-    """The logits are the LM head's plain projection of the last hidden state (no soft cap or
-    scale), so computing them from `response_states` equals the model's own forward."""
-    return not any(getattr(base.config, k, None) for k in ("final_logit_softcapping",
-                                                           "logit_scale"))
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale")  # model config fields
+
+
+def logit_transforms(base) -> list[str]:
+    """What the model's forward does to the LM head's output (a soft cap, a scale): none, and
+    computing the logits from `response_states` equals the model's own forward."""
+    return [k for k in LOGIT_TRANSFORMS if getattr(base.config, k, None)]
 
 
 def response_states(model, batch: Rollout, *, prefix_cache: bool = True) -> torch.Tensor:
@@ -229,7 +230,7 @@ def _logits(model, batch: Rollout, temperature: float, prefix_cache: bool):
     """(B,T,V) float32 logits at `temperature` and the hidden states (None through the model's
     own forward)."""
     base = model.get_base_model()
-    if _plain_logits(base):
+    if not logit_transforms(base):
         h = response_states(model, batch, prefix_cache=prefix_cache)
         raw = base.get_output_embeddings()(h)  # (B,T,V)
     else:
@@ -259,11 +260,7 @@ def trunk_forward(model, head, batch: Rollout, temperature: float, *,
     on the tiny model's learnable reward, tests/test_trunk_critic.py: with the value gradient
     reaching the policy adapter 4 rounds went 0.35 -> 0.42, detached 0.35 -> 0.64, the adapter
     critic 0.35 -> 0.59). Only for models with plain logits (setup.check_trunk_model)."""
-    base = model.get_base_model()
-    h = response_states(model, batch, prefix_cache=prefix_cache)  # (B,T,H)
-    logits = base.get_output_embeddings()(h).float()  # (B,T,V)
-    if temperature != 1.0:
-        logits = logits / temperature
+    logits, h = _logits(model, batch, temperature, prefix_cache)  # (B,T,V), (B,T,H)
     logprobs, entropy = logprobs_and_entropy(logits, batch.response_ids,
                                              with_entropy=with_entropy)
     return logprobs, entropy, head(h.detach())

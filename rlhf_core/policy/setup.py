@@ -18,7 +18,7 @@ import torch
 
 from rlhf_core import models
 from rlhf_core.config import PPOConfig
-from rlhf_core.policy.rollout import Rollout
+from rlhf_core.policy.rollout import Rollout, logit_transforms
 
 log = logging.getLogger(__name__)
 
@@ -150,11 +150,11 @@ TRUNK = "trunk"  # runtime.loaded["value"] names a trunk head as ("trunk", versi
 def check_trunk_model(model) -> None:
     """The trunk critic computes the LM head's logits itself (`rollout.trunk_forward`): only for
     models whose logits are the plain projection of the last hidden state."""
-    cfg = model.get_base_model().config
-    odd = [k for k in ("final_logit_softcapping", "logit_scale") if getattr(cfg, k, None)]
+    base = model.get_base_model()
+    odd = logit_transforms(base)
     if odd:
-        raise ValueError(f"ppo.critic=trunk does not support {cfg.model_type} ({', '.join(odd)} "
-                         "on its logits): use ppo.critic=adapter")
+        raise ValueError(f"ppo.critic=trunk does not support {base.config.model_type} "
+                         f"({', '.join(odd)} on its logits): use ppo.critic=adapter")
 
 
 def setup_trunk_critic(runtime, plan: Plan) -> dict:
