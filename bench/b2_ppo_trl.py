@@ -113,7 +113,7 @@ def instrument_ours(model) -> dict:
 
 
 def ours_side(ws: Path, quick: bool, decode: str | None = None, critic: str = "adapter",
-              prefix_cache: bool = True) -> dict:
+              prefix_cache: bool = True, precision: str = "float32") -> dict:
     import torch
 
     from rlhf_core.decoding import decode_dtype
@@ -121,7 +121,8 @@ def ours_side(ws: Path, quick: bool, decode: str | None = None, critic: str = "a
     from rlhf_core.worker.runtime import Runtime
     from rlhf_core.workspace import open_workspace
     threads = common.set_threads()
-    store, cfg = open_workspace(ws, **({"sampling.decode_dtype": decode} if decode else {}))
+    store, cfg = open_workspace(ws, mixed_precision=MIXED[precision],
+                                **({"sampling.decode_dtype": decode} if decode else {}))
     config = dataclasses.replace(ppo_config(quick), critic=critic, prefix_cache=prefix_cache)
     t_load = time.perf_counter()
     runtime = Runtime(store, cfg, cpu=not _cuda())
@@ -163,6 +164,7 @@ def ours_side(ws: Path, quick: bool, decode: str | None = None, critic: str = "a
                                 else decode_dtype(cfg.sampling.decode_dtype,
                                                   runtime.device.device)),
             "critic": config.critic, "prefix_cache": config.prefix_cache,
+            "mixed_precision": runtime.device.mixed_precision,
             "sequences": m["n_sequences"], "status": res["status"],
             "versions": common.package_versions()}
 
@@ -190,6 +192,8 @@ def _sub(cmd: list, env=None, timeout=3600) -> dict:
 # as ours now; kept to compare with results of before the fix); ours-trunk: the defaults with
 # ppo.critic=trunk (a value head on the policy's hidden states, no value adapter);
 # ours-noprefix: the defaults with ppo.prefix_cache=false (what the shared prefix saves)
+# --precision: one training math for every side (TRL's own models are float32 on a CPU)
+MIXED = {"float32": "no", "bf16": "bf16"}
 SIDES = ("ours", "ours-f32", "ours-trunk", "ours-noprefix", "trl-full", "trl-lora")
 DEFAULT_SIDES = ("ours", "ours-trunk", "trl-full", "trl-lora")
 OURS = ("ours", "ours-f32", "ours-trunk", "ours-noprefix")
@@ -200,9 +204,11 @@ KEYS = PHASES + ("peak_rss_mb", "peak_rss_generate_mb", "peak_rss_score_mb",
                  "generate_tokens_per_s")
 
 
-def run_side(side: str, ws: Path, spec_path: Path, trl_py: Path, quick: bool) -> dict:
+def run_side(side: str, ws: Path, spec_path: Path, trl_py: Path, quick: bool,
+             precision: str = "float32") -> dict:
     if side in OURS:
-        res = _sub([sys.executable, "-m", "bench.b2_ppo_trl", "--side", str(ws)]
+        res = _sub([sys.executable, "-m", "bench.b2_ppo_trl", "--side", str(ws),
+                    "--precision", precision]
                    + (["--quick"] if quick else [])
                    + (["--decode-dtype", "float32"] if side == "ours-f32" else [])
                    + (["--critic", "trunk"] if side == "ours-trunk" else [])
@@ -232,7 +238,8 @@ def ratios(ours: list[dict], peer: list[dict]) -> dict:
     return out
 
 
-def run(quick: bool = False, reps: int | None = None, sides=DEFAULT_SIDES) -> dict:
+def run(quick: bool = False, reps: int | None = None, sides=DEFAULT_SIDES,
+        precision: str = "float32") -> dict:
     from bench import trl_env
     trl_py = trl_env.ensure("ppo")
     cfg = ppo_config(quick)
@@ -242,7 +249,7 @@ def run(quick: bool = False, reps: int | None = None, sides=DEFAULT_SIDES) -> di
         base_ws = Path(tmp) / "base"
         info = _sub([sys.executable, "-m", "bench.b2_ppo_trl", "--setup", str(base_ws)])
         spec = {**info, "rows": rows(cfg), "config": dataclasses.asdict(cfg),
-                "max_prompt_tokens": cfg.max_prompt_tokens,
+                "max_prompt_tokens": cfg.max_prompt_tokens, "bf16": precision == "bf16",
                 "threads": int(os.environ.get("RLHF_BENCH_THREADS", os.cpu_count() or 2))}
         spec_path = Path(tmp) / "spec.json"
         spec_path.write_text(json.dumps(spec))
@@ -253,7 +260,7 @@ def run(quick: bool = False, reps: int | None = None, sides=DEFAULT_SIDES) -> di
                 if side in OURS:
                     shutil.copytree(base_ws, ws)
                 print(f"rep {r + 1}/{reps}: {side}", file=sys.stderr, flush=True)
-                runs[side].append(run_side(side, ws, spec_path, trl_py, quick))
+                runs[side].append(run_side(side, ws, spec_path, trl_py, quick, precision))
     return summary(runs, cfg, spec, info, quick)
 
 
@@ -297,6 +304,8 @@ def summary(runs: dict, cfg, spec: dict, info: dict, quick: bool) -> dict:
         "gradient_checkpointing": {s: runs[s][0]["gradient_checkpointing"] for s in sides},
         "decode_dtype": {s: sorted({x.get("decode_dtype", "torch.float32") for x in runs[s]})
                          for s in sides},
+        "mixed_precision": {s: sorted({str(x.get("mixed_precision", "no")) for x in runs[s]})
+                            for s in sides},
         "versions": {s: runs[s][0]["versions"] for s in sides},
         "rss_note": "peak_rss_<phase>_mb is the process's ru_maxrss read at the end of that "
                     "phase: a running peak, so monotone (a phase's own peak only where it rises)",
@@ -364,6 +373,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--reps", type=int, help="runs per side (default 3, --quick 1)")
     ap.add_argument("--sides", default=",".join(DEFAULT_SIDES), help="comma-separated, of: "
                     + ", ".join(SIDES))
+    ap.add_argument("--precision", choices=tuple(MIXED), default="float32",
+                    help="training math of every side: float32, or bf16 (our mixed_precision="
+                         "bf16, TRL's bf16=True: bf16 autocast over float32 weights on a CPU)")
     ap.add_argument("--out", default="b2_ppo_trl",
                     help="results name (bench/results/NAME.json), e.g. for a run of some sides")
     ap.add_argument("--setup", help=argparse.SUPPRESS)
@@ -377,19 +389,21 @@ def main(argv=None) -> dict:
         return {}
     if args.side:
         print("RESULT " + json.dumps(ours_side(Path(args.side), args.quick, args.decode_dtype,
-                                               args.critic, not args.no_prefix_cache)),
+                                               args.critic, not args.no_prefix_cache,
+                                               args.precision)),
               flush=True)
         return {}
     sides = tuple(args.sides.split(","))
     if set(sides) - set(SIDES):
         ap.error(f"unknown sides: {sorted(set(sides) - set(SIDES))}")
     t0 = time.perf_counter()
-    res = run(args.quick, args.reps, sides)
+    res = run(args.quick, args.reps, sides, args.precision)
     res["bench_seconds"] = round(time.perf_counter() - t0, 1)
     res["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
     common.write_result(args.out, res)
     print(json.dumps({k: res[k] for k in ("median", "speedup_by_pair", "memory_ratio_by_pair",
-                                          "optimizer_steps", "decode_dtype")}, indent=1))
+                                          "optimizer_steps", "decode_dtype",
+                                          "mixed_precision")}, indent=1))
     return res
 
 

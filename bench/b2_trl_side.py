@@ -104,7 +104,8 @@ def ppo_args(spec, n_rows: int, dtype):
         learning_rate=c["lr"], max_grad_norm=c["max_grad_norm"],
         local_rollout_forward_batch_size=c["generation_batch_size"], num_sample_generations=0,
         save_strategy="no", report_to=[], logging_steps=1, seed=c["seed"], use_cpu=not cuda,
-        bf16=dtype == torch.bfloat16, disable_tqdm=True, dataloader_num_workers=0,
+        bf16=dtype == torch.bfloat16 or spec.get("bf16", False), disable_tqdm=True,
+        dataloader_num_workers=0,
         # PPOTrainer overrides train(), so it never enables checkpointing itself; stated anyway,
         # as on our side (PPOConfig.gradient_checkpointing=False)
         activation_checkpointing=c["gradient_checkpointing"])
@@ -218,6 +219,7 @@ def main(spec_path: str, variant: str = "full") -> None:
         "gradient_checkpointing": {"args": bool(trainer.args.activation_checkpointing),
                                    **marks.get("checkpointing", {})},
         "sequences": len(ids), "device": "cuda" if cuda else "cpu",
+        "mixed_precision": str(trainer.accelerator.mixed_precision),
         "versions": package_versions(("trl", "datasets")),
     }), flush=True)
 

@@ -61,7 +61,8 @@ def ours_side(ws: Path) -> dict:
     from rlhf_core.worker.runtime import Runtime
     from rlhf_core.workspace import open_workspace
     threads = common.set_threads()
-    store, cfg = open_workspace(ws)
+    # float32 as TRL's RewardTrainer on a CPU (bf16 autocast would be a different math)
+    store, cfg = open_workspace(ws, mixed_precision="no")
     runtime = Runtime(store, cfg, cpu=not torch.cuda.is_available())
     runtime.model  # load outside the timed part, as the TRL side does
     t0 = time.perf_counter()

@@ -88,7 +88,8 @@ def ours_side(ws: Path, algorithm: str, quick: bool, decode: str | None = None) 
     from rlhf_core.worker.runtime import Runtime
     from rlhf_core.workspace import open_workspace
     threads = common.set_threads()
-    store, cfg = open_workspace(ws, **{"sampling.decode_dtype": decode})
+    # float32 training as the TRL side's on a CPU (bf16 autocast would be a different math)
+    store, cfg = open_workspace(ws, mixed_precision="no", **{"sampling.decode_dtype": decode})
     config = bench_config(quick)
     prompts = common.PROMPTS[:n_prompts(config, quick)]
     runtime = Runtime(store, cfg, cpu=not torch.cuda.is_available())

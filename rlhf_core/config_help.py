@@ -22,6 +22,8 @@ HELP = {
     "auth_file": "JSON or CSV of user,password,role: turns login on",
     "researchers": "names allowed the researcher views and jobs (empty without login: everybody)",
     "torch_threads": "torch threads of a worker (unset: all cores)",
+    "mixed_precision": "training and scoring math: auto (bf16 where the hardware multiplies "
+                       "it natively), no (float32) or bf16 (restart the worker to change)",
     # sampling: labeling batches
     "sampling.k": "responses per prompt shown side by side",
     "sampling.max_new_tokens": "longest labeling response in tokens (bench/response_length.py)",

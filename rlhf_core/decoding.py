@@ -27,14 +27,13 @@ generator per row, so a row's tokens do not depend on which other rows share its
 from __future__ import annotations
 
 import contextlib
-import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from rlhf_core.advantages import entropy_from_logp
-from rlhf_core.models import pad_sequences
+from rlhf_core.models import native_bf16_cpu, pad_sequences  # noqa: F401 (API)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 ARCHITECTURES = ("llama", "mistral", "qwen2")
@@ -131,20 +130,6 @@ def _table(per_row: list[list[torch.Tensor]], rows) -> torch.Tensor:
 
 
 # -- the dtype ---------------------------------------------------------------------------------
-@functools.cache
-def native_bf16_cpu() -> bool:
-    """The CPU multiplies bfloat16 natively (AVX512-BF16 or AMX): oneDNN's bf16 matmul then
-    reads half the bytes of float32 at full speed; elsewhere bf16 is emulated and slower."""
-    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        fn = getattr(torch.cpu, probe, None)
-        try:
-            if fn is not None and fn():
-                return True
-        except Exception:  # a private probe that changed: take the safe answer
-            continue
-    return False
-
-
 def decode_dtype(setting: str, device) -> torch.dtype:
     """`sampling.decode_dtype` -> a dtype: "auto" = bfloat16 on CUDA or a CPU with native bf16
     (bandwidth-bound decoding reads half the bytes), float32 elsewhere."""

@@ -12,6 +12,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite's numerics (ratio 1 on PPO's first minibatch to 1e-5, cached = uncached forwards)
+# are float32's: `mixed_precision=auto` reads accelerate's variable, so every runtime here and
+# in the workers the tests start computes in float32. tests/test_mixed_precision.py runs bf16.
+os.environ.setdefault("ACCELERATE_MIXED_PRECISION", "no")
 # The converted embedded model goes to a cache of this test session (workers the tests start
 # inherit it), not to the user's ~/.cache; set RLHF_MODEL_CACHE to reuse a conversion.
 _SESSION_MODEL_CACHE = None

@@ -157,7 +157,7 @@ def run_launched(runtime, *, algorithm: str, config, reporter, processes: int) -
         cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--dynamo_backend", "no",
                "--main_process_port", str(free_tcp_port()),
-               *(["--mixed_precision", "no"] if cpu else []),
+               *(["--mixed_precision", runtime.device.mixed_precision] if cpu else []),
                "-m", "rlhf_core.policy.launch", "--workspace", str(runtime.workspace),
                "--snapshot", str(snap), "--job-id", str(reporter.job_id),
                "--worker", reporter.worker, "--algorithm", algorithm,

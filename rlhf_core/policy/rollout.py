@@ -12,7 +12,6 @@ generates it: a DDP round samples what the single-process round samples.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 from dataclasses import dataclass, fields, replace
 
@@ -20,7 +19,7 @@ import torch
 
 from rlhf_core.advantages import logprobs_and_entropy
 from rlhf_core.decoding import Sampler, decode
-from rlhf_core.models import pad_sequences
+from rlhf_core.models import autocast, pad_sequences  # noqa: F401 (autocast: API of the rounds)
 from rlhf_core.sampling import chat_ids, stop_token_ids
 
 
@@ -271,8 +270,3 @@ def critic_values(model, head, batch: Rollout, *, prefix_cache: bool = True) -> 
     return head(response_states(model, batch, prefix_cache=prefix_cache))  # (B,T)
 
 
-def autocast(device_settings):
-    """bf16 autocast on cuda (accelerate's choice), nothing on CPU."""
-    if device_settings.mixed_precision == "bf16":
-        return torch.autocast(device_type=device_settings.device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()

@@ -38,13 +38,18 @@ class Backbone:
     device: Any
     pad_id: int
     init_head: dict | None = None  # a separate classifier's own `score` weights
+    settings: Any = None  # the runtime's models.DeviceSettings: its autocast for every forward
+
+    def autocast(self):
+        return models.autocast(self.settings)
 
 
 def backbone(runtime) -> Backbone:
     if runtime.config.reward_model is None:
         model = runtime.model
         return Backbone(model, runtime.tokenizer, True, runtime.config.model, runtime.loaded,
-                        runtime.heads, runtime.device.device, _pad_id(model, runtime.tokenizer))
+                        runtime.heads, runtime.device.device, _pad_id(model, runtime.tokenizer),
+                        settings=runtime.device)
     if runtime.reward_base is None:
         source = models.resolve_model_source(runtime.config.reward_model, runtime.workspace)
         tok = models.load_tokenizer(source, system_prompt=runtime.config.system_prompt)
@@ -58,7 +63,8 @@ def backbone(runtime) -> Backbone:
         model = models.with_classifier_adapters(clf, runtime.config.lora, [INIT_ADAPTER])
         model.eval()
         runtime.reward_base = Backbone(model, tok, False, runtime.config.reward_model, {}, {},
-                                       runtime.device.device, _pad_id(model, tok), init)
+                                       runtime.device.device, _pad_id(model, tok), init,
+                                       settings=runtime.device)
     return runtime.reward_base
 
 
@@ -136,7 +142,7 @@ def score_sequences(bb: Backbone, adapter: str, head, seqs: list[list[int]],
     """Scores of token sequences, batched by length (less padding), in input order."""
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     out = [0.0] * len(seqs)
-    with using_adapter(bb.model, adapter):
+    with using_adapter(bb.model, adapter), bb.autocast():
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             ids, mask = collate([seqs[i] for i in idx], bb.pad_id, bb.device)
@@ -177,7 +183,7 @@ class RewardScorer:
         """(B,T) ids and mask (left or right padded) -> (B,) float32 rewards."""
         with self.runtime.lock:
             self._ready()
-            with using_adapter(self.backbone.model, self.adapter_name):
+            with using_adapter(self.backbone.model, self.adapter_name), self.backbone.autocast():
                 return forward_scores(self.backbone.model, self.head,
                                       input_ids.to(self.backbone.device),
                                       attention_mask.to(self.backbone.device)).float()

@@ -116,7 +116,8 @@ def _step(bb: Backbone, head, pairs: list[PrefPair], cfg: RewardConfig, encoder:
         texts[p.chosen_id], texts[p.rejected_id] = (p.prompt, p.chosen), (p.prompt, p.rejected)
     rids = sorted(texts)
     ids, mask = collate([encoder(*texts[r]) for r in rids], bb.pad_id, bb.device)
-    scores = forward_scores(bb.model, head, ids, mask)  # (U,)
+    with bb.autocast():
+        scores = forward_scores(bb.model, head, ids, mask)  # (U,) float32 (the head's dtype)
     pos = {r: i for i, r in enumerate(rids)}
     chosen = scores[[pos[p.chosen_id] for p in pairs]]  # (N,)
     rejected = scores[[pos[p.rejected_id] for p in pairs]]  # (N,)

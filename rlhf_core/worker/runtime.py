@@ -31,7 +31,7 @@ class Runtime:
         self.config = config
         self.processes = processes  # > 1: policy rounds run as `accelerate launch` (launch.py)
         self.workspace = Path(config.workspace)
-        self.device = models.device_settings(cpu=cpu)
+        self.device = models.device_settings(cpu=cpu, mixed_precision=config.mixed_precision)
         self.lock = threading.RLock()  # one job uses the models at a time
         self._tokenizer = None
         self._model = None
@@ -42,7 +42,7 @@ class Runtime:
     def refresh_config(self, config: AppConfig) -> None:
         """Take the workspace's current settings (once per claimed job). Loaded weights stay:
         a changed base model, reward base or LoRA shape needs a worker restart."""
-        for name in ("model", "reward_model", "lora", "system_prompt"):
+        for name in ("model", "reward_model", "lora", "system_prompt", "mixed_precision"):
             if getattr(config, name) != getattr(self.config, name):
                 log.warning("setting %r changed; restart the worker to use it", name)
                 config = dataclasses.replace(config, **{name: getattr(self.config, name)})
