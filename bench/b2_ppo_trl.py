@@ -204,8 +204,15 @@ KEYS = PHASES + ("peak_rss_mb", "peak_rss_generate_mb", "peak_rss_score_mb",
                  "generate_tokens_per_s")
 
 
+def parse_side(side: str, default: str = "float32") -> tuple[str, str]:
+    """"ours@bf16" -> ("ours", "bf16"); a side without "@" takes --precision."""
+    base, _, precision = side.partition("@")
+    return base, precision or default
+
+
 def run_side(side: str, ws: Path, spec_path: Path, trl_py: Path, quick: bool,
              precision: str = "float32") -> dict:
+    side, precision = parse_side(side, precision)
     if side in OURS:
         res = _sub([sys.executable, "-m", "bench.b2_ppo_trl", "--side", str(ws),
                     "--precision", precision]
@@ -215,7 +222,7 @@ def run_side(side: str, ws: Path, spec_path: Path, trl_py: Path, quick: bool,
                    + (["--no-prefix-cache"] if side == "ours-noprefix" else []))
     else:
         res = _sub([str(trl_py), "-m", "bench.b2_trl_side", str(spec_path),
-                    side.split("-", 1)[1]])
+                    side.split("-", 1)[1], precision])
     res["generate_tokens_per_s"] = res["tokens"] / res["time_generate"]
     return res
 
@@ -249,7 +256,7 @@ def run(quick: bool = False, reps: int | None = None, sides=DEFAULT_SIDES,
         base_ws = Path(tmp) / "base"
         info = _sub([sys.executable, "-m", "bench.b2_ppo_trl", "--setup", str(base_ws)])
         spec = {**info, "rows": rows(cfg), "config": dataclasses.asdict(cfg),
-                "max_prompt_tokens": cfg.max_prompt_tokens, "bf16": precision == "bf16",
+                "max_prompt_tokens": cfg.max_prompt_tokens, "precision": precision,
                 "threads": int(os.environ.get("RLHF_BENCH_THREADS", os.cpu_count() or 2))}
         spec_path = Path(tmp) / "spec.json"
         spec_path.write_text(json.dumps(spec))
@@ -257,7 +264,7 @@ def run(quick: bool = False, reps: int | None = None, sides=DEFAULT_SIDES,
             order = sides[r % len(sides):] + sides[:r % len(sides)]  # rotated run by run
             for side in order:
                 ws = Path(tmp) / f"{side}{r}"
-                if side in OURS:
+                if parse_side(side)[0] in OURS:
                     shutil.copytree(base_ws, ws)
                 print(f"rep {r + 1}/{reps}: {side}", file=sys.stderr, flush=True)
                 runs[side].append(run_side(side, ws, spec_path, trl_py, quick, precision))
@@ -270,7 +277,8 @@ def summary(runs: dict, cfg, spec: dict, info: dict, quick: bool) -> dict:
     from bench import trl_env
     sides = list(runs)
     med = {s: {k: (spread(runs[s], k) or {}).get("median") for k in KEYS} for s in sides}
-    pairs = [(o, p) for o in OURS for p in PEERS if o in runs and p in runs]
+    pairs = [(o, p) for o in sides for p in sides
+             if parse_side(o)[0] in OURS and parse_side(p)[0] in PEERS]
     ratio = {f"{o}_vs_{p}": ratios(runs[o], runs[p]) for o, p in pairs}
     memory = {f"{o}_vs_{p}": round(med[o]["peak_rss_mb"] / med[p]["peak_rss_mb"], 3)
               for o, p in pairs}
@@ -292,6 +300,8 @@ def summary(runs: dict, cfg, spec: dict, info: dict, quick: bool) -> dict:
                     "generation_batch_size": cfg.generation_batch_size, "lora": spec["lora"],
                     "reward": f"our reward v{info['reward_version']} (adapter+head; merged for TRL)",
                     "sides": sides, "runs_per_side": len(first),
+                    "precision": {side: parse_side(side, spec.get("precision", "float32"))[1]
+                                  for side in sides},
                     "order": "interleaved; the order of the sides rotates run by run"},
         **legacy,
         "median": med,
@@ -352,6 +362,11 @@ ASYMMETRIES = [
      "come from a float32 policy forward in the score phase (one forward more than TRL, which "
      "takes them from its float32 generation logits). Side 'ours-f32' decodes in float32 and "
      "records the log-probs while sampling: TRL's precision in every phase, the same work."),
+    ("Training precision (--precision, or a side's @bf16 / @float32): float32 on every side by "
+     "default; bf16 = our mixed_precision=bf16 and TRL's bf16=True, on a CPU both bf16 autocast "
+     "over float32 weights and optimizer state. Under bf16 our rollout decodes at "
+     "sampling.decode_dtype and the old log-probs come from a bf16-autocast forward in the "
+     "score phase (the same math as training's), as on CUDA."),
     ("Batching of the no-grad passes: TRL's local_rollout_forward_batch_size (set to our "
      "generation_batch_size, which is also TRL's default of 64) sizes both its generate calls "
      "and its reference / value / reward forwards; ours generates in batches of "
@@ -372,7 +387,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reps", type=int, help="runs per side (default 3, --quick 1)")
     ap.add_argument("--sides", default=",".join(DEFAULT_SIDES), help="comma-separated, of: "
-                    + ", ".join(SIDES))
+                    + ", ".join(SIDES) + "; NAME@bf16 / NAME@float32 overrides --precision")
     ap.add_argument("--precision", choices=tuple(MIXED), default="float32",
                     help="training math of every side: float32, or bf16 (our mixed_precision="
                          "bf16, TRL's bf16=True: bf16 autocast over float32 weights on a CPU)")
@@ -394,8 +409,9 @@ def main(argv=None) -> dict:
               flush=True)
         return {}
     sides = tuple(args.sides.split(","))
-    if set(sides) - set(SIDES):
-        ap.error(f"unknown sides: {sorted(set(sides) - set(SIDES))}")
+    bad = [s for s in sides if parse_side(s)[0] not in SIDES or parse_side(s)[1] not in MIXED]
+    if bad:
+        ap.error(f"unknown sides: {bad} (a side may end in @float32 or @bf16)")
     t0 = time.perf_counter()
     res = run(args.quick, args.reps, sides, args.precision)
     res["bench_seconds"] = round(time.perf_counter() - t0, 1)

@@ -162,8 +162,11 @@ def checkpointing_on(model) -> bool:
     return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
 
-def main(spec_path: str, variant: str = "full") -> None:
+def main(spec_path: str, variant: str = "full", precision: str = "float32") -> None:
+    """precision "bf16": TrainingArguments' bf16=True (on a CPU: bf16 autocast over the float32
+    models, as our mixed_precision=bf16)."""
     spec = json.loads(Path(spec_path).read_text())
+    spec["bf16"] = precision == "bf16"
     import torch
     torch.set_num_threads(spec["threads"])
     import trl
@@ -225,4 +228,4 @@ def main(spec_path: str, variant: str = "full") -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])

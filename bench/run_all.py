@@ -141,7 +141,8 @@ def b2_rows(r: dict) -> list[tuple[str, str, str, str]]:
         if ours == "ours" and default == "ours-f32":
             continue  # bf16 rollouts: not what the defaults do any more
         run = r["ratios"][pair]["wall_s"]
-        goal = goals[peer] if ours == default else "-"
+        # the goal is the defaults' (at either precision, each side at the same one)
+        goal = goals.get(peer.split("@")[0], "-") if ours.split("@")[0] == default else "-"
         out.append(("B2", f"PPO round speed-up, {ours} vs {peer} ({trl}), per run "
                           f"{run['per_run_min']}-{run['per_run_max']}", _f(speedup), goal))
         ph = r["ratios"][pair]
@@ -149,7 +150,7 @@ def b2_rows(r: dict) -> list[tuple[str, str, str, str]]:
                     " / ".join(_f(ph[k]["of_medians"]) for k in
                                ("time_generate", "time_score", "time_train")), "-"))
         out.append(("B2", f"  peak RSS, {ours}/{peer}", _f(r["memory_ratio_by_pair"][pair]),
-                    "<= 0.5" if ours == default else "-"))
+                    "<= 0.5" if ours.split("@")[0] == default else "-"))
     return out
 
 

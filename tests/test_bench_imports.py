@@ -17,3 +17,19 @@ PEER_SIDES = {"b2_trl_side", "b3_trl_side"}
 def test_bench_module_imports(name):
     module = importlib.import_module(f"bench.{name}")
     assert module.__doc__, f"bench/{name}.py says what it measures"
+
+
+def test_b2_sides_carry_their_precision_and_keep_the_goal_rows():
+    from bench import b2_ppo_trl as b2
+    from bench import run_all
+    assert b2.parse_side("ours@bf16") == ("ours", "bf16")
+    assert b2.parse_side("trl-lora", "bf16") == ("trl-lora", "bf16")
+    assert b2.parse_side("ours-trunk") == ("ours-trunk", "float32")
+    phases = {k: {"of_medians": 1.0, "per_run_min": 1.0, "per_run_max": 1.0}
+              for k in b2.PHASES}
+    pairs = ["ours@bf16_vs_trl-full@bf16", "ours-trunk_vs_trl-lora"]
+    r = {"trl_version": "torch trl transformers peft", "speedup_by_pair": dict.fromkeys(pairs, 1.0),
+         "ratios": dict.fromkeys(pairs, phases), "memory_ratio_by_pair": dict.fromkeys(pairs, 0.4)}
+    rows = run_all.b2_rows(r)
+    speed = [row for row in rows if "speed-up" in row[1]]
+    assert [row[3] for row in speed] == [">= 2", "-"]  # the defaults' side, at either precision
