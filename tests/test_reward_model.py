@@ -375,3 +375,35 @@ def test_separate_sequence_classifier_reward_base(store, tiny_model_dir):
     scorer = reward_model.load_reward(runtime)
     assert not scorer.shares_base and runtime._model is None  # the policy base never loaded
     assert json.loads(Path(scorer.path, "version.json").read_text())["shares_base"] is False
+
+
+def test_next_round_reuses_the_serving_versions_scores(store, tiny_model_dir, monkeypatch):
+    """Round 2 scores, for the serving v1, only the responses v1 was not evaluated on as round
+    1's candidate; the reused scores are what the published v1 gives."""
+    seed_rankings(store, 40)
+    runtime = make_runtime(store, tiny_model_dir, cfg=LEARN)
+    assert reward_model.train_reward(runtime)["status"] == "promoted"
+    cache = runtime.reward_score_cache
+    seen_v1 = {k[2] for k in cache if k[0] == 1}
+    seed_rankings(store, 12, start=40, seed=1)
+    scored, real = [], reward_train.score_sequences
+
+    def counting(bb, adapter, head, seqs, batch_size=16):
+        scored.append((adapter, len(seqs)))
+        return real(bb, adapter, head, seqs, batch_size)
+    monkeypatch.setattr(reward_train, "score_sequences", counting)
+    res = reward_model.train_reward(runtime, config=FINE_TUNE)
+    assert res["version"] == 2
+    round2 = {k[2] for k in cache if k[0] == 2}  # the candidate's: every evaluated response
+    new = round2 - seen_v1
+    assert new and round2 & seen_v1
+    assert scored == [("reward", len(new)), ("reward_candidate", len(round2))]
+    assert {k[0] for k in cache} <= {1, 2}
+    # the reused v1 scores equal the published v1's own
+    reused = sorted(round2 & seen_v1)
+    rows = {r["id"]: r for r in store.rows(
+        "SELECT r.id, r.text, p.text AS prompt FROM responses r JOIN prompts p "
+        "ON p.id = r.prompt_id")}
+    v1 = reward_model.load_reward(runtime, version=1)
+    fresh = v1.score_texts([rows[r]["prompt"] for r in reused], [rows[r]["text"] for r in reused])
+    assert fresh == pytest.approx([cache[(1, FINE_TUNE.max_length, r)] for r in reused], abs=1e-5)

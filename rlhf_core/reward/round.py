@@ -27,6 +27,7 @@ from rlhf_core.reward.model import CANDIDATE, backbone, load_reward
 from rlhf_core.reward.train import (
     evaluate,
     fit,
+    keep_cached_versions,
     prepare_candidate,
     promotion_gate,
     publish_candidate,
@@ -84,11 +85,15 @@ def _train_round(runtime, data, cfg: RewardConfig, reporter, progress, from_scra
         soft_ties=cfg.soft_ties, min_pairs=cfg.min_pairs, seed=cfg.seed + version,
         incremental=incremental)
     bb = backbone(runtime)
+    # scores of the serving version and the candidate, kept for the next round's evaluation
+    cache = runtime.reward_score_cache
+    keep_cached_versions(cache, {current["version"]} if current else set())
     before, clock = {}, Clock()
     if current is not None:
         progress(0.05, f"evaluating the current version v{current['version']}")
         serving = load_reward(runtime)
-        before = evaluate(bb, serving.adapter_name, serving.head, pairs, cfg)
+        before = evaluate(bb, serving.adapter_name, serving.head, pairs, cfg,
+                          version=serving.version, cache=cache)
     clock.lap("eval_current_seconds")
     head = prepare_candidate(runtime, bb, current if incremental else None, cfg, version)
     try:
@@ -96,7 +101,7 @@ def _train_round(runtime, data, cfg: RewardConfig, reporter, progress, from_scra
                         reporter=reporter, version=version)
         clock.lap("prepare_and_fit_seconds")
         progress(0.85, "evaluating the candidate")
-        after = evaluate(bb, CANDIDATE, head, pairs, cfg)
+        after = evaluate(bb, CANDIDATE, head, pairs, cfg, version=version, cache=cache)
         clock.lap("eval_candidate_seconds")
         status, reason = promotion_gate(after, before, current, cfg)
         metrics = {**_flat(after, ""), **_flat(before, "current_"), **fit_stats, **clock.laps}

@@ -130,18 +130,36 @@ def _step(bb: Backbone, head, pairs: list[PrefPair], cfg: RewardConfig, encoder:
 
 
 # -- evaluation and the promotion gate ----------------------------------------------------------
-def evaluate(bb: Backbone, adapter: str, head, data: RewardData, cfg: RewardConfig) -> dict:
-    """{"heldout": metrics, "fresh": metrics} (see reward_data.pair_metrics)."""
+def evaluate(bb: Backbone, adapter: str, head, data: RewardData, cfg: RewardConfig, *,
+             version: int | None = None, cache: dict | None = None) -> dict:
+    """{"heldout": metrics, "fresh": metrics} (see reward_data.pair_metrics).
+
+    `cache` (with `version`): scores of this version's responses from an earlier evaluation in
+    this worker, keyed (version, max_length, response id); only the missing ones are scored,
+    and the cache keeps this version's scores for the next round (when the candidate evaluated
+    now serves, its held-out scores are what the next round's "current" evaluation needs)."""
     texts = {}
     for p in data.heldout + data.fresh:
         texts[p.chosen_id], texts[p.rejected_id] = (p.prompt, p.chosen), (p.prompt, p.rejected)
     rids = sorted(texts)
+    use = cache is not None and version is not None
+    known = {r: cache[(version, cfg.max_length, r)] for r in rids
+             if (version, cfg.max_length, r) in cache} if use else {}
+    todo = [r for r in rids if r not in known]
     encoder = Encoder(bb.tokenizer, cfg.max_length)
-    values = score_sequences(bb, adapter, head, [encoder(*texts[r]) for r in rids],
-                             cfg.eval_batch_size)
-    scores = dict(zip(rids, values))
+    values = score_sequences(bb, adapter, head, [encoder(*texts[r]) for r in todo],
+                             cfg.eval_batch_size) if todo else []
+    scores = known | dict(zip(todo, values))
+    if use:
+        cache.update({(version, cfg.max_length, r): v for r, v in zip(todo, values)})
     return {"heldout": reward_data.pair_metrics(data.heldout, scores),
             "fresh": reward_data.pair_metrics(data.fresh, scores)}
+
+
+def keep_cached_versions(cache: dict, versions: set) -> None:
+    """Drop cached scores of every reward version but `versions`."""
+    for key in [k for k in cache if k[0] not in versions]:
+        del cache[key]
 
 
 def promotion_gate(after: dict, before: dict, current: dict | None,

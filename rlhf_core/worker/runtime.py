@@ -38,6 +38,8 @@ class Runtime:
         self.heads: dict[str, models.ScalarHead] = {}
         self.loaded: dict[str, int] = {}  # adapter name -> version loaded into it
         self.reward_base = None
+        # (reward version, max_length, response id) -> score: reward evaluations reuse them
+        self.reward_score_cache: dict[tuple[int, int, int], float] = {}
 
     def refresh_config(self, config: AppConfig) -> None:
         """Take the workspace's current settings (once per claimed job). Loaded weights stay:
