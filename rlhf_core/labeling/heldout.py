@@ -12,6 +12,8 @@ import time
 from rlhf_core.config import SamplingConfig
 from rlhf_core.sampling import generate
 
+EVAL_CACHE_ENTRIES = 4  # (version, prompts, settings) sample sets a worker keeps
+
 
 def eval_policy(runtime, cfg: SamplingConfig, *, reporter, policy_version: int | None = None,
                 baseline: int = 0, samples_per_prompt: int = 2, seed: int = 1234,
@@ -25,13 +27,24 @@ def eval_policy(runtime, cfg: SamplingConfig, *, reporter, policy_version: int |
         raise ValueError("no held-out prompts: import more prompts (about 20% go to held-out)")
     texts = [p["text"] for p in prompts]
     out, t0 = {}, time.perf_counter()
+    # A version's samples on these prompts with these settings and seeds are fixed (versions
+    # never change once published): the reference, judged every round, is sampled once.
+    cache = runtime.eval_samples_cache
     with runtime.lock:
         for j, v in enumerate((version, baseline)):
+            key = (v, tuple(p["id"] for p in prompts), n, seed, cfg, runtime.config.system_prompt)
+            if key in cache:
+                out[v] = cache[key]
+                continue
+
             def progress(f, j=j):
                 reporter.progress(0.5 * (j + f), f"sampling v{v} on {len(texts)} held-out prompts")
             with runtime.policy(v) as model:
                 out[v] = generate(model, runtime.tokenizer, texts, n=n, cfg=cfg, seed=seed,
                                   device=runtime.device.device, progress=progress)
+            cache[key] = out[v]
+            while len(cache) > EVAL_CACHE_ENTRIES:
+                cache.pop(next(iter(cache)))
     samples = [{"prompt_id": p["id"], "prompt": p["text"], "i": i,
                 "policy": out[version][k][i].text, "policy_tokens": out[version][k][i].n_tokens,
                 "policy_finish": out[version][k][i].finish_reason,
