@@ -33,3 +33,14 @@ def test_b2_sides_carry_their_precision_and_keep_the_goal_rows():
     rows = run_all.b2_rows(r)
     speed = [row for row in rows if "speed-up" in row[1]]
     assert [row[3] for row in speed] == [">= 2", "-"]  # the defaults' side, at either precision
+
+
+def test_reward_settings_variants_parse():
+    from bench.reward_settings import parse_variant
+    assert parse_variant("base=") == ("base", {})
+    assert parse_variant("x=reward.lr=1e-3,reward.soft_ties=false") == (
+        "x", {"reward.lr": "1e-3", "reward.soft_ties": "false"})
+    with pytest.raises(ValueError):
+        parse_variant("=reward.lr=1")
+    with pytest.raises(ValueError):
+        parse_variant("x=reward.lr")
