@@ -163,8 +163,10 @@ def checkpointing_on(model) -> bool:
 
 
 def main(spec_path: str, variant: str = "full", precision: str = "float32") -> None:
-    """precision "bf16": TrainingArguments' bf16=True (on a CPU: bf16 autocast over the float32
-    models, as our mixed_precision=bf16)."""
+    """precision "bf16": TrainingArguments' bf16=True and, since PPOTrainer builds its own
+    Accelerator from the environment, ACCELERATE_MIXED_PRECISION=bf16 (set by the caller); on a
+    CPU both mean bf16 autocast over the float32 models, as our mixed_precision=bf16. The
+    result records the Accelerator's own mixed_precision."""
     spec = json.loads(Path(spec_path).read_text())
     spec["bf16"] = precision == "bf16"
     import torch
