@@ -90,7 +90,9 @@ def instrument_ours(model) -> dict:
 
     def after(fn, phase, grab=None):
         def wrapped(*a, **kw):
+            common.reset_peak_rss()
             out = fn(*a, **kw)
+            marks[f"phase_peak_rss_{phase}_mb"] = common.window_peak_rss_mb()
             marks[f"peak_rss_{phase}_mb"] = common.peak_rss_mb()
             if grab:
                 grab(out)
@@ -151,7 +153,7 @@ def ours_side(ws: Path, quick: bool, decode: str | None = None, critic: str = "a
             "time_generate": m["time_generate"], "time_score": m["time_score"],
             "time_train": m["time_train"],
             "peak_rss_mb": common.peak_rss_mb(), "rss_after_load_mb": rss_loaded,
-            **{k: v for k, v in marks.items() if k.startswith("peak_rss_")},
+            **{k: v for k, v in marks.items() if k.startswith(("peak_rss_", "phase_peak_"))},
             "tokens": tokens, "optimizer_steps": marks["optimizer_steps"],
             "ppo_steps_metric": m.get("ppo_steps"),
             "trainable_params": n_trainable + n_head, "value_trainable_params": n_value + n_head,
@@ -200,7 +202,8 @@ OURS = ("ours", "ours-f32", "ours-trunk", "ours-noprefix")
 PEERS = ("trl-full", "trl-lora")
 PHASES = ("wall_s", "time_generate", "time_score", "time_train")
 KEYS = PHASES + ("peak_rss_mb", "peak_rss_generate_mb", "peak_rss_score_mb",
-                 "peak_rss_train_mb", "rss_after_load_mb", "tokens", "optimizer_steps",
+                 "peak_rss_train_mb", "phase_peak_rss_generate_mb", "phase_peak_rss_score_mb",
+                 "phase_peak_rss_train_mb", "rss_after_load_mb", "tokens", "optimizer_steps",
                  "generate_tokens_per_s")
 
 
@@ -285,6 +288,12 @@ def summary(runs: dict, cfg, spec: dict, info: dict, quick: bool) -> dict:
     ratio = {f"{o}_vs_{p}": ratios(runs[o], runs[p]) for o, p in pairs}
     memory = {f"{o}_vs_{p}": round(med[o]["peak_rss_mb"] / med[p]["peak_rss_mb"], 3)
               for o, p in pairs}
+    # each phase's own peak (VmHWM reset at its start), ours / the peer's
+    phase_memory = {f"{o}_vs_{p}": {ph: round(med[o][k] / med[p][k], 3)
+                                    for ph in ("generate", "score", "train")
+                                    for k in [f"phase_peak_rss_{ph}_mb"]
+                                    if med[o].get(k) and med[p].get(k)}
+                    for o, p in pairs}
     first = runs[sides[0]]
     legacy = {}
     if "ours_vs_trl-full" in ratio:  # the keys bench/run_all.py reads (project defaults vs
@@ -310,6 +319,7 @@ def summary(runs: dict, cfg, spec: dict, info: dict, quick: bool) -> dict:
         "median": med,
         "speedup_by_pair": {k: v["wall_s"]["of_medians"] for k, v in ratio.items()},
         "ratios": ratio, "memory_ratio_by_pair": memory,
+        "phase_memory_ratio_by_pair": phase_memory,
         "spread": {s: {k: spread(runs[s], k) for k in KEYS} for s in sides},
         "trainable_params": {s: runs[s][0]["trainable_params"] for s in sides},
         "value_trainable_params": {s: runs[s][0]["value_trainable_params"] for s in sides},
@@ -421,6 +431,7 @@ def main(argv=None) -> dict:
     res["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
     common.write_result(args.out, res)
     print(json.dumps({k: res[k] for k in ("median", "speedup_by_pair", "memory_ratio_by_pair",
+                                          "phase_memory_ratio_by_pair",
                                           "optimizer_steps", "decode_dtype",
                                           "mixed_precision")}, indent=1))
     return res

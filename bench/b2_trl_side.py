@@ -33,7 +33,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import package_versions, peak_rss_mb  # stdlib-only at import
+from bench.common import (  # stdlib-only at import
+    package_versions,
+    peak_rss_mb,
+    reset_peak_rss,
+    window_peak_rss_mb,
+)
 
 
 def vm_rss_mb() -> float:
@@ -123,11 +128,15 @@ def instrument(trainer, mod, pad_token_id: int) -> dict:
     real_truncate, real_backward = mod.truncate_response, trainer.accelerator.backward
 
     def generation(*a, **kw):
+        reset_peak_rss()  # each phase's own peak: VmHWM from its start
         t0 = time.perf_counter()
         out = real_generation(*a, **kw)
         marks["gen_s"] += time.perf_counter() - t0
         marks["gen_end"] = time.perf_counter()
         marks["rss_generate"] = peak_rss_mb()
+        marks["phase_rss_generate"] = max(marks.get("phase_rss_generate", 0),
+                                          window_peak_rss_mb() or 0)
+        reset_peak_rss()  # the score phase starts here
         return out
 
     def forward(model, *a, **kw):
@@ -135,6 +144,8 @@ def instrument(trainer, mod, pad_token_id: int) -> dict:
                                                      mod.PolicyAndValueWrapper):
             marks["train_start"] = time.perf_counter()
             marks["rss_score"] = peak_rss_mb()
+            marks["phase_rss_score"] = window_peak_rss_mb()
+            reset_peak_rss()
         return real_forward(model, *a, **kw)
 
     def truncate(stop_token_id, pad, responses):  # non-pad tokens up to and including the stop
@@ -216,6 +227,9 @@ def main(spec_path: str, variant: str = "full", precision: str = "float32") -> N
         "peak_rss_mb": peak_rss_mb(), "rss_after_load_mb": rss_loaded,
         "peak_rss_generate_mb": marks["rss_generate"], "peak_rss_score_mb": marks["rss_score"],
         "peak_rss_train_mb": peak_rss_mb(),
+        "phase_peak_rss_generate_mb": marks.get("phase_rss_generate"),
+        "phase_peak_rss_score_mb": marks.get("phase_rss_score"),
+        "phase_peak_rss_train_mb": window_peak_rss_mb(),
         "tokens": marks["tokens"], "optimizer_steps": marks["optimizer_steps"],
         "trainable_params": sum(p.numel() for p in inner.parameters() if p.requires_grad),
         "value_trainable_params": sum(p.numel() for p in inner.value_model.parameters()

@@ -76,6 +76,28 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS window (Linux: writing 5 to /proc/self/clear_refs resets VmHWM).
+    ru_maxrss only grows, so a phase's `peak_rss_mb` also holds every earlier phase's peak
+    (loading the models included); `window_peak_rss_mb` after this reads the phase's own."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def window_peak_rss_mb() -> float | None:
+    """VmHWM: the peak resident set since the last `reset_peak_rss` (None off Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def percentile(xs: list[float], q: float) -> float | None:
     if not xs:
         return None

@@ -44,3 +44,19 @@ def test_reward_settings_variants_parse():
         parse_variant("=reward.lr=1")
     with pytest.raises(ValueError):
         parse_variant("x=reward.lr")
+
+
+def test_phase_peak_rss_window_resets():
+    """B2's per-phase peaks: a window opened after a large allocation was freed does not
+    report it (ru_maxrss, which only grows, does)."""
+    import sys
+
+    from bench import common
+    if not sys.platform.startswith("linux") or not common.reset_peak_rss():
+        pytest.skip("VmHWM reset is Linux-only")
+    big = bytearray(300 * 1024 * 1024)
+    big[::4096] = b"x" * len(big[::4096])  # touch every page
+    del big
+    assert common.peak_rss_mb() >= 300
+    assert common.reset_peak_rss()
+    assert common.window_peak_rss_mb() < common.peak_rss_mb() - 250
