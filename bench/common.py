@@ -71,15 +71,22 @@ def package_versions(extra: tuple[str, ...] = ()) -> dict:
     return out
 
 
+_PEAK_BEFORE_RESET = 0.0  # the running peak as it was at the last reset_peak_rss
+
+
 def peak_rss_mb() -> float:
-    """This process's peak resident set (ru_maxrss is KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident set since it started (ru_maxrss is KiB on Linux; a
+    reset_peak_rss also resets it, so the peak before the last reset is kept here)."""
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, _PEAK_BEFORE_RESET)
 
 
 def reset_peak_rss() -> bool:
     """Start a new peak-RSS window (Linux: writing 5 to /proc/self/clear_refs resets VmHWM).
     ru_maxrss only grows, so a phase's `peak_rss_mb` also holds every earlier phase's peak
-    (loading the models included); `window_peak_rss_mb` after this reads the phase's own."""
+    (loading the models included); `window_peak_rss_mb` after this reads the phase's own.
+    The kernel resets ru_maxrss with it: `peak_rss_mb` keeps the earlier peak itself."""
+    global _PEAK_BEFORE_RESET
+    _PEAK_BEFORE_RESET = peak_rss_mb()
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
