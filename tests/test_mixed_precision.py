@@ -103,6 +103,7 @@ def test_reward_model_learns_under_bf16_autocast(store, tiny_model_dir):
     assert tensors and all(t.dtype == torch.float32 for t in tensors.values())
     scorer = reward_model.load_reward(runtime)
     assert scorer.head.linear.weight.dtype == torch.float32
+    assert store.current_version("reward")["config"]["mixed_precision"] == "bf16"  # provenance
 
 
 @pytest.mark.parametrize("round_fn", [ppo_round, grpo_round], ids=["ppo", "grpo"])
@@ -124,6 +125,7 @@ def test_policy_round_under_bf16_autocast_recomputes_old_logprobs(ppo_model_dir,
         path = Path(runtime.data.store.current_version("policy")["path"])
         tensors = load_file(str(path / "policy" / "adapter_model.safetensors"))
         assert all(t.dtype == torch.float32 for t in tensors.values())
+        assert runtime.data.store.current_version("policy")["config"]["mixed_precision"] == "bf16"
     finally:
         runtime.data.store.close()
 
@@ -142,3 +144,26 @@ def test_ppo_rounds_raise_mean_reward_under_bf16(ppo_model_dir, tmp_path):
         assert after > before + 0.1, (before, after)  # seen: 0.35 -> 0.62 (float32: 0.59)
     finally:
         runtime.data.store.close()
+
+
+def test_a_two_process_round_trains_in_the_workers_precision(ppo_model_dir, tmp_path):
+    """`rlhf worker --processes 2` on a CPU: the ranks train in the workspace's precision (bf16
+    here, although the suite's environment says "no"), and the launcher hands it to accelerate
+    (`--mixed_precision bf16`: its CPU Accelerator accepts it)."""
+    from rlhf_core.data import jobs
+    from rlhf_core.worker.run import run_one
+    from rlhf_core.workspace import open_workspace
+    from tests.test_ppo import PROMPTS, publish_random_reward
+    store, cfg = open_workspace(tmp_path / "ws", model=str(ppo_model_dir), mixed_precision="bf16")
+    store.add_prompts([{"text": p} for p in PROMPTS], source="test", heldout_fraction=0.25)
+    publish_random_reward(Runtime(store, cfg, cpu=True))
+    jobs.enqueue(store, "ppo_round", {
+        "prompts_per_round": 4, "rollouts_per_prompt": 2, "max_new_tokens": 8, "epochs": 1,
+        "minibatch_size": 8, "generation_batch_size": 8})
+    job = run_one(Runtime(store, cfg, cpu=True, processes=2), "w")
+    assert job["status"] == "done", job["error"]
+    assert job["result"]["processes"] == 2
+    row = store.get_version("policy", 1)
+    assert row["config"]["mixed_precision"] == "bf16"
+    assert row["metrics"]["first_ratio"] == pytest.approx(1.0, abs=1e-3)
+    store.close()

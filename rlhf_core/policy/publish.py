@@ -32,7 +32,9 @@ def publish_step(runtime, config: PPOConfig, plan: Plan, stats: dict, dist, out,
     result = {"status": "published", "version": plan.version, "parent": plan.parent,
               "reward_version": plan.reward_version, "algorithm": plan.algorithm,
               "metrics": stats}
-    settings = to_dict(config) | {"algorithm": plan.algorithm}  # provenance of the version
+    # provenance of the version: its settings, algorithm and the math it trained in
+    settings = to_dict(config) | {"algorithm": plan.algorithm,
+                                  "mixed_precision": runtime.device.mixed_precision}
     if dist.is_main:
         model = runtime.model
 

@@ -104,19 +104,20 @@ def _train_round(runtime, data, cfg: RewardConfig, reporter, progress, from_scra
         after = evaluate(bb, CANDIDATE, head, pairs, cfg, version=version, cache=cache)
         clock.lap("eval_candidate_seconds")
         status, reason = promotion_gate(after, before, current, cfg)
+        settings = to_dict(cfg) | {"mixed_precision": runtime.device.mixed_precision}
         metrics = {**_flat(after, ""), **_flat(before, "current_"), **fit_stats, **clock.laps}
         progress(0.95, f"publishing v{version} ({status})")
         manifest = {"kind": "reward", "version": version, "status": status, "reason": reason,
                     "parent": current["version"] if incremental else None,
                     "base_model": bb.source, "shares_base": bb.shares_base,
-                    "config": to_dict(cfg), "lora": to_dict(runtime.config.lora),
+                    "config": settings, "lora": to_dict(runtime.config.lora),
                     "counts": pairs.counts, "metrics": metrics, "created_at": now_iso()}
         path = publish_candidate(runtime, bb, head, version, manifest)
     finally:
         if CANDIDATE in bb.model.peft_config:
             bb.model.delete_adapter(CANDIDATE)
     data.add_version("reward", version, status=status, path=str(path), reason=reason,
-                      parent=manifest["parent"], base_model=bb.source, config=to_dict(cfg),
+                      parent=manifest["parent"], base_model=bb.source, config=settings,
                       metrics=metrics, counts=pairs.counts,
                       job_id=getattr(reporter, "job_id", None))
     if reporter is not None:
