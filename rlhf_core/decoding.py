@@ -296,15 +296,52 @@ class Weights:
 
 
 class _Cache:
-    """Per layer K and V, (B, kv heads, L, head dim) float32, L = prompt + new tokens."""
+    """Per layer K and V, (B, kv heads, L, head dim) float32, L = prompt + new tokens. Rows
+    move in place, one row at a time: the cache never exists twice (indexing it with the kept
+    rows would copy all of it while the old one is alive, doubling the decode's largest
+    buffer: ~300 MB for a 64-row rollout of the embedded model)."""
 
     def __init__(self, n_layers, batch, n_kv, length, head_dim, device):
         shape = (n_layers, batch, n_kv, length, head_dim)
         self.k = torch.zeros(shape, device=device)
         self.v = torch.zeros(shape, device=device)
 
-    def keep(self, idx: torch.Tensor) -> None:
-        self.k, self.v = self.k[:, idx], self.v[:, idx]
+    def head(self, n: int) -> "_Cache":
+        """The first n rows, sharing this cache's memory."""
+        view = object.__new__(_Cache)
+        view.k, view.v = self.k[:, :n], self.v[:, :n]
+        return view
+
+    def copy_rows(self, moves) -> None:
+        for dst, src in moves:
+            self.k[:, dst] = self.k[:, src]
+            self.v[:, dst] = self.v[:, src]
+
+    def expand(self, source: list[int]) -> None:
+        """Row j becomes a copy of row source[j], where source[j] <= j (rows of the distinct
+        prompts in order of first appearance): from the last row down, so every source is
+        read before it is overwritten."""
+        self.copy_rows((j, s) for j, s in reversed(list(enumerate(source))) if s != j)
+
+    def compact(self, moves, n: int) -> None:
+        """`compaction`'s moves, then the first n rows are the cache."""
+        self.copy_rows(moves)
+        self.k, self.v = self.k[:, :n], self.v[:, :n]
+
+
+def compaction(live: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
+    """The rows that go on (ascending old indexes) -> (order, moves): `order[j]` is the old
+    row that becomes row j, `moves` the (new, old) row copies that make it so. Live rows
+    already among the first len(live) stay where they are; the holes there take the live rows
+    from beyond, so as few rows move as rows stopped (the batch's order changes)."""
+    n = len(live)
+    kept = set(live)
+    holes = [j for j in range(n) if j not in kept]
+    tail = [j for j in live if j >= n]
+    order = list(range(n))
+    for h, src in zip(holes, tail):
+        order[h] = src
+    return order, list(zip(holes, tail))
 
 
 def _rope(x, cos, sin):  # x (B,h,T,d); cos/sin (B,1,T,d)
@@ -368,11 +405,12 @@ def _loop(model, queries, sampler: Sampler, *, max_new_tokens, stop_ids, pad_id,
                                                              device=device)[None]
     prefill_bias = torch.zeros(len(uniq), 1, P, P, device=device).masked_fill(
         ~allowed[:, None], float("-inf"))  # a padding query sees itself: no empty row, no NaN
-    cache = _Cache(len(weights.layers), len(uniq), weights.n_kv, L, weights.head_dim, device)
-    logits, last = _forward(weights, cache, ids, 0, cos[..., :P, :], sin[..., :P, :],
-                            prefill_bias)
-    # expand to one row per query
-    cache.keep(first)
+    cache = _Cache(len(weights.layers), len(queries), weights.n_kv, L, weights.head_dim,
+                   device)
+    logits, last = _forward(weights, cache.head(len(uniq)), ids, 0, cos[..., :P, :],
+                            sin[..., :P, :], prefill_bias)
+    # expand to one row per query, in place
+    cache.expand(first.tolist())
     logits, last, cos, sin, keys = logits[first], last[first], cos[first], sin[first], keys[first]
     key_bias = torch.zeros(len(queries), 1, 1, L, device=device).masked_fill(
         ~keys[:, None, None, :], float("-inf"))  # (B,1,1,L)
@@ -391,11 +429,12 @@ def _loop(model, queries, sampler: Sampler, *, max_new_tokens, stop_ids, pad_id,
         if not live or t == max_new_tokens - 1:
             break
         if len(live) < len(rows):  # stopped rows leave the batch
-            keep = torch.tensor(live, device=device)
-            cache.keep(keep)
+            order, moves = compaction(live)
+            cache.compact(moves, len(live))
+            keep = torch.tensor(order, device=device)
             cos, sin, key_bias = cos[keep], sin[keep], key_bias[keep]
-            rows = [rows[j] for j in live]
-            picked = [picked[j] for j in live]
+            rows = [rows[j] for j in order]
+            picked = [picked[j] for j in order]
         at = P + t  # the position of the token just drawn
         tok = torch.tensor(picked, device=device)[:, None]  # (b,1)
         logits, last = _forward(weights, cache, tok, at, cos[..., at:at + 1, :],

@@ -243,3 +243,31 @@ def test_an_mlp_bias_falls_back_to_generate():
     out = decode(model, [[1, 2, 3]], Sampler([1], 1.0), max_new_tokens=4, stop_ids={0},
                  pad_id=39, device="cpu")
     assert 1 <= len(out[0][0]) <= 4
+
+
+def test_compaction_moves_only_as_many_rows_as_stopped():
+    from rlhf_core.decoding import compaction
+    # rows 1 and 4 of 6 stopped: row 5 fills the hole at 1, rows 0, 2, 3 stay
+    assert compaction([0, 2, 3, 5]) == ([0, 5, 2, 3], [(1, 5)])
+    assert compaction([0, 1, 2]) == ([0, 1, 2], [])
+    assert compaction([3]) == ([3], [(0, 3)])
+    assert compaction([1, 2, 4, 5]) == ([4, 1, 2, 5], [(0, 4), (3, 5)])
+
+
+def test_kv_cache_rows_expand_and_compact_in_place():
+    """The decode loop's cache grows to one row per query and sheds stopped rows without a
+    second copy of itself: the same storage throughout, every row's values where `order` says."""
+    from rlhf_core.decoding import _Cache, compaction
+    cache = _Cache(2, 5, 1, 3, 2, "cpu")
+    ptr = cache.k.untyped_storage().data_ptr()
+    head = cache.head(3)  # prefill of 3 distinct prompts
+    head.k.copy_(torch.arange(3.0).view(1, 3, 1, 1, 1).expand_as(head.k))
+    head.v.copy_(-head.k)
+    cache.expand([0, 0, 1, 2, 2])  # queries A A B C C
+    row = lambda c: c.k[0, :, 0, 0, 0].tolist()  # noqa: E731
+    assert row(cache) == [0, 0, 1, 2, 2] and cache.v[1, :, 0, 0, 0].tolist() == [0, 0, -1, -2, -2]
+    order, moves = compaction([1, 2, 4])  # rows 0 and 3 stopped
+    before = row(cache)
+    cache.compact(moves, 3)
+    assert row(cache) == [before[j] for j in order] and cache.k.shape[1] == 3
+    assert cache.k.untyped_storage().data_ptr() == ptr  # no new cache was allocated
