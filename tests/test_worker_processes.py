@@ -137,8 +137,11 @@ def up(tmp_path, tiny_model_dir):
                                  "sampling.prompts_per_batch": 2})
     store.close()
     port = free_port()
+    # as from a terminal: a suite started in the background (`make test &`, a CI script) has
+    # SIGINT ignored, which children inherit, and then Python installs no Ctrl-C handler
     proc = subprocess.Popen([sys.executable, "-m", "app.cli", "up", "--workspace", str(ws),
-                             "--port", str(port)], cwd=ROOT, env=ENV)
+                             "--port", str(port)], cwd=ROOT, env=ENV,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     found: list[int] = []
     try:
         def ready():
