@@ -224,11 +224,8 @@ def run_side(side: str, ws: Path, spec_path: Path, trl_py: Path, quick: bool,
                    + (["--critic", "trunk"] if side == "ours-trunk" else [])
                    + (["--no-prefix-cache"] if side == "ours-noprefix" else []))
     else:
-        # TRL's PPOTrainer builds its own Accelerator without args.bf16: its precision comes
-        # from accelerate's variable, as under `accelerate launch --mixed_precision bf16`
-        env = dict(os.environ, ACCELERATE_MIXED_PRECISION=MIXED[precision])
         res = _sub([str(trl_py), "-m", "bench.b2_trl_side", str(spec_path),
-                    side.split("-", 1)[1], precision], env=env)
+                    side.split("-", 1)[1], precision])
     res["generate_tokens_per_s"] = res["tokens"] / res["time_generate"]
     return res
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import sys
 import tempfile
 import time
@@ -92,7 +93,7 @@ def value_model(reward, spec, variant: str):
     return get_peft_model(value, lora_config(spec, "SEQ_CLS"))
 
 
-def ppo_args(spec, n_rows: int, dtype):
+def ppo_args(spec, n_rows: int, dtype, bf16: bool = False):
     import torch
     from trl.experimental.ppo import PPOConfig
     c, cuda = spec["config"], torch.cuda.is_available()
@@ -109,7 +110,7 @@ def ppo_args(spec, n_rows: int, dtype):
         learning_rate=c["lr"], max_grad_norm=c["max_grad_norm"],
         local_rollout_forward_batch_size=c["generation_batch_size"], num_sample_generations=0,
         save_strategy="no", report_to=[], logging_steps=1, seed=c["seed"], use_cpu=not cuda,
-        bf16=dtype == torch.bfloat16 or spec.get("bf16", False), disable_tqdm=True,
+        bf16=dtype == torch.bfloat16 or bf16, disable_tqdm=True,
         dataloader_num_workers=0,
         # PPOTrainer overrides train(), so it never enables checkpointing itself; stated anyway,
         # as on our side (PPOConfig.gradient_checkpointing=False)
@@ -175,11 +176,12 @@ def checkpointing_on(model) -> bool:
 
 def main(spec_path: str, variant: str = "full", precision: str = "float32") -> None:
     """precision "bf16": TrainingArguments' bf16=True and, since PPOTrainer builds its own
-    Accelerator from the environment, ACCELERATE_MIXED_PRECISION=bf16 (set by the caller); on a
-    CPU both mean bf16 autocast over the float32 models, as our mixed_precision=bf16. The
-    result records the Accelerator's own mixed_precision."""
+    Accelerator without it (its precision comes from accelerate's variable, as under
+    `accelerate launch --mixed_precision bf16`), ACCELERATE_MIXED_PRECISION=bf16; on a CPU both
+    mean bf16 autocast over the float32 models, as our mixed_precision=bf16. The result records
+    the Accelerator's own mixed_precision."""
+    os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16" if precision == "bf16" else "no"
     spec = json.loads(Path(spec_path).read_text())
-    spec["bf16"] = precision == "bf16"
     import torch
     torch.set_num_threads(spec["threads"])
     import trl
@@ -199,7 +201,7 @@ def main(spec_path: str, variant: str = "full", precision: str = "float32") -> N
                                        add_generation_prompt=True) for p in spec["rows"]]
     ids = [tok(q, add_special_tokens=False)["input_ids"][-spec["max_prompt_tokens"]:]
            for q in queries]
-    trainer = PPOTrainer(args=ppo_args(spec, len(ids), dtype), processing_class=tok,
+    trainer = PPOTrainer(args=ppo_args(spec, len(ids), dtype, bf16=precision == "bf16"), processing_class=tok,
                          model=policy, ref_model=None, reward_model=reward,
                          train_dataset=Dataset.from_dict({"input_ids": ids}),
                          value_model=value, peft_config=lora_config(spec, "CAUSAL_LM"))

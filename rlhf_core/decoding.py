@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_core.advantages import entropy_from_logp
-from rlhf_core.models import native_bf16_cpu, pad_sequences  # noqa: F401 (API)
+from rlhf_core.models import native_bf16_cpu, pad_sequences
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 ARCHITECTURES = ("llama", "mistral", "qwen2")

@@ -13,6 +13,7 @@ One set of base weights serves four roles through LoRA adapters: `policy` (actor
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -23,8 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rlhf_core.config import (EMBEDDED_GGUF, EMBEDDED_MODEL, LoraSettings,  # noqa: F401 (API)
-                              ModelLoadError, embedded_gguf_path, model_source_kind)
+from rlhf_core.config import (EMBEDDED_GGUF, EMBEDDED_MODEL, MIXED_PRECISIONS,  # noqa: F401
+                              LoraSettings, ModelLoadError, embedded_gguf_path,
+                              model_source_kind)
 from rlhf_core.durable import write_dir
 
 log = logging.getLogger(__name__)
@@ -125,9 +127,6 @@ def native_bf16_cpu() -> bool:
     return False
 
 
-PRECISIONS = ("auto", "no", "bf16")
-
-
 def resolve_mixed_precision(setting: str, device_type: str, *, native_cpu: bool,
                             cuda_bf16: bool, env: str | None = None) -> str:
     """`mixed_precision` ("auto" | "no" | "bf16") -> "bf16" or "no" for this device.
@@ -135,8 +134,8 @@ def resolve_mixed_precision(setting: str, device_type: str, *, native_cpu: bool,
     exports ACCELERATE_MIXED_PRECISION), else bf16 where the hardware multiplies it natively:
     CUDA with bf16, or a CPU with AVX512-BF16 / AMX. An explicit "bf16" on a CUDA device
     without bf16 falls back to "no" (it would not run)."""
-    if setting not in PRECISIONS:
-        raise ValueError(f"mixed_precision {setting!r}: one of {', '.join(PRECISIONS)}")
+    if setting not in MIXED_PRECISIONS:
+        raise ValueError(f"mixed_precision {setting!r}: one of {', '.join(MIXED_PRECISIONS)}")
     if setting == "auto" and env:
         setting = "bf16" if env.lower() == "bf16" else "no"
     if setting == "auto":
@@ -148,7 +147,6 @@ def resolve_mixed_precision(setting: str, device_type: str, *, native_cpu: bool,
 
 def autocast(settings: DeviceSettings | None):
     """bf16 autocast where `settings.mixed_precision` is "bf16" (CUDA or CPU), else nothing."""
-    import contextlib
     if settings is not None and settings.mixed_precision == "bf16":
         return torch.autocast(device_type=settings.device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

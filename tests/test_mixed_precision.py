@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhf_core import models
 from rlhf_core.config import AppConfig, ConfigError
 from rlhf_core.models import resolve_mixed_precision
 from rlhf_core.policy.grpo import grpo_round
@@ -78,10 +77,7 @@ class MatmulDtypes:
 
 
 def bf16_runtime(model_dir: Path, ws: Path) -> Runtime:
-    rt = make_runtime(model_dir, ws)
-    rt.config = replace(rt.config, mixed_precision="bf16")
-    rt.device = models.device_settings(cpu=True, mixed_precision="bf16")
-    return rt
+    return make_runtime(model_dir, ws, mixed_precision="bf16")
 
 
 def test_reward_model_learns_under_bf16_autocast(store, tiny_model_dir):

@@ -57,14 +57,15 @@ def nan_reward(prompts, responses, response_ids):
     return torch.full((len(prompts),), float("nan"))
 
 
-def make_runtime(model_dir: Path, ws: Path, heldout_fraction: float = 0.25) -> Runtime:
+def make_runtime(model_dir: Path, ws: Path, heldout_fraction: float = 0.25,
+                 **settings) -> Runtime:
     store = Store(ws / "rlhf.db")
     store.add_prompts([{"text": p} for p in PROMPTS], source="test",
                       heldout_fraction=heldout_fraction)
     # bare prompts: these rounds' thresholds were set on them (a 40-token system prompt in the
     # tiny byte-level vocabulary only lengthens every query); the system prompt has its own tests
-    return Runtime(store, AppConfig(workspace=ws, model=str(model_dir), system_prompt=""),
-                   cpu=True)
+    return Runtime(store, AppConfig(workspace=ws, model=str(model_dir), system_prompt="",
+                                    **settings), cpu=True)
 
 
 @pytest.fixture

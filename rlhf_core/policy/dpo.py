@@ -23,7 +23,8 @@ from rlhf_core.config import PPOConfig
 from rlhf_core.losses import dpo_loss, policy_drift
 from rlhf_core.policy.experience import checked_stats, forward_step, kl_step
 from rlhf_core.policy.grpo import critic_free_round
-from rlhf_core.policy.rollout import Rollout, autocast, build_rollout, policy_logprobs
+from rlhf_core.models import autocast
+from rlhf_core.policy.rollout import Rollout, build_rollout, policy_logprobs
 from rlhf_core.policy.setup import Plan, PPOHealthError, aborted, adapter_params
 from rlhf_core.policy.train import backward_if_finite, reduce_and_clip, run_epochs
 from rlhf_core.sampling import chat_ids, stop_token_ids

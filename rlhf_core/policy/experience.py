@@ -22,9 +22,9 @@ from rlhf_core.advantages import (
 )
 from rlhf_core.config import PPOConfig
 from rlhf_core.decoding import decode_dtype
+from rlhf_core.models import autocast
 from rlhf_core.policy.rollout import (
     Rollout,
-    autocast,
     cat_to_width,
     critic_values,
     generate,

@@ -19,7 +19,7 @@ import torch
 
 from rlhf_core.advantages import logprobs_and_entropy
 from rlhf_core.decoding import Sampler, decode
-from rlhf_core.models import autocast, pad_sequences  # noqa: F401 (autocast: API of the rounds)
+from rlhf_core.models import pad_sequences
 from rlhf_core.sampling import chat_ids, stop_token_ids
 
 

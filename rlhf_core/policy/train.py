@@ -15,9 +15,9 @@ import torch
 
 from rlhf_core.config import PPOConfig
 from rlhf_core.losses import ppo_policy_loss, ppo_value_loss
+from rlhf_core.models import autocast
 from rlhf_core.policy.rollout import (
     Rollout,
-    autocast,
     critic_values,
     policy_logprobs,
     trunk_forward,
