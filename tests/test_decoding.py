@@ -168,18 +168,56 @@ def test_loop_logprobs_equal_a_forward_pass(tiny):
     assert torch.allclose(rec_ent[:, :T][m], entropy[m], atol=1e-5)
 
 
-def test_bfloat16_loop_stays_close_to_float32(tiny):
+@pytest.mark.parametrize("copies", [1, 8])
+def test_bfloat16_loop_stays_close_to_float32(tiny, monkeypatch, copies):
+    """bf16 weights (4 rows: a float32 KV cache; 32 rows: a bf16 cache and bf16 attention):
+    log-probs within bf16 rounding of a float32 forward pass."""
     model, tok = tiny
-    queries = queries_of(tok, TEXTS)
-    rows, sampler = run(model, tok, queries, loop=True, record=True, dtype=torch.bfloat16)
+    texts = TEXTS * copies
+    queries = queries_of(tok, texts)
+    caches = []
+
+    class Recorded(decoding._Cache):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            caches.append(self)
+    monkeypatch.setattr(decoding, "_Cache", Recorded)
+    rows, sampler = run(model, tok, queries, loop=True, record=True, dtype=torch.bfloat16,
+                        seeds=range(11, 11 + len(texts)))
+    assert len(texts) == 4 * copies and decoding.LOW_PRECISION_CACHE_ROWS == 32
+    assert [c.k.dtype for c in caches] == [torch.float32 if copies == 1 else torch.bfloat16]
     from rlhf_core.policy.rollout import build_rollout, policy_logprobs
-    ro = build_rollout(tok, TEXTS, queries, [r for r, _ in rows], [s for _, s in rows], "cpu")
+    ro = build_rollout(tok, texts, queries, [r for r, _ in rows], [s for _, s in rows], "cpu")
     full, _ = policy_logprobs(model, ro, 0.8)
     rec, _ = sampler.recorded()
     m = ro.mask.bool()
     diff = (rec[:, :m.shape[1]][m] - full[m]).abs()
     assert diff.mean() < 0.05 and diff.max() < 0.3  # bf16 rounding, not another model
     assert diff.max() > 0  # it really ran in bf16
+
+
+def test_attend_bf16_cache_matches_float32_attention():
+    """One decode step over a bf16 cache (grouped products, float32 softmax) = float32
+    attention over the same keys and values, query heads grouped as repeat_kv does (head j
+    reads kv head j // group), masked keys ignored."""
+    g = torch.Generator().manual_seed(0)
+    B, h, kv, S, d = 3, 6, 2, 7, 8
+    q = torch.randn(B, h, 1, d, generator=g)
+    k = torch.randn(B, kv, S, d, generator=g).bfloat16()
+    v = torch.randn(B, kv, S, d, generator=g).bfloat16()
+    bias = torch.zeros(B, 1, 1, S)
+    bias[1, ..., 4:] = float("-inf")  # row 1 sees its first 4 keys only
+    got = decoding._attend(q, k, v, bias)
+    assert got.dtype == torch.float32 and got.shape == (B, h, 1, d)
+    kf, vf = k.float().repeat_interleave(h // kv, 1), v.float().repeat_interleave(h // kv, 1)
+    want = torch.softmax(q @ kf.transpose(-1, -2) / d ** 0.5 + bias, -1) @ vf  # by hand
+    assert torch.allclose(got, want, atol=0.03)
+    # masked keys do not count: changing them leaves row 1 as it was
+    v2 = v.clone()
+    v2[1, :, 4:] = 100
+    assert torch.equal(decoding._attend(q, k, v2, bias)[1], got[1])
+    # a float32 cache takes the fused kernel: equal to the hand computation to float32 rounding
+    assert torch.allclose(decoding._attend(q, k.float(), v.float(), bias), want, atol=1e-5)
 
 
 def test_decode_falls_back_to_generate_for_other_architectures():
