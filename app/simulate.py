@@ -71,7 +71,8 @@ class RoundRow:
     win_lo: float | None = None
     win_hi: float | None = None
     comparisons: int = 0
-    kl: float | None = None
+    kl: float | None = None  # the policy round's, on its rollouts: of the version it started from
+    kl_judged: float | None = None  # the judged version's own, on its held-out samples
     mean_tokens: float | None = None
     reference_tokens: float | None = None
     distinct_2: float | None = None  # of the policy's held-out samples
@@ -242,6 +243,7 @@ class Simulation:
         return {**win_rate(wins, ties, losses),
                 "mean_tokens": sum(s["policy_tokens"] for s in samples) / max(1, len(samples)),
                 "distinct_2": distinct_n([s["policy"] for s in samples], 2),
+                "kl": result.get("kl"),
                 "reference_tokens": sum(s["baseline_tokens"] for s in samples) / max(1, len(samples))}
 
     def round(self, r: int, labels_per_round: int) -> RoundRow:
@@ -276,6 +278,7 @@ class Simulation:
             row.win_rate, row.win_lo, row.win_hi = ev["rate"], ev["lo"], ev["hi"]
             row.comparisons, row.mean_tokens = ev["n"], ev["mean_tokens"]
             row.distinct_2 = ev["distinct_2"]
+            row.kl_judged = ev["kl"]
             row.reference_tokens = ev["reference_tokens"]
         row.seconds = round(time.monotonic() - t0, 1)
         return row
@@ -286,7 +289,8 @@ def format_table(rows: list[RoundRow]) -> str:
     def f(v, spec=".2f"):
         return "-" if v is None else format(v, spec)
     head = (f"{'round':>5} {'labels':>6} {'reward':>7} {'heldout':>7} {'fresh':>6} {'policy':>6} "
-            f"{'win-rate [95% CI]':>22} {'n':>4} {'KL':>6} {'tokens':>6} {'ref':>5} {'dist-2':>6} "
+            f"{'win-rate [95% CI]':>22} {'n':>4} {'KL':>6} {'roll-KL':>7} {'tokens':>6} {'ref':>5} "
+            f"{'dist-2':>6} "
             f"{'algo':>5} {'policy s':>8} {'sec':>6}")
     lines = [head]
     for r in rows:
@@ -295,11 +299,15 @@ def format_table(rows: list[RoundRow]) -> str:
             if r.reward_version else "-"
         lines.append(f"{r.round:>5} {r.labels:>6} {rv:>7} {f(r.heldout_acc):>7} "
                      f"{f(r.fresh_acc):>6} {'v%d' % r.policy_version:>6} {win:>22} "
-                     f"{r.comparisons:>4} {f(r.kl):>6} {f(r.mean_tokens, '.1f'):>6} "
+                     f"{r.comparisons:>4} {f(r.kl_judged):>6} {f(r.kl):>7} "
+                     f"{f(r.mean_tokens, '.1f'):>6} "
                      f"{f(r.reference_tokens, '.1f'):>5} {f(r.distinct_2):>6} "
                      f"{r.algorithm or '-':>5} {f(r.policy_seconds, '.0f'):>8} {r.seconds:>6.0f}")
     notes = [f"round {r.round}: {n}" for r in rows for n in r.notes]
-    return "\n".join(lines + ["(* = candidate not promoted)"] + notes)
+    return "\n".join(lines + ["(* = candidate not promoted; KL: the judged policy's from the "
+                              "reference, per sequence, on its held-out samples; roll-KL: the "
+                              "policy round's on its rollouts, i.e. of the version it started "
+                              "from)"] + notes)
 
 
 def write_table(rows: list[RoundRow], out: Path) -> None:

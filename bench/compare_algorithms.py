@@ -38,14 +38,14 @@ def run(algorithm: str, out: Path, sim_args: list[str]) -> None:
 
 
 def table(out: Path, algorithms: list[str]) -> str:
-    lines = ["| algorithm | round | policy | win-rate vs reference [95% CI] | n | KL | tokens "
-             "(ref) | distinct-2 | policy round s | round s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| algorithm | round | policy | win-rate vs reference [95% CI] | n | KL | rollout KL "
+             "| tokens (ref) | distinct-2 | policy round s | round s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     summary = []
     for algorithm in algorithms:
         path = out / f"{algorithm}.json"
         if not path.exists():
-            lines.append(f"| {algorithm} | not run | | | | | | | | |")
+            lines.append(f"| {algorithm} | not run | | | | | | | | | |")
             continue
         rows = json.loads(path.read_text())
         for r in rows:
@@ -53,14 +53,17 @@ def table(out: Path, algorithms: list[str]) -> str:
                    f"{r['win_rate']:.0%} [{r['win_lo']:.0%}, {r['win_hi']:.0%}]")
             lines.append(
                 f"| {algorithm} | {r['round']} | v{r['policy_version']} | {win} | "
-                f"{r['comparisons']} | {_f(r['kl'])} | {_f(r['mean_tokens'], 1)} "
+                f"{r['comparisons']} | {_f(r.get('kl_judged'))} | {_f(r['kl'])} | "
+                f"{_f(r['mean_tokens'], 1)} "
                 f"({_f(r['reference_tokens'], 1)}) | {_f(r.get('distinct_2'))} | "
                 f"{_f(r.get('policy_seconds'), 0)} | {r['seconds']:.0f} |")
         policy_s = sum(r.get("policy_seconds") or 0 for r in rows)
         last = rows[-1] if rows else None
         if last and last["win_rate"] is not None and policy_s:
+            kl = (f"KL {_f(last['kl_judged'])}" if last.get("kl_judged") is not None
+                  else f"rollout KL {_f(last['kl'])}")  # results from before kl_judged
             summary.append(f"{algorithm}: last win-rate {last['win_rate']:.0%} "
-                           f"[{last['win_lo']:.0%}, {last['win_hi']:.0%}], KL {_f(last['kl'])}, "
+                           f"[{last['win_lo']:.0%}, {last['win_hi']:.0%}], {kl}, "
                            f"{(last['win_rate'] - 0.5) / (policy_s / 60):+.3f} win-rate per "
                            f"policy-minute ({policy_s / 60:.1f} min of policy rounds)")
     return "\n".join(lines + [""] + summary)

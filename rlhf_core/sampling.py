@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -24,6 +24,7 @@ class Sample:
     text: str
     n_tokens: int  # generated tokens, including the stop token
     finish_reason: str  # "stop" | "length"
+    ids: list[int] = field(default_factory=list, repr=False)  # those tokens (stop token kept)
 
 
 def chat_prompts(tokenizer, prompts: list[str]) -> list[str]:
@@ -103,7 +104,7 @@ def generate(model, tokenizer, prompts: list[str], *, n: int, cfg: SamplingConfi
 def _to_sample(tokenizer, ids: list[int], stops: list[int]) -> Sample:
     cut, stopped = decoding.cut_after_stop(ids, set(stops))
     text = tokenizer.decode(cut[:-1] if stopped else cut, skip_special_tokens=True).strip()
-    return Sample(text, len(cut), "stop" if stopped else "length")
+    return Sample(text, len(cut), "stop" if stopped else "length", list(cut))
 
 
 def dedupe(samples: list[Sample]) -> tuple[list[Sample], int]:

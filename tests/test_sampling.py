@@ -136,9 +136,9 @@ def test_to_sample_detects_stop_token(tiny):
     assert tok.eos_token_id in stops and tok.pad_token_id not in stops
     ids = tok("hello world", add_special_tokens=False)["input_ids"]
     s = _to_sample(tok, ids + [tok.eos_token_id, tok.pad_token_id, tok.pad_token_id], stops)
-    assert s == Sample("hello world", len(ids) + 1, "stop")
+    assert s == Sample("hello world", len(ids) + 1, "stop", ids + [tok.eos_token_id])
     s = _to_sample(tok, ids, stops)
-    assert s == Sample("hello world", len(ids), "length")
+    assert s == Sample("hello world", len(ids), "length", ids)
 
 
 def test_seeded_sampling_is_reproducible(tiny):
@@ -474,4 +474,60 @@ def test_eval_policy_samples_a_version_once_per_prompts_and_settings(tmp_path, t
     assert fresh["samples"] == first["samples"] and calls == [1234, 1234]
     heldout.eval_policy(runtime, cfg.sampling, reporter=Quiet(), policy_version=0, seed=7)
     assert calls == [1234, 1234, 7]
+    store.close()
+
+
+def test_eval_policy_reports_the_judged_versions_kl_from_the_reference(tmp_path, tiny_model_dir,
+                                                                       monkeypatch):
+    """`kl` = mean over the judged version's held-out samples of sum_t log p_v - log p_ref at
+    the sampling temperature, checked against plain forwards of each whole sequence; 0 for v0;
+    computed once per version and settings."""
+    from rlhf_core.labeling import heldout
+    from rlhf_core.sampling import chat_ids
+    from rlhf_core.worker.runtime import Runtime
+    from rlhf_core.workspace import open_workspace
+    store, cfg = open_workspace(tmp_path / "ws", model=str(tiny_model_dir),
+                                **{"sampling.max_new_tokens": 6, "sampling.temperature": 0.7})
+    store.add_prompts([{"text": t} for t in ("hello world", "count to ten", "a poem")],
+                      source="test", heldout_fraction=1.0)
+    runtime = Runtime(store, cfg, cpu=True)
+    model = runtime.model
+    runtime.ensure_fresh_adapter("policy")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a policy that differs from the reference
+        for name, p in model.named_parameters():
+            if "lora_B" in name and ".policy." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    monkeypatch.setattr(runtime, "use_policy", lambda v=None: model.set_adapter("policy") or "policy")
+    calls = []
+    real = heldout.kl_from_reference
+    monkeypatch.setattr(heldout, "kl_from_reference", lambda *a: calls.append(a[1]) or real(*a))
+
+    class Quiet:
+        def progress(self, *a):
+            pass
+    res = heldout.eval_policy(runtime, cfg.sampling, reporter=Quiet(), policy_version=1)
+    samples = runtime.eval_samples_cache[next(k for k in runtime.eval_samples_cache
+                                              if k[0] == 1)]
+    tok, T = runtime.tokenizer, cfg.sampling.temperature
+
+    def seq_logp(prompt, ids):
+        q = chat_ids(tok, prompt)
+        logits = model(input_ids=torch.tensor([q + ids])).logits[0].float()  # (L,V)
+        logp = torch.log_softmax(logits[len(q) - 1:len(q) + len(ids) - 1] / T, dim=-1)
+        return logp.gather(-1, torch.tensor(ids)[:, None]).sum().item()
+    want = []
+    with torch.no_grad():
+        for prompt, per in zip(["hello world", "count to ten", "a poem"], samples):
+            for s in per:
+                model.set_adapter("policy")
+                lp = seq_logp(prompt, s.ids)
+                with model.disable_adapter():
+                    want.append(lp - seq_logp(prompt, s.ids))
+    assert len(want) == 6 and abs(sum(want) / 6) > 1e-3  # the policy really differs
+    assert res["kl"] == pytest.approx(sum(want) / 6, abs=1e-4)
+    heldout.eval_policy(runtime, cfg.sampling, reporter=Quiet(), policy_version=1)
+    assert calls == [1]  # once per version and settings
+    assert heldout.eval_policy(runtime, cfg.sampling, reporter=Quiet(),
+                               policy_version=0)["kl"] == 0.0
     store.close()

@@ -71,6 +71,9 @@ def test_simulate_two_rounds_end_to_end(tmp_path, tiny_model_dir, judge_module):
     assert store.current_version("reward") is not None
     assert rows[-1].policy_version >= 1
     assert rows[-1].win_rate is not None and 0.0 <= rows[-1].win_rate <= 1.0
+    # the judged version's own KL from the reference, beside the round's rollout KL
+    assert rows[-1].kl_judged is not None and abs(rows[-1].kl_judged) < 1e3
+    assert rows[-1].kl is not None
     assert rows[-1].comparisons == store.scalar(
         "SELECT COUNT(*) FROM prompts WHERE split = 'heldout'")
     # The table was written as CSV and JSON.

@@ -4,13 +4,21 @@ An oracle (or a person) then compares sample i of the policy with sample i of
 the baseline for each prompt. Held-out prompts are the reward model's held-out
 split, never used for reward training or PPO rollouts. Both versions sample
 with the same settings and seeds, so the only difference is the weights.
+
+With the samples comes the judged version's KL from the reference (`kl`): what a
+comparison of algorithms "at bounded KL" needs of the version it judges (a policy
+round's own `kl` metric is measured on its rollouts, before its update: the KL of
+the version it started from).
 """
 from __future__ import annotations
 
 import time
 
+import torch
+
 from rlhf_core.config import SamplingConfig
-from rlhf_core.sampling import generate
+from rlhf_core.policy.rollout import build_rollout, policy_logprobs
+from rlhf_core.sampling import Sample, chat_ids, generate
 
 EVAL_CACHE_ENTRIES = 4  # (version, prompts, settings) sample sets a worker keeps
 
@@ -45,10 +53,42 @@ def eval_policy(runtime, cfg: SamplingConfig, *, reporter, policy_version: int |
             cache[key] = out[v]
             while len(cache) > EVAL_CACHE_ENTRIES:
                 cache.pop(next(iter(cache)))
+        kl_key = ("kl", version, tuple(p["id"] for p in prompts), n, seed, cfg,
+                  runtime.config.system_prompt)
+        if kl_key not in runtime.eval_kl_cache:
+            reporter.progress(0.99, f"KL of v{version} from the reference")
+            runtime.eval_kl_cache[kl_key] = kl_from_reference(runtime, version, texts,
+                                                              out[version], cfg)
+        kl = runtime.eval_kl_cache[kl_key]
     samples = [{"prompt_id": p["id"], "prompt": p["text"], "i": i,
                 "policy": out[version][k][i].text, "policy_tokens": out[version][k][i].n_tokens,
                 "policy_finish": out[version][k][i].finish_reason,
                 "baseline": out[baseline][k][i].text, "baseline_tokens": out[baseline][k][i].n_tokens}
                for k, p in enumerate(prompts) for i in range(n)]
-    return {"policy_version": version, "baseline": baseline, "samples": samples,
+    return {"policy_version": version, "baseline": baseline, "samples": samples, "kl": kl,
             "seconds": round(time.perf_counter() - t0, 2)}
+
+
+@torch.no_grad()
+def kl_from_reference(runtime, version: int, prompts: list[str],
+                      samples: list[list[Sample]], cfg: SamplingConfig) -> float:
+    """Policy `version`'s KL from the reference per sequence, estimated on its own samples:
+    the mean over samples of sum_t [log p_v(y_t) - log p_ref(y_t)] at the sampling
+    temperature (k1: unbiased for samples drawn from p_v). Float32 forwards. 0.0 for v0."""
+    if version == 0:
+        return 0.0
+    rows = [(p, s) for p, per in zip(prompts, samples) for s in per if s.ids]
+    total = 0.0
+    device = runtime.device.device
+    with runtime.policy(version) as model:
+        for start in range(0, len(rows), cfg.batch_size):
+            chunk = rows[start:start + cfg.batch_size]
+            batch = build_rollout(runtime.tokenizer, [p for p, _ in chunk],
+                                  [chat_ids(runtime.tokenizer, p) for p, _ in chunk],
+                                  [s.ids for _, s in chunk],
+                                  [s.finish_reason == "stop" for _, s in chunk], device)
+            logp, _ = policy_logprobs(model, batch, cfg.temperature)
+            with runtime.reference():
+                ref, _ = policy_logprobs(model, batch, cfg.temperature)
+            total += ((logp.float() - ref.float()) * batch.mask).sum().item()
+    return total / max(1, len(rows))

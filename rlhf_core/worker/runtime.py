@@ -41,6 +41,7 @@ class Runtime:
         # (reward version, max_length, response id) -> score: reward evaluations reuse them
         self.reward_score_cache: dict[tuple[int, int, int], float] = {}
         self.eval_samples_cache: dict = {}  # held-out samples per version (labeling/heldout.py)
+        self.eval_kl_cache: dict = {}  # and the judged version's KL from the reference
 
     def refresh_config(self, config: AppConfig) -> None:
         """Take the workspace's current settings (once per claimed job). Loaded weights stay:
