@@ -78,7 +78,7 @@ HELP = {
     "ppo.lam": "GAE lambda",
     "ppo.epochs": "passes over a round's rollouts",
     "ppo.minibatch_size": "sequences per optimizer step",
-    "ppo.lr": "learning rate of the policy (and value) adapters",
+    "ppo.lr": "learning rate of the policy (and value) adapters; DPO: ppo.dpo_lr",
     "ppo.max_grad_norm": "gradient clipping norm",
     "ppo.missing_eos_penalty": "score added to a rollout cut at max_new_tokens",
     "ppo.whiten_advantages": "normalise advantages per minibatch",
@@ -94,6 +94,7 @@ HELP = {
     "ppo.dpo_beta": "DPO beta",
     "ppo.dpo_label_smoothing": "DPO label smoothing",
     "ppo.dpo_human_share": "share of a DPO round's pairs taken from people's rankings",
+    "ppo.dpo_lr": "learning rate of the policy adapter in DPO rounds (ppo.lr: the others)",
     # the loop
     "loop.auto": "automatic loop: train, run policy rounds and sample on its own",
     "loop.retrain_every": "new rankings between reward trainings",

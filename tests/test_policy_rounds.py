@@ -86,12 +86,12 @@ def test_round_publishes_changed_policy_with_its_algorithm(runtime, algorithm):
 def test_rounds_raise_mean_reward(runtime, algorithm):
     """Four rounds on the direction reward (the one test_ppo.py uses for PPO, seen there
     0.35 -> 0.59); evaluation on fixed sampling noise, so before/after differ only by the
-    policy. DPO moves further per step (every token of a pair pushes one way): lr 3e-3, beta
-    0.5 (lr 1e-2 trips the approx-KL gate). Seen: 0.35 -> grpo 0.63, rloo 0.59, dpo 0.71."""
+    policy. DPO moves further per step (every token of a pair pushes one way): dpo_lr 3e-3,
+    beta 0.5 (1e-2 trips the approx-KL gate). Seen: 0.35 -> grpo 0.63, rloo 0.59, dpo 0.71."""
     reward_fn = direction_reward(runtime)
     config = replace(SMALL, epochs=4, prompts_per_round=8, rollouts_per_prompt=4,
                      minibatch_size=8, missing_eos_penalty=0.0,
-                     **({"lr": 3e-3, "dpo_beta": 0.5} if algorithm == "dpo" else {}))
+                     **({"dpo_lr": 3e-3, "dpo_beta": 0.5} if algorithm == "dpo" else {}))
     before = evaluate(runtime, reward_fn)
     for i in range(4):
         result = CRITIC_FREE[algorithm](runtime, config=config, reward_fn=reward_fn)
@@ -266,3 +266,18 @@ def test_multiprocess_grpo_round_matches_single_process(ppo_model_dir, tmp_path)
     for k in ("reward_mean", "kl", "entropy", "pg_loss", "loss", "clipfrac", "approx_kl",
               "kl_k3", "first_ratio", "grad_norm"):
         assert multi["metrics"][k] == pytest.approx(single["metrics"][k], rel=1e-3, abs=1e-3), k
+
+
+@pytest.mark.parametrize("algorithm", sorted(CRITIC_FREE))
+def test_dpo_steps_at_its_own_learning_rate(runtime, algorithm, monkeypatch):
+    """DPO rounds optimize at `ppo.dpo_lr`, the others at `ppo.lr`."""
+    from rlhf_core.policy import train
+    seen, real = [], torch.optim.Adam
+
+    def adam(params, lr, **kw):
+        seen.append(lr)
+        return real(params, lr=lr, **kw)
+    monkeypatch.setattr(train.torch.optim, "Adam", adam)
+    config = replace(SMALL, lr=7e-4, dpo_lr=3e-5)
+    CRITIC_FREE[algorithm](runtime, config=config, reward_fn=low_id_reward)
+    assert seen == [3e-5 if algorithm == "dpo" else 7e-4]

@@ -110,7 +110,8 @@ def dpo_train_step(runtime, chosen: Rollout, rejected: Rollout, config: PPOConfi
         idx = idx.to(chosen.mask.device)
         return dpo_update(runtime, chosen.select(idx), rejected.select(idx), config, dist,
                           policy)
-    return run_epochs(runtime, len(chosen), mb, config, plan, dist, out, policy, update)
+    return run_epochs(runtime, len(chosen), mb, config, plan, dist, out, policy, update,
+                      lr=config.dpo_lr)
 
 
 def dpo_update(runtime, chosen: Rollout, rejected: Rollout, config: PPOConfig, dist,

@@ -53,15 +53,17 @@ def train_step(runtime, rollout: Rollout, config: PPOConfig, plan: Plan, dist, o
 
 
 def run_epochs(runtime, n: int, mb: int, config: PPOConfig, plan: Plan, dist, out, params,
-               update, label: str = "step") -> dict:
+               update, label: str = "step", lr: float | None = None) -> dict:
     """`config.epochs` passes over `n` rows in seeded random minibatches of `mb`:
     `update(idx)` computes the gradients and returns the minibatch's stats, then the gate,
-    the optimizer step and the metrics. Returns the last epoch's mean stats and the time."""
+    the optimizer step and the metrics (Adam at `lr`, default `config.lr`). Returns the last
+    epoch's mean stats and the time."""
     t0 = time.perf_counter()
     model = runtime.model
     for p in params:
         p.requires_grad_(True)
-    optimizer = torch.optim.Adam(params, lr=config.lr, eps=1e-5)  # CleanRL's eps
+    optimizer = torch.optim.Adam(params, lr=config.lr if lr is None else lr,
+                                 eps=1e-5)  # CleanRL's eps
     steps_per_epoch = -(-n // mb)
     total, step, history = config.epochs * steps_per_epoch, 0, []
     name = plan.algorithm.upper()
