@@ -201,7 +201,8 @@ def main(spec_path: str, variant: str = "full", precision: str = "float32") -> N
                                        add_generation_prompt=True) for p in spec["rows"]]
     ids = [tok(q, add_special_tokens=False)["input_ids"][-spec["max_prompt_tokens"]:]
            for q in queries]
-    trainer = PPOTrainer(args=ppo_args(spec, len(ids), dtype, bf16=precision == "bf16"), processing_class=tok,
+    trainer = PPOTrainer(args=ppo_args(spec, len(ids), dtype, bf16=precision == "bf16"),
+                         processing_class=tok,
                          model=policy, ref_model=None, reward_model=reward,
                          train_dataset=Dataset.from_dict({"input_ids": ids}),
                          value_model=value, peft_config=lora_config(spec, "CAUSAL_LM"))

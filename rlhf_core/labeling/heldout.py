@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from rlhf_core.advantages import kl_estimate
 from rlhf_core.config import SamplingConfig
 from rlhf_core.policy.rollout import build_rollout, policy_logprobs
 from rlhf_core.sampling import Sample, chat_ids, generate
@@ -38,9 +39,10 @@ def eval_policy(runtime, cfg: SamplingConfig, *, reporter, policy_version: int |
     # A version's samples on these prompts with these settings and seeds are fixed (versions
     # never change once published): the reference, judged every round, is sampled once.
     cache = runtime.eval_samples_cache
+    settings = (tuple(p["id"] for p in prompts), n, seed, cfg, runtime.config.system_prompt)
     with runtime.lock:
         for j, v in enumerate((version, baseline)):
-            key = (v, tuple(p["id"] for p in prompts), n, seed, cfg, runtime.config.system_prompt)
+            key = (v, *settings)
             if key in cache:
                 out[v] = cache[key]
                 continue
@@ -53,8 +55,7 @@ def eval_policy(runtime, cfg: SamplingConfig, *, reporter, policy_version: int |
             cache[key] = out[v]
             while len(cache) > EVAL_CACHE_ENTRIES:
                 cache.pop(next(iter(cache)))
-        kl_key = ("kl", version, tuple(p["id"] for p in prompts), n, seed, cfg,
-                  runtime.config.system_prompt)
+        kl_key = (version, *settings)
         if kl_key not in runtime.eval_kl_cache:
             reporter.progress(0.99, f"KL of v{version} from the reference")
             runtime.eval_kl_cache[kl_key] = kl_from_reference(runtime, version, texts,
@@ -90,5 +91,5 @@ def kl_from_reference(runtime, version: int, prompts: list[str],
             logp, _ = policy_logprobs(model, batch, cfg.temperature)
             with runtime.reference():
                 ref, _ = policy_logprobs(model, batch, cfg.temperature)
-            total += ((logp.float() - ref.float()) * batch.mask).sum().item()
+            total += (kl_estimate(logp.float(), ref.float(), "k1") * batch.mask).sum().item()
     return total / max(1, len(rows))
