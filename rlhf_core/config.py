@@ -163,6 +163,11 @@ class PPOConfig:
     # "trunk" = a value head on the policy adapter's hidden states (detached: the value loss
     # trains the head only), trained in the policy's one forward/backward per minibatch
     critic: str = "adapter"
+    # the value adapter's LoRA on the top `critic_layers` decoder layers only (0 = every layer):
+    # below them it computes what the reference computes, so the critic reads the reference's
+    # hidden states there (kept from the score phase's reference forward) and its forwards and
+    # backwards run through the top layers alone
+    critic_layers: int = 6
     gamma: float = 1.0
     lam: float = 0.95
     epochs: int = 2
@@ -316,7 +321,7 @@ LIMITS = {
     "ppo.max_kl": POSITIVE, "ppo.max_approx_kl": POSITIVE, "ppo.seed": AT_LEAST_0,
     "ppo.max_prompt_tokens": AT_LEAST_1, "ppo.generation_batch_size": AT_LEAST_1,
     "ppo.group_size": Range(2), "ppo.grpo_scale": OneOf(("std", "none")),
-    "ppo.critic": OneOf(("adapter", "trunk")),
+    "ppo.critic": OneOf(("adapter", "trunk")), "ppo.critic_layers": AT_LEAST_0,
     "ppo.dpo_beta": POSITIVE, "ppo.dpo_label_smoothing": Range(0, 0.5),
     "ppo.dpo_human_share": Range(0, 0.9),
     "loop.retrain_every": AT_LEAST_1, "loop.ab_fraction": SHARE,

@@ -74,6 +74,9 @@ HELP = {
                         "in scoring and training, the rows sharing its keys/values",
     "ppo.critic": "PPO's critic: adapter (its own value adapter + head) or trunk (a value "
                   "head on the policy's detached hidden states: one forward/backward a step)",
+    "ppo.critic_layers": "the value adapter sits on the top N decoder layers only and reads "
+                         "the reference's hidden states below them, computed once per round "
+                         "(0: every layer)",
     "ppo.gamma": "discount",
     "ppo.lam": "GAE lambda",
     "ppo.epochs": "passes over a round's rollouts",

@@ -18,6 +18,7 @@ import functools
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,11 +223,33 @@ def load_sequence_classifier(source: str, tokenizer=None, *, dtype=torch.float32
     return model.to(device)
 
 
-def lora_config(settings: LoraSettings):
+def lora_config(settings: LoraSettings, layers: list[int] | None = None):
+    """The LoRA config of a role; `layers`: only those decoder layers get the adapter (the
+    value adapter's `ppo.critic_layers`), None every layer."""
     from peft import LoraConfig
+    extra = {"layers_to_transform": list(layers)} if layers is not None else {}
     return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                       target_modules=list(settings.target_modules), bias="none",
-                      task_type="CAUSAL_LM")
+                      task_type="CAUSAL_LM", **extra)
+
+
+def decoder_layers(model):
+    """The base's stack of decoder layers (a ModuleList: `model.layers` in the Llama family),
+    or None for architectures that keep them elsewhere."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(base, base.base_model_prefix, None)
+    layers = getattr(backbone, "layers", None)
+    return layers if isinstance(layers, nn.ModuleList) else None
+
+
+_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+
+
+def adapter_layers(model, name: str) -> set[int] | None:
+    """The decoder layers that adapter `name` has LoRA weights in (None: not per layer)."""
+    found = {int(m.group(1)) for n, _ in model.named_parameters()
+             if f".{name}." in n and (m := _LAYER_INDEX.search(n))}
+    return found or None
 
 
 def with_adapters(base, settings: LoraSettings, names=("policy",)):

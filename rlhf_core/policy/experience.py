@@ -24,6 +24,7 @@ from rlhf_core.config import PPOConfig
 from rlhf_core.decoding import decode_dtype
 from rlhf_core.models import autocast
 from rlhf_core.policy.rollout import (
+    LayerStates,
     Rollout,
     cat_to_width,
     critic_values,
@@ -31,7 +32,7 @@ from rlhf_core.policy.rollout import (
     policy_logprobs,
     trunk_forward,
 )
-from rlhf_core.policy.setup import Plan, PPOHealthError, aborted
+from rlhf_core.policy.setup import Plan, PPOHealthError, aborted, critic_entry
 
 
 # -- 1. rollout ------------------------------------------------------------------------------
@@ -122,6 +123,9 @@ def forward_step(runtime, rollout: Rollout, config: PPOConfig, *, critic: bool =
     trunk = critic and config.critic == "trunk"
     values_recorded = trunk and recorded and rollout.values is not None
     cached = config.prefix_cache
+    # a value adapter on the top layers only starts its forwards from the reference's states
+    entry = critic_entry(model) if critic and not trunk else 0
+    kept: list = []  # per chunk: the states entering layer `entry`, and the chunk's query width
     parts = {"ref_logprobs": []} | ({"values": []} if critic and not values_recorded else {}) | (
         {} if recorded else {"logprobs": [], "entropy": []})
     with autocast(runtime.device):
@@ -147,19 +151,38 @@ def forward_step(runtime, rollout: Rollout, config: PPOConfig, *, critic: bool =
                                                     with_entropy=True, prefix_cache=cached)
                 parts["logprobs"].append(logprobs.float())
                 parts["entropy"].append(entropy.float())
+            capture = LayerStates(entry) if entry else None
             with runtime.reference():
                 ref_logprobs, _ = policy_logprobs(model, batch, config.temperature,
-                                                  prefix_cache=cached)
+                                                  prefix_cache=cached, capture=capture)
             parts["ref_logprobs"].append(ref_logprobs.float())
+            if capture is not None:
+                kept.append((capture.states, batch.query_ids.shape[1]))
+                batch.critic_states, batch.critic_from = capture.states, entry
             if critic and not trunk:
                 model.set_adapter("value")
                 parts["values"].append(critic_values(model, runtime.heads["value"], batch,
                                                      prefix_cache=cached).float())
     model.set_adapter("policy")
     T = rollout.mask.shape[1]  # chunks come trimmed to their own width (Rollout.select)
+    if kept and all(states is not None for states, _ in kept):
+        rollout.critic_states = rows_layout(kept, rollout.query_ids.shape[1], T)
+        rollout.critic_from = entry
     for k in ("logprobs", "entropy", "ref_logprobs") + (("values",) if critic else ()):
         v = cat_to_width(parts[k], T) if k in parts else getattr(rollout, k)
         setattr(rollout, k, torch.where(rollout.mask.bool(), v.float(), 0.0))  # 0 on padding
+
+
+def rows_layout(chunks: list[tuple[torch.Tensor, int]], P: int, T: int) -> torch.Tensor:
+    """Chunks of (b, P_c + T_c, H) states, each trimmed to its own query width P_c and response
+    width T_c, as one (B, P + T, H): query columns right-aligned (left padding 0), response
+    columns left-aligned (right padding 0), as the rollout's own tensors."""
+    out = []
+    for states, Pc in chunks:
+        q, r = states[:, :Pc], states[:, Pc:]
+        out.append(torch.cat([torch.nn.functional.pad(q, (0, 0, P - Pc, 0)),
+                              torch.nn.functional.pad(r, (0, 0, 0, T - r.shape[1]))], dim=1))
+    return torch.cat(out)
 
 
 def _chunks(n: int, size: int):

@@ -12,11 +12,13 @@ generates it: a DDP round samples what the single-process round samples.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass, fields, replace
 
 import torch
 
+from rlhf_core import models
 from rlhf_core.advantages import logprobs_and_entropy
 from rlhf_core.decoding import Sampler, decode
 from rlhf_core.models import pad_sequences
@@ -43,6 +45,11 @@ class Rollout:
     advantages: torch.Tensor | None = None  # (B,T) GAE (whitened), or a sequence's, broadcast
     seq_advantages: torch.Tensor | None = None  # (B,) GRPO / RLOO: one per sequence
     returns: torch.Tensor | None = None  # (B,T) advantages + values
+    # (B,P+T,H) the reference's hidden states entering decoder layer `critic_from`, in the rows'
+    # layout (the query's columns, then the response's): where a value adapter on the top
+    # layers only (ppo.critic_layers) starts its forwards
+    critic_states: torch.Tensor | None = None
+    critic_from: int = 0
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -62,6 +69,8 @@ class Rollout:
                 v = v[idx]
                 if f.name in ("query_ids", "query_mask"):
                     v = v[:, p0:]
+                elif f.name == "critic_states":  # query columns from p0, response ones to t1
+                    v = v[:, p0:self.query_ids.shape[1] + t1]
                 elif v.dim() == 2:  # every other (B,T) field is per response token
                     v = v[:, :t1]
                 picked[f.name] = v
@@ -181,7 +190,63 @@ def logit_transforms(base) -> list[str]:
     return [k for k in LOGIT_TRANSFORMS if getattr(base.config, k, None)]
 
 
-def response_states(model, batch: Rollout, *, prefix_cache: bool = True) -> torch.Tensor:
+@dataclass
+class LayerStates:
+    """Hidden states entering decoder layer `k` (k >= 1), (B,P+T,H) in the rows' layout: the
+    query's columns (left padding included), then the response's. Passed as `capture`, a
+    forward fills `states` (None when the architecture's layers cannot be hooked); passed as
+    `enter`, a forward runs layers k.. only, starting from `states`."""
+    k: int
+    states: torch.Tensor | None = None
+
+
+class _Skip(torch.nn.Module):
+    """Stands in for a decoder layer below the entry layer: returns its input unchanged."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+class _Enter(torch.nn.Module):
+    """Stands in for the decoder layer just below the entry layer: returns the kept states."""
+
+    def __init__(self, states: torch.Tensor):
+        super().__init__()
+        self.states = states
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.states
+
+
+@contextlib.contextmanager
+def _capturing(layers, k: int, sink: list):
+    """Append the output of decoder layer k-1 (the states entering layer k) of each call."""
+    def hook(module, args, output):
+        sink.append(output if isinstance(output, torch.Tensor) else None)
+    handle = layers[k - 1].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def _entering(layers, k: int, states: torch.Tensor):
+    """Layers below k stand aside for one call; the rows enter layer k with `states`."""
+    saved = [layers[i] for i in range(k)]
+    try:
+        for i in range(k - 1):
+            layers[i] = _Skip()
+        layers[k - 1] = _Enter(states)
+        yield
+    finally:
+        for i, layer in enumerate(saved):
+            layers[i] = layer
+
+
+def response_states(model, batch: Rollout, *, prefix_cache: bool = True,
+                    capture: LayerStates | None = None,
+                    enter: LayerStates | None = None) -> torch.Tensor:
     """(B,T,H) the final hidden state that precedes each response token (position t predicts
     response token t), from the active adapter's trunk (the base under `disable_adapter()`).
 
@@ -190,32 +255,70 @@ def response_states(model, batch: Rollout, *, prefix_cache: bool = True) -> torc
     attend to copies of its keys and values: the same numbers as one forward over the whole rows
     (positions and masks are those of the full rows; tests/test_prefix_cache.py), for ~20-30%
     fewer token passes with 32-64-token answers (a 24-token prefix before ~44 query tokens).
-    Not with gradient checkpointing (it turns the cache off)."""
+    Not with gradient checkpointing (it turns the cache off).
+
+    `capture` keeps the states entering its layer (`LayerStates`); `enter` starts the rows at
+    its layer from kept states (the shared prefix still runs every layer: one short row)."""
     base = model.get_base_model()
     backbone = getattr(base, base.base_model_prefix)  # the transformer without its LM head
+    layers = models.decoder_layers(model) if (capture or enter) else None
     P, T = batch.query_ids.shape[1], batch.response_ids.shape[1]
     S = (shared_prefix_len(batch)
          if prefix_cache and not getattr(backbone, "gradient_checkpointing", False) else 0)
+    sink: list = []
     if S == 0:
-        hidden = backbone(**_inputs(batch), use_cache=False).last_hidden_state  # (B,P+T,H)
+        with contextlib.ExitStack() as stack:
+            if capture:
+                stack.enter_context(_capturing(layers, capture.k, sink))
+            if enter:
+                stack.enter_context(_entering(layers, enter.k, enter.states))
+            hidden = backbone(**_inputs(batch), use_cache=False).last_hidden_state  # (B,P+T,H)
+        if capture:
+            capture.states = sink[0]
         return hidden[:, P - 1:P - 1 + T]
     q, m = batch.query_ids, batch.query_mask
     B, dev = q.shape[0], q.device
     pads = P - m.sum(dim=1)  # (B,)
     prefix = q[:1, int(pads[0]):int(pads[0]) + S]  # (1,S)
-    out = backbone(input_ids=prefix, use_cache=True)
+    with _capturing(layers, capture.k, sink) if capture else contextlib.nullcontext():
+        out = backbone(input_ids=prefix, use_cache=True)
     cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
     cache.batch_repeat_interleave(B)  # every row attends to the same prefix keys and values
     # each row without its S prefix tokens: its padding, then the rest of its query
     cols = torch.arange(P - S, device=dev)[None]  # (1,P-S)
-    idx = cols + S * (cols >= pads[:, None]).long()  # (B,P-S)
+    idx = cols + S * (cols >= pads[:, None]).long()  # (B,P-S): the query column of each
     rest = torch.cat([q.gather(1, idx), batch.response_ids], dim=1)  # (B,P-S+T)
     rest_mask = torch.cat([m.gather(1, idx), batch.mask.long()], dim=1)  # (B,P-S+T)
     attn = torch.cat([torch.ones(B, S, dtype=rest_mask.dtype, device=dev), rest_mask], dim=1)
     position_ids = (S + rest_mask.cumsum(dim=1) - 1).clamp(min=0)  # as in the full rows
-    hidden = backbone(input_ids=rest, attention_mask=attn, position_ids=position_ids,
-                      use_cache=True, **{_cache_arg(backbone): cache}).last_hidden_state
+    with contextlib.ExitStack() as stack:
+        if capture:
+            stack.enter_context(_capturing(layers, capture.k, sink))
+        if enter:  # the kept states of the rows' columns, without the prefix's
+            H = enter.states.shape[-1]
+            rows = torch.cat([enter.states[:, :P].gather(1, idx[..., None].expand(-1, -1, H)),
+                              enter.states[:, P:]], dim=1)  # (B,P-S+T,H)
+            stack.enter_context(_entering(layers, enter.k, rows))
+        hidden = backbone(input_ids=rest, attention_mask=attn, position_ids=position_ids,
+                          use_cache=True, **{_cache_arg(backbone): cache}).last_hidden_state
+    if capture:
+        capture.states = _rows_layout(sink, idx, pads, P, S)
     return hidden[:, P - S - 1:P - S - 1 + T]  # (B,T,H) of (B,P-S+T,H)
+
+
+def _rows_layout(sink: list, idx, pads, P: int, S: int) -> torch.Tensor | None:
+    """The prefix call's (1,S,H) and the rows' call's (B,P-S+T,H) states, as (B,P+T,H) in the
+    rows' layout: the prefix at each row's columns pads..pads+S, the rest where it came from."""
+    if len(sink) != 2 or any(x is None for x in sink):
+        return None
+    pre, rest = sink
+    B, H, T = rest.shape[0], rest.shape[-1], rest.shape[1] - (P - S)
+    full = rest.new_zeros(B, P + T, H)
+    full[:, P:] = rest[:, P - S:]
+    full[:, :P].scatter_(1, idx[..., None].expand(-1, -1, H), rest[:, :P - S])
+    at = pads[:, None] + torch.arange(S, device=pads.device)[None]  # (B,S)
+    full[:, :P].scatter_(1, at[..., None].expand(-1, -1, H), pre.expand(B, -1, -1))
+    return full
 
 
 def _cache_arg(backbone) -> str:
@@ -225,16 +328,21 @@ def _cache_arg(backbone) -> str:
         "past_key_values")
 
 
-def _logits(model, batch: Rollout, temperature: float, prefix_cache: bool):
+def _logits(model, batch: Rollout, temperature: float, prefix_cache: bool,
+            capture: LayerStates | None = None):
     """(B,T,V) float32 logits at `temperature` and the hidden states (None through the model's
     own forward)."""
     base = model.get_base_model()
     if not logit_transforms(base):
-        h = response_states(model, batch, prefix_cache=prefix_cache)
+        h = response_states(model, batch, prefix_cache=prefix_cache, capture=capture)
         raw = base.get_output_embeddings()(h)  # (B,T,V)
     else:
-        h, T = None, batch.response_ids.shape[1]
-        raw = model(**_inputs(batch), logits_to_keep=T + 1, use_cache=False).logits[:, :-1]
+        h, T, sink = None, batch.response_ids.shape[1], []
+        with _capturing(models.decoder_layers(model), capture.k, sink) if capture else (
+                contextlib.nullcontext()):
+            raw = model(**_inputs(batch), logits_to_keep=T + 1, use_cache=False).logits[:, :-1]
+        if capture:
+            capture.states = sink[0]
     logits = raw.float()
     if temperature != 1.0:
         # in place when .float() made no copy: the LM head's backward does not need its output
@@ -243,9 +351,10 @@ def _logits(model, batch: Rollout, temperature: float, prefix_cache: bool):
 
 
 def policy_logprobs(model, batch: Rollout, temperature: float, *, with_entropy: bool = False,
-                    prefix_cache: bool = True):
-    """(logprobs (B,T), entropy (B,T) or None) of the response tokens, at `temperature`."""
-    logits, _ = _logits(model, batch, temperature, prefix_cache)
+                    prefix_cache: bool = True, capture: LayerStates | None = None):
+    """(logprobs (B,T), entropy (B,T) or None) of the response tokens, at `temperature`;
+    `capture` keeps the states entering its layer on the way (`response_states`)."""
+    logits, _ = _logits(model, batch, temperature, prefix_cache, capture)
     return logprobs_and_entropy(logits, batch.response_ids, with_entropy=with_entropy)
 
 
@@ -266,7 +375,11 @@ def trunk_forward(model, head, batch: Rollout, temperature: float, *,
 
 
 def critic_values(model, head, batch: Rollout, *, prefix_cache: bool = True) -> torch.Tensor:
-    """(B,T) values: the head on the hidden state that precedes each response token."""
-    return head(response_states(model, batch, prefix_cache=prefix_cache))  # (B,T)
+    """(B,T) values: the head on the hidden state that precedes each response token. With the
+    batch's `critic_states` (a value adapter on the top layers only) the forward starts at
+    layer `critic_from` from them."""
+    enter = (LayerStates(batch.critic_from, batch.critic_states)
+             if batch.critic_states is not None else None)
+    return head(response_states(model, batch, prefix_cache=prefix_cache, enter=enter))  # (B,T)
 
 

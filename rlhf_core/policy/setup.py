@@ -130,18 +130,53 @@ def setup_actor_critic(runtime, plan: Plan, config: PPOConfig) -> dict:
     if config.critic == "trunk":
         return setup_trunk_critic(runtime, plan)
     setup_actor(runtime, plan)
+    layers = critic_layers(model, config)
+    want = set(layers) if layers is not None else models.adapter_layers(model, "policy")
     parent_dir = runtime.policy_dir(plan.parent) / "value" if plan.parent else None
-    if runtime.loaded.get("value") == plan.parent and plan.parent and "value" in runtime.heads:
+    if (runtime.loaded.get("value") == plan.parent and plan.parent and "value" in runtime.heads
+            and models.adapter_layers(model, "value") == want):
         plan.critic_init = "continued"
-    elif parent_dir is not None and (parent_dir / "adapter_model.safetensors").exists():
+    elif (parent_dir is not None and (parent_dir / "adapter_model.safetensors").exists()
+          and saved_layers(parent_dir, model) == want):
         runtime.load_adapter_dir("value", parent_dir, version=plan.parent, trainable=True)
         runtime.heads["value"] = models.load_head(parent_dir, runtime.hidden_size,
                                                   runtime.device.device)
         plan.critic_init = "continued"
-    else:
-        init_critic(runtime, plan)
+    else:  # no critic to continue, or one on other layers (ppo.critic_layers changed)
+        init_critic(runtime, plan, layers)
     model.set_adapter("policy")
     return snapshot_adapters(runtime)
+
+
+def critic_layers(model, config: PPOConfig) -> list[int] | None:
+    """The decoder layers the value adapter covers: the top `ppo.critic_layers` (None: every
+    layer, also for architectures whose layers `rollout.response_states` cannot enter)."""
+    stack = models.decoder_layers(model)
+    n = len(stack) if stack is not None else 0
+    if not config.critic_layers or config.critic_layers >= n:
+        return None
+    return list(range(n - config.critic_layers, n))
+
+
+def saved_layers(adapter_dir, model) -> set[int] | None:
+    """The decoder layers a saved adapter covers (its `layers_to_transform`, else all the
+    policy adapter's)."""
+    import json
+    try:
+        cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    chosen = cfg.get("layers_to_transform")
+    if chosen is None:
+        return models.adapter_layers(model, "policy")
+    return {chosen} if isinstance(chosen, int) else set(chosen)
+
+
+def critic_entry(model) -> int:
+    """The decoder layer the value adapter's forwards start at: its lowest layer when it has
+    none below (0: it covers the bottom layer, so forwards run every layer)."""
+    layers = models.adapter_layers(model, "value")
+    return min(layers) if layers and models.decoder_layers(model) is not None else 0
 
 
 TRUNK = "trunk"  # runtime.loaded["value"] names a trunk head as ("trunk", version)
@@ -181,16 +216,18 @@ def setup_trunk_critic(runtime, plan: Plan) -> dict:
     return snap | {"head": copy.deepcopy(runtime.heads["value"].state_dict())}
 
 
-def init_critic(runtime, plan: Plan) -> None:
-    """A new critic: a copy of the reward adapter and head when they share the base, else fresh."""
+def init_critic(runtime, plan: Plan, layers: list[int] | None = None) -> None:
+    """A new critic (its adapter on the decoder `layers`, None: all): a copy of the reward
+    adapter and head when they share the base (on those layers), else fresh."""
     model = runtime.model
-    runtime.ensure_fresh_adapter("value")
+    runtime.ensure_fresh_adapter("value", layers)
     runtime.loaded["value"] = -1  # not a published critic: the next round re-initialises
     scorer = plan.scorer
     if plan.critic_init == "reward" and scorer is not None:
         src = adapter_params(model, scorer.adapter_name)
         dst = adapter_params(model, "value")
         pairs = {n: n.replace(f".{scorer.adapter_name}.", ".value.") for n in src}
+        pairs = {s: d for s, d in pairs.items() if d in dst}  # the value adapter's layers
         if set(pairs.values()) == set(dst) and all(
                 src[s].shape == dst[d].shape for s, d in pairs.items()):
             with torch.no_grad():

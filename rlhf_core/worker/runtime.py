@@ -87,10 +87,15 @@ class Runtime:
             yield self.model
 
     # -- adapters ------------------------------------------------------------------
-    def ensure_fresh_adapter(self, name: str) -> str:
-        """Add an untrained adapter called `name` if it does not exist yet."""
-        if name not in self.model.peft_config:
-            self.model.add_adapter(name, models.lora_config(self.config.lora))
+    def ensure_fresh_adapter(self, name: str, layers: list[int] | None = None) -> str:
+        """Add an untrained adapter called `name` if it does not exist yet (on the decoder
+        `layers` only, if given); one on other layers is replaced."""
+        model = self.model
+        if name in model.peft_config and models.adapter_layers(model, name) != (
+                set(layers) if layers is not None else models.adapter_layers(model, "policy")):
+            model.delete_adapter(name)
+        if name not in model.peft_config:
+            model.add_adapter(name, models.lora_config(self.config.lora, layers))
             self.loaded[name] = 0
         return name
 
