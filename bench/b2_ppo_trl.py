@@ -115,7 +115,8 @@ def instrument_ours(model) -> dict:
 
 
 def ours_side(ws: Path, quick: bool, decode: str | None = None, critic: str = "adapter",
-              prefix_cache: bool = True, precision: str = "float32") -> dict:
+              prefix_cache: bool = True, precision: str = "float32",
+              critic_layers: int | None = None) -> dict:
     import torch
 
     from rlhf_core.decoding import decode_dtype
@@ -126,6 +127,8 @@ def ours_side(ws: Path, quick: bool, decode: str | None = None, critic: str = "a
     store, cfg = open_workspace(ws, mixed_precision=MIXED[precision],
                                 **({"sampling.decode_dtype": decode} if decode else {}))
     config = dataclasses.replace(ppo_config(quick), critic=critic, prefix_cache=prefix_cache)
+    if critic_layers is not None:
+        config = dataclasses.replace(config, critic_layers=critic_layers)
     t_load = time.perf_counter()
     runtime = Runtime(store, cfg, cpu=not _cuda())
     model = runtime.model
@@ -193,12 +196,15 @@ def _sub(cmd: list, env=None, timeout=3600) -> dict:
 # paid a float32 forward for the old log-probs); ours-f32: float32 decoding forced (the same
 # as ours now; kept to compare with results of before the fix); ours-trunk: the defaults with
 # ppo.critic=trunk (a value head on the policy's hidden states, no value adapter);
-# ours-noprefix: the defaults with ppo.prefix_cache=false (what the shared prefix saves)
+# ours-noprefix: the defaults with ppo.prefix_cache=false (what the shared prefix saves);
+# ours-allcritic: the defaults with ppo.critic_layers=0 (the value adapter on every layer, the
+# default until 2026-12-01)
 # --precision: one training math for every side (TRL's own models are float32 on a CPU)
 MIXED = {"float32": "no", "bf16": "bf16"}
-SIDES = ("ours", "ours-f32", "ours-trunk", "ours-noprefix", "trl-full", "trl-lora")
+SIDES = ("ours", "ours-f32", "ours-trunk", "ours-noprefix", "ours-allcritic", "trl-full",
+         "trl-lora")
 DEFAULT_SIDES = ("ours", "ours-trunk", "trl-full", "trl-lora")
-OURS = ("ours", "ours-f32", "ours-trunk", "ours-noprefix")
+OURS = ("ours", "ours-f32", "ours-trunk", "ours-noprefix", "ours-allcritic")
 PEERS = ("trl-full", "trl-lora")
 PHASES = ("wall_s", "time_generate", "time_score", "time_train")
 KEYS = PHASES + ("peak_rss_mb", "peak_rss_generate_mb", "peak_rss_score_mb",
@@ -222,7 +228,8 @@ def run_side(side: str, ws: Path, spec_path: Path, trl_py: Path, quick: bool,
                    + (["--quick"] if quick else [])
                    + (["--decode-dtype", "float32"] if side == "ours-f32" else [])
                    + (["--critic", "trunk"] if side == "ours-trunk" else [])
-                   + (["--no-prefix-cache"] if side == "ours-noprefix" else []))
+                   + (["--no-prefix-cache"] if side == "ours-noprefix" else [])
+                   + (["--critic-layers", "0"] if side == "ours-allcritic" else []))
     else:
         res = _sub([str(trl_py), "-m", "bench.b2_trl_side", str(spec_path),
                     side.split("-", 1)[1], precision])
@@ -408,6 +415,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--decode-dtype", help=argparse.SUPPRESS)
     ap.add_argument("--critic", default="adapter", help=argparse.SUPPRESS)
     ap.add_argument("--no-prefix-cache", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--critic-layers", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.setup:
         print("RESULT " + json.dumps(setup(Path(args.setup))), flush=True)
@@ -415,7 +423,7 @@ def main(argv=None) -> dict:
     if args.side:
         print("RESULT " + json.dumps(ours_side(Path(args.side), args.quick, args.decode_dtype,
                                                args.critic, not args.no_prefix_cache,
-                                               args.precision)),
+                                               args.precision, args.critic_layers)),
               flush=True)
         return {}
     sides = tuple(args.sides.split(","))

@@ -8,7 +8,8 @@
 Every algorithm gets a new workspace (OUT/ws-ALG) and the same `rlhf simulate` arguments (given
 after `--`) and seed, so round 1 ranks the same base-model batch; the runs are sequential, so
 their seconds are comparable (on a shared machine, only roughly). `--collect` rebuilds the table
-from OUT/ALG.json. `--algorithms` also takes `ppo-trunk` (PPO with `ppo.critic=trunk`).
+from OUT/ALG.json. `--algorithms` also takes `ppo-trunk` (PPO with `ppo.critic=trunk`)
+and `ppo-allcritic` (`ppo.critic_layers=0`).
 Win-rate per minute = (win-rate - 0.5) per minute of policy-round time, the
 gain over the reference bought by the round's compute (labeling and evaluation are the same
 work for every algorithm).
@@ -24,7 +25,9 @@ from pathlib import Path
 
 
 # variants: a name -> the algorithm and its --set values
-VARIANTS = {"ppo-trunk": ("ppo", ["--set", "ppo.critic=trunk"])}
+VARIANTS = {"ppo-trunk": ("ppo", ["--set", "ppo.critic=trunk"]),
+            # the value adapter on every layer (ppo.critic_layers' default was 0 until 12-01)
+            "ppo-allcritic": ("ppo", ["--set", "ppo.critic_layers=0"])}
 
 
 def run(algorithm: str, out: Path, sim_args: list[str]) -> None:
