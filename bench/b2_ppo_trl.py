@@ -203,7 +203,7 @@ def _sub(cmd: list, env=None, timeout=3600) -> dict:
 MIXED = {"float32": "no", "bf16": "bf16"}
 SIDES = ("ours", "ours-f32", "ours-trunk", "ours-noprefix", "ours-allcritic", "trl-full",
          "trl-lora")
-DEFAULT_SIDES = ("ours", "ours-trunk", "trl-full", "trl-lora")
+DEFAULT_SIDES = ("ours", "ours-allcritic", "ours-trunk", "trl-full", "trl-lora")
 OURS = ("ours", "ours-f32", "ours-trunk", "ours-noprefix", "ours-allcritic")
 PEERS = ("trl-full", "trl-lora")
 PHASES = ("wall_s", "time_generate", "time_score", "time_train")
@@ -346,10 +346,17 @@ def summary(runs: dict, cfg, spec: dict, info: dict, quick: bool) -> dict:
 
 ASYMMETRIES = [
     ("Value model: trl-full trains TRL's separate value model in full (a 135M-parameter "
-     "sequence classifier); ours trains a LoRA adapter plus a scalar head on the shared base "
-     "(r16 on q/k/v/o, 1.84M + 577 parameters); trl-lora wraps TRL's value model with "
-     "peft.get_peft_model and the same LoRA settings (its score head trains through "
-     "modules_to_save: 1.84M + 576). ours-trunk (ppo.critic=trunk) has no value adapter: its "
+     "sequence classifier); ours (since 2026-12-01) trains a LoRA adapter on the top 6 of the "
+     "30 decoder layers plus a scalar head on the shared base (ppo.critic_layers=6, r16 on "
+     "q/k/v/o: 0.37M + 577 parameters), whose forwards start at layer 24 from the reference's "
+     "hidden states kept in the score phase (below its layers the value adapter computes what "
+     "the reference computes); ours-allcritic (ppo.critic_layers=0, the default before) puts "
+     "that adapter on every layer (1.84M + 577) and runs all 30 layers per value forward; "
+     "trl-lora wraps TRL's value model with peft.get_peft_model and the LoRA settings of "
+     "ours-allcritic (its score head trains through modules_to_save: 1.84M + 576). TRL cannot "
+     "share the reference's states with its value model (separate models), so ours vs trl-lora "
+     "compares critics of different size: ours-allcritic vs trl-lora is the like-for-like "
+     "critic. ours-trunk (ppo.critic=trunk) has no value adapter: its "
      "critic is a scalar head (577 parameters) on the policy adapter's detached hidden states, "
      "one forward/backward per minibatch, values recorded while decoding; TRL has no such "
      "option, so ours-trunk vs TRL compares designs, not the same critic."),

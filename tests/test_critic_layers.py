@@ -217,3 +217,52 @@ def test_rounds_with_a_top_layers_critic_raise_mean_reward(deep):
         ppo_round(deep, config=config, reward_fn=reward_fn)
     after = evaluate(deep, reward_fn)
     assert after > before + 0.1, (before, after)
+
+
+def test_gradient_checkpointing_round_with_a_top_layers_critic_stays_on_policy(deep):
+    """Under checkpointing (no prefix cache) the critic still enters at its layer: the round is
+    on-policy at its first step and trains a finite critic."""
+    result = ppo_round(deep, config=replace(TOP2, gradient_checkpointing=True, epochs=1),
+                       reward_fn=low_id_reward)
+    m = result["metrics"]
+    assert m["first_ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert torch.isfinite(torch.tensor(m["vf_loss"]))
+    assert not deep.model.training
+
+
+@pytest.mark.timeout(180)
+def test_multiprocess_round_with_a_top_layers_critic_matches_single_process(deep_model_dir,
+                                                                           tmp_path):
+    """test_ppo's two-process check with the value adapter on layers 2-3 of 4: each rank keeps
+    the states of its own shard, and the round equals the single-process one."""
+    import os
+    import subprocess
+    import sys
+
+    from rlhf_core.workspace import open_workspace
+    from tests.test_ppo import ROOT
+    config = replace(TOP2, minibatch_size=8, epochs=2)
+    single = ppo_round(make_runtime(deep_model_dir, tmp_path / "one"), config=config,
+                       reward_fn=low_id_reward)
+    ws = tmp_path / "two"
+    make_runtime(deep_model_dir, ws).data.store.close()
+    store, _ = open_workspace(ws, model=str(deep_model_dir), system_prompt="")
+    store.close()
+    out = tmp_path / "result.json"
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu",
+           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", "29521",
+           "-m", "rlhf_core.policy.launch", "--cpu", "--workspace", str(ws),
+           "--reward-fn", "tests.test_ppo:low_id_reward", "--result-json", str(out)]
+    for k in ("prompts_per_round", "rollouts_per_prompt", "max_new_tokens", "epochs",
+              "minibatch_size", "lr", "generation_batch_size", "critic_layers"):
+        cmd += ["--set", f"ppo.{k}={getattr(config, k)}"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    multi = json.loads(out.read_text())
+    for k in ("reward_mean", "kl", "explained_variance", "pg_loss", "vf_loss", "approx_kl",
+              "first_ratio", "grad_norm"):
+        assert multi["metrics"][k] == pytest.approx(single["metrics"][k], rel=1e-3, abs=1e-3), k
+    saved = json.loads((Path(multi["path"]) / "value" / "adapter_config.json").read_text())
+    assert sorted(saved["layers_to_transform"]) == [2, 3]

@@ -9,7 +9,9 @@ critic, the reference is the base with adapters disabled, and the reward model i
 adapter + head (or a separate base). peft runs one adapter at a time, so each minibatch does
 a policy forward/backward with `policy` active, then a value forward/backward with `value`
 active; the two parameter sets are disjoint, so the summed gradients equal those of
-`pg_loss + vf_coef * vf_loss`.
+`pg_loss + vf_coef * vf_loss`. The value adapter sits on the top `ppo.critic_layers` decoder
+layers only: below them it computes what the reference computes, so its forwards start there
+from the reference's hidden states, kept when the score step runs the reference.
 
 Multi-process (DDP via `accelerate launch`, see launch.py): every rank samples its shard of
 the rollout, statistics (whitening, metrics, gates) are computed over all ranks, each loss is a
