@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import logging
 
 import torch
@@ -161,7 +162,6 @@ def critic_layers(model, config: PPOConfig) -> list[int] | None:
 def saved_layers(adapter_dir, model) -> set[int] | None:
     """The decoder layers a saved adapter covers (its `layers_to_transform`, else all the
     policy adapter's)."""
-    import json
     try:
         cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     except (OSError, ValueError):
