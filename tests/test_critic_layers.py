@@ -16,7 +16,14 @@ from rlhf_core.policy.ppo import ppo_round
 from rlhf_core.policy.rollout import LayerStates, critic_values, policy_logprobs
 from rlhf_core.policy.setup import adapter_params
 from rlhf_core.worker.runtime import Runtime
-from tests.test_ppo import TINY, direction_reward, evaluate, low_id_reward, make_runtime
+from tests.test_ppo import (
+    TINY,
+    direction_reward,
+    evaluate,
+    low_id_reward,
+    make_runtime,
+    two_process_round,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TOP2 = replace(TINY, critic_layers=2)  # of 4 layers: the value adapter on layers 2 and 3
@@ -235,32 +242,11 @@ def test_multiprocess_round_with_a_top_layers_critic_matches_single_process(deep
                                                                            tmp_path):
     """test_ppo's two-process check with the value adapter on layers 2-3 of 4: each rank keeps
     the states of its own shard, and the round equals the single-process one."""
-    import os
-    import subprocess
-    import sys
-
-    from rlhf_core.workspace import open_workspace
-    from tests.test_ppo import ROOT
     config = replace(TOP2, minibatch_size=8, epochs=2)
     single = ppo_round(make_runtime(deep_model_dir, tmp_path / "one"), config=config,
                        reward_fn=low_id_reward)
-    ws = tmp_path / "two"
-    make_runtime(deep_model_dir, ws).data.store.close()
-    store, _ = open_workspace(ws, model=str(deep_model_dir), system_prompt="")
-    store.close()
-    out = tmp_path / "result.json"
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu",
-           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", "29521",
-           "-m", "rlhf_core.policy.launch", "--cpu", "--workspace", str(ws),
-           "--reward-fn", "tests.test_ppo:low_id_reward", "--result-json", str(out)]
-    for k in ("prompts_per_round", "rollouts_per_prompt", "max_new_tokens", "epochs",
-              "minibatch_size", "lr", "generation_batch_size", "critic_layers"):
-        cmd += ["--set", f"ppo.{k}={getattr(config, k)}"]
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=170)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    multi = json.loads(out.read_text())
+    multi = two_process_round(deep_model_dir, tmp_path / "two", config, port=29521,
+                              keys=("critic_layers",))
     for k in ("reward_mean", "kl", "explained_variance", "pg_loss", "vf_loss", "approx_kl",
               "first_ratio", "grad_norm"):
         assert multi["metrics"][k] == pytest.approx(single["metrics"][k], rel=1e-3, abs=1e-3), k

@@ -3,9 +3,6 @@ and the routing from `loop.algorithm` / a job's "algorithm" to the round."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,7 +19,6 @@ from rlhf_core.policy.setup import Plan, PPOHealthError, SingleProcess, adapter_
 from rlhf_core.worker.run import run_one
 from rlhf_core.workspace import open_workspace
 from tests.test_ppo import (  # noqa: F401 (ppo_model_dir, runtime are fixtures)
-    ROOT,
     TINY,
     direction_reward,
     evaluate,
@@ -33,6 +29,7 @@ from tests.test_ppo import (  # noqa: F401 (ppo_model_dir, runtime are fixtures)
     policy_logprobs,
     ppo_model_dir,
     runtime,
+    two_process_round,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -243,25 +240,8 @@ def test_multiprocess_grpo_round_matches_single_process(ppo_model_dir, tmp_path)
     config = replace(SMALL, minibatch_size=8, epochs=2)
     single = grpo_round(make_runtime(ppo_model_dir, tmp_path / "one"), config=config,
                         reward_fn=low_id_reward)
-    ws = tmp_path / "two"
-    make_runtime(ppo_model_dir, ws).data.store.close()
-    store, _ = open_workspace(ws, model=str(ppo_model_dir), system_prompt="")
-    store.close()
-    out = tmp_path / "result.json"
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu",
-           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", "29519",
-           "-m", "rlhf_core.policy.launch", "--cpu", "--workspace", str(ws),
-           "--reward-fn", "tests.test_ppo:low_id_reward", "--result-json", str(out),
-           "--set", "loop.algorithm=grpo"]
-    for k in ("prompts_per_round", "rollouts_per_prompt", "max_new_tokens", "epochs",
-              "minibatch_size", "lr", "generation_batch_size", "group_size"):
-        cmd += ["--set", f"ppo.{k}={getattr(config, k)}"]
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=170,
-                          check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    multi = json.loads(out.read_text())
+    multi = two_process_round(ppo_model_dir, tmp_path / "two", config, port=29519,
+                              keys=("group_size",), extra=("--set", "loop.algorithm=grpo"))
     assert multi["algorithm"] == "grpo" and multi["metrics"]["n_sequences"] == 8
     for k in ("reward_mean", "kl", "entropy", "pg_loss", "loss", "clipfrac", "approx_kl",
               "kl_k3", "first_ratio", "grad_norm"):

@@ -75,6 +75,32 @@ def runtime(ppo_model_dir, tmp_path):
     rt.data.store.close()
 
 
+LAUNCHED = ("prompts_per_round", "rollouts_per_prompt", "max_new_tokens", "epochs",
+            "minibatch_size", "lr", "generation_batch_size")
+
+
+def two_process_round(model_dir: Path, ws: Path, config: PPOConfig, *, port: int,
+                      keys: tuple[str, ...] = (), extra: tuple[str, ...] = ()) -> dict:
+    """The round of `config` (its LAUNCHED settings and `keys`) in a new workspace `ws`, run by
+    `accelerate launch` on 2 CPU processes with low_id_reward: the launcher's result."""
+    make_runtime(model_dir, ws).data.store.close()
+    store, _ = open_workspace(ws, model=str(model_dir), system_prompt="")  # the launcher reads it
+    store.close()
+    out = ws.parent / f"{ws.name}-result.json"
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu",
+           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", str(port),
+           "-m", "rlhf_core.policy.launch", "--cpu", "--workspace", str(ws),
+           "--reward-fn", "tests.test_ppo:low_id_reward", "--result-json", str(out), *extra]
+    for k in LAUNCHED + keys:
+        cmd += ["--set", f"ppo.{k}={getattr(config, k)}"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=170,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
 def fixed_batch(rt: Runtime) -> Rollout:
     """A hand-made (query, response) batch for before/after log-prob comparisons."""
     tok = rt.tokenizer
@@ -283,23 +309,7 @@ def test_multiprocess_round_matches_single_process(ppo_model_dir, tmp_path):
     config = replace(TINY, minibatch_size=8, epochs=2)
     single = ppo_round(make_runtime(ppo_model_dir, tmp_path / "one"), config=config,
                        reward_fn=low_id_reward)
-    ws = tmp_path / "two"
-    make_runtime(ppo_model_dir, ws).data.store.close()
-    store, _ = open_workspace(ws, model=str(ppo_model_dir), system_prompt="")  # the launcher reads it
-    store.close()
-    out = tmp_path / "result.json"
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu",
-           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", "29517",
-           "-m", "rlhf_core.policy.launch", "--cpu", "--workspace", str(ws),
-           "--reward-fn", "tests.test_ppo:low_id_reward", "--result-json", str(out)]
-    for k in ("prompts_per_round", "rollouts_per_prompt", "max_new_tokens", "epochs",
-              "minibatch_size", "lr", "generation_batch_size"):
-        cmd += ["--set", f"ppo.{k}={getattr(config, k)}"]
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=170)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    multi = json.loads(out.read_text())
+    multi = two_process_round(ppo_model_dir, tmp_path / "two", config, port=29517)
     assert multi["version"] == 1 and multi["metrics"]["n_sequences"] == 8
     keys = ("reward_mean", "reward_std", "kl", "entropy", "response_length", "stop_rate",
             "explained_variance", "pg_loss", "vf_loss", "clipfrac", "approx_kl",
