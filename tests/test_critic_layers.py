@@ -17,9 +17,9 @@ from rlhf_core.policy.rollout import LayerStates, critic_values, policy_logprobs
 from rlhf_core.policy.setup import adapter_params
 from rlhf_core.worker.runtime import Runtime
 from tests.test_ppo import (
+    LEARNING,
     TINY,
-    direction_reward,
-    evaluate,
+    assert_rounds_raise_mean_reward,
     low_id_reward,
     make_runtime,
     two_process_round,
@@ -216,14 +216,7 @@ def test_more_critic_layers_than_the_model_has_means_every_layer(deep):
 def test_rounds_with_a_top_layers_critic_raise_mean_reward(deep):
     """The top-layers critic learns as the full one does (test_ppo's
     test_rounds_raise_mean_reward, same settings and threshold)."""
-    reward_fn = direction_reward(deep)
-    config = replace(TOP2, epochs=4, prompts_per_round=8, rollouts_per_prompt=4,
-                     minibatch_size=8, missing_eos_penalty=0.0)
-    before = evaluate(deep, reward_fn)
-    for _ in range(4):
-        ppo_round(deep, config=config, reward_fn=reward_fn)
-    after = evaluate(deep, reward_fn)
-    assert after > before + 0.1, (before, after)
+    assert_rounds_raise_mean_reward(deep, replace(LEARNING, critic_layers=2))
 
 
 def test_gradient_checkpointing_round_with_a_top_layers_critic_stays_on_policy(deep):

@@ -249,16 +249,25 @@ def evaluate(runtime, reward_fn) -> float:
     return reward_fn(None, None, rollout.response_lists()).mean().item()
 
 
-def test_rounds_raise_mean_reward(runtime):
+LEARNING = replace(TINY, epochs=4, prompts_per_round=8, rollouts_per_prompt=4,
+                   minibatch_size=8, missing_eos_penalty=0.0)
+
+
+def assert_rounds_raise_mean_reward(runtime, config: PPOConfig) -> None:
+    """Four PPO rounds of `config` on the direction reward raise its mean by more than 0.1
+    (seen with LEARNING: 0.35 -> 0.59); evaluation on fixed sampling noise."""
     reward_fn = direction_reward(runtime)
-    config = replace(TINY, epochs=4, prompts_per_round=8, rollouts_per_prompt=4,
-                     minibatch_size=8, missing_eos_penalty=0.0)
     before = evaluate(runtime, reward_fn)
     for i in range(4):
         result = ppo_round(runtime, config=config, reward_fn=reward_fn)
         assert result["version"] == i + 1 and result["parent"] == i
     after = evaluate(runtime, reward_fn)
-    assert after > before + 0.1, (before, after)  # seen: 0.35 -> 0.59
+    assert after > before + 0.1, (before, after)
+
+
+def test_rounds_raise_mean_reward(runtime):
+    config = LEARNING
+    assert_rounds_raise_mean_reward(runtime, config)
     assert runtime.data.store.get_version("policy", 4)["metrics"]["critic_init"] == "continued"
     steps = [r["step"] for r in runtime.data.store.metric_series("ppo", "approx_kl")]
     assert steps == sorted(set(steps)) and len(steps) == 4 * config.epochs * 4  # runs on

@@ -15,7 +15,9 @@ from rlhf_core.policy.rollout import critic_values, generate, policy_logprobs, t
 from rlhf_core.policy.setup import adapter_params, check_trunk_model
 from rlhf_core.worker.runtime import Runtime
 from tests.test_ppo import (  # noqa: F401 (ppo_model_dir, runtime are fixtures)
+    LEARNING,
     TINY,
+    assert_rounds_raise_mean_reward,
     direction_reward,
     evaluate,
     fixed_batch,
@@ -166,14 +168,7 @@ def test_next_round_continues_the_head_from_disk_and_mixing_critics_starts_fresh
 def test_trunk_rounds_raise_mean_reward(runtime):
     """The trunk critic learns as the adapter critic does (test_ppo's
     test_rounds_raise_mean_reward, same settings and threshold)."""
-    reward_fn = direction_reward(runtime)
-    config = replace(TRUNK, epochs=4, prompts_per_round=8, rollouts_per_prompt=4,
-                     minibatch_size=8, missing_eos_penalty=0.0)
-    before = evaluate(runtime, reward_fn)
-    for _ in range(4):
-        ppo_round(runtime, config=config, reward_fn=reward_fn)
-    after = evaluate(runtime, reward_fn)
-    assert after > before + 0.1, (before, after)
+    assert_rounds_raise_mean_reward(runtime, replace(LEARNING, critic="trunk"))
 
 
 def test_models_whose_logits_are_not_the_plain_projection_are_refused(runtime):
