@@ -302,11 +302,11 @@ def response_states(model, batch: Rollout, *, prefix_cache: bool = True,
         hidden = backbone(input_ids=rest, attention_mask=attn, position_ids=position_ids,
                           use_cache=True, **{_cache_arg(backbone): cache}).last_hidden_state
     if capture:
-        capture.states = _rows_layout(sink, idx, pads, P, S)
+        capture.states = _captured_rows(sink, idx, pads, P, S)
     return hidden[:, P - S - 1:P - S - 1 + T]  # (B,T,H) of (B,P-S+T,H)
 
 
-def _rows_layout(sink: list, idx, pads, P: int, S: int) -> torch.Tensor | None:
+def _captured_rows(sink: list, idx, pads, P: int, S: int) -> torch.Tensor | None:
     """The prefix call's (1,S,H) and the rows' call's (B,P-S+T,H) states, as (B,P+T,H) in the
     rows' layout: the prefix at each row's columns pads..pads+S, the rest where it came from."""
     if len(sink) != 2 or any(x is None for x in sink):
