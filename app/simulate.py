@@ -53,7 +53,10 @@ def add_arguments(p) -> None:
                    help="longest labeling response in tokens (sampling.max_new_tokens)")
     p.add_argument("--out", type=Path, help="table path without extension "
                                             "(default: WORKSPACE/simulate/run-TIME)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the scripted annotators and the evaluation")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the run: the scripted annotators, the evaluation, and (unless "
+                        "--set gives them) sampling.seed, reward.seed and ppo.seed; default 0 "
+                        "for the annotators and the workspace's own seeds")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    dest="settings", help="any config value, e.g. --set ppo.lr=2e-4")
 
@@ -321,19 +324,29 @@ def write_table(rows: list[RoundRow], out: Path) -> None:
         w.writerows(data)
 
 
-def main(args, start_app) -> list[RoundRow]:
-    """`start_app(workspace) -> (url, stop)` starts UI + worker (the app layer provides it)."""
-    from rlhf_core.workspace import open_workspace, parse_settings, seed_prompts_if_empty
+def workspace_overrides(args) -> dict:
+    """The settings a run sets in its workspace: the simulator's pacing, `--seed` as the seed of
+    the labeling batches, the reward model and the policy rounds (so two seeds are two runs),
+    then every `--set` (which wins)."""
+    from rlhf_core.workspace import parse_settings
     lpr = args.labels_per_round
     # The simulator paces the loop itself: one batch of a round's size per policy version
     # (PPO queues it from the new policy), no pre-sampling from the old policy while the
     # reward model and PPO train, and no researcher-view scoring.
-    overrides = {"model": args.model, "sampling.max_new_tokens": args.max_new_tokens,
-                 "sampling.min_ready_items": 0, "sampling.prompts_per_batch": lpr,
-                 "loop.auto": False, "loop.score_items": False,
-                 "loop.algorithm": getattr(args, "algorithm", None),
-                 **parse_settings(args.settings)}
-    store, cfg = open_workspace(args.workspace, **overrides)
+    seeds = ({f"{section}.seed": args.seed for section in ("sampling", "reward", "ppo")}
+             if args.seed is not None else {})
+    return {"model": args.model, "sampling.max_new_tokens": args.max_new_tokens,
+            "sampling.min_ready_items": 0, "sampling.prompts_per_batch": lpr,
+            "loop.auto": False, "loop.score_items": False,
+            "loop.algorithm": getattr(args, "algorithm", None),
+            **seeds, **parse_settings(args.settings)}
+
+
+def main(args, start_app) -> list[RoundRow]:
+    """`start_app(workspace) -> (url, stop)` starts UI + worker (the app layer provides it)."""
+    from rlhf_core.workspace import open_workspace, seed_prompts_if_empty
+    lpr = args.labels_per_round
+    store, cfg = open_workspace(args.workspace, **workspace_overrides(args))
     seed_prompts_if_empty(store, cfg)
     stop = None
     url = args.url
@@ -343,7 +356,7 @@ def main(args, start_app) -> list[RoundRow]:
     rows: list[RoundRow] = []
     try:
         sim = Simulation(store, cfg, url, oracle_spec=args.oracle, annotators=args.annotators,
-                         noise=args.noise, seed=args.seed, eval_samples=args.eval_samples,
+                         noise=args.noise, seed=args.seed or 0, eval_samples=args.eval_samples,
                          eval_prompts=getattr(args, "eval_prompts", None))
         for r in range(1, args.rounds + 1):
             rows.append(sim.round(r, lpr))

@@ -125,3 +125,17 @@ def test_a_policy_round_stopped_by_a_health_gate_is_noted_and_the_run_goes_on(
     assert store.current_version("policy")["version"] == 0
     data = json.loads((tmp_path / "table.json").read_text())
     assert [d["policy_aborted"] for d in data] == [True, True]
+
+
+def test_seed_seeds_the_batches_the_reward_model_and_the_policy_rounds(tmp_path):
+    """`--seed N` makes another run: the labeling batches, the reward model and the policy
+    rounds take N too (a `--set` of one of them wins); without `--seed` the workspace's own
+    seeds stay as they are."""
+    seeded = simulate.workspace_overrides(_args(tmp_path, tmp_path / "out", seed=3,
+                                                settings=["ppo.seed=7"]))
+    assert (seeded["sampling.seed"], seeded["reward.seed"], seeded["ppo.seed"]) == (3, 3, 7)
+    plain = simulate.workspace_overrides(_args(tmp_path, tmp_path / "out"))
+    assert not {"sampling.seed", "reward.seed", "ppo.seed"} & set(plain)
+    store, cfg = open_workspace(tmp_path / "ws", **seeded)
+    store.close()
+    assert (cfg.sampling.seed, cfg.reward.seed, cfg.ppo.seed) == (3, 3, 7)
