@@ -252,6 +252,12 @@ def adapter_layers(model, name: str) -> set[int] | None:
     return found or None
 
 
+def covered_layers(model, layers) -> set[int] | None:
+    """The decoder layers an adapter made for `layers` covers: those, or for None every layer
+    the policy adapter covers (the LoRA settings' own targets)."""
+    return set(layers) if layers is not None else adapter_layers(model, "policy")
+
+
 def with_adapters(base, settings: LoraSettings, names=("policy",)):
     """Wrap a causal LM in a PeftModel holding one LoRA adapter per role name."""
     from peft import get_peft_model

@@ -24,10 +24,10 @@ from tests.test_ppo import (
     make_runtime,
     two_process_round,
 )
+from tests.test_trunk_critic import count_backbone_passes
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TOP2 = replace(TINY, critic_layers=2)  # of 4 layers: the value adapter on layers 2 and 3
-SYSTEM = "You are a helpful assistant who answers briefly."
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +61,9 @@ def value_adapter_on(rt: Runtime, layers: list[int]) -> None:
     rt.heads["value"] = models.ScalarHead(rt.hidden_size, init_std=0.5, seed=1)
 
 
-def sampled_batch(rt: Runtime, system: str = ""):
-    """Eight rollout rows of different prompt and answer lengths (a shared chat prefix when the
-    workspace has a system prompt)."""
+def sampled_batch(rt: Runtime):
+    """Eight rollout rows of different prompt and answer lengths (sharing the chat template's
+    prefix)."""
     from rlhf_core.policy.rollout import generate
     prompts = ["hello world", "write a short poem about the sea", "one two", "python code",
                "the quick brown fox jumps", "yes", "how are you today", "list dict"]
@@ -118,24 +118,19 @@ def test_rows_layout_puts_each_chunk_back_in_the_rollouts_columns():
     assert out[..., 0].tolist() == [[0, 1, 2, 3, 4, 5, 0], [0, 0, 11, 12, 13, 14, 15]]
 
 
-def count_backbone_passes(model) -> list:
-    """(grad enabled, rows, columns) of each backbone call, and each decoder layer's calls."""
-    calls, per_layer = [], []
-    base = model.get_base_model()
-    backbone = getattr(base, base.base_model_prefix)
-    backbone.register_forward_hook(lambda m, a, kw, out: calls.append(torch.is_grad_enabled()),
-                                   with_kwargs=True)
-    for i, layer in enumerate(backbone.layers):
-        per_layer.append(0)
+def count_layer_calls(model) -> list[int]:
+    """How often each decoder layer runs (a layer standing aside is not one of them)."""
+    per_layer = [0] * len(models.decoder_layers(model))
+    for i, layer in enumerate(models.decoder_layers(model)):
         layer.register_forward_hook(lambda *a, i=i: per_layer.__setitem__(i, per_layer[i] + 1))
-    return calls, per_layer
+    return per_layer
 
 
 def test_round_runs_the_value_forwards_through_the_top_layers_only(deep):
     """A PPO round with critic_layers=2: the value adapter exists on layers 2-3 only, the bottom
     layers run for the policy and the reference but never for the critic, the round publishes
     a value adapter saved with its layers, and the first ratio is 1."""
-    calls, per_layer = count_backbone_passes(deep.model)
+    calls, per_layer = count_backbone_passes(deep.model), count_layer_calls(deep.model)
     cfg = replace(TOP2, epochs=1, prefix_cache=False)
     result = ppo_round(deep, config=cfg, reward_fn=low_id_reward)
     m = result["metrics"]
@@ -155,7 +150,7 @@ def test_round_runs_the_value_forwards_through_the_top_layers_only(deep):
 
 
 def test_the_critic_trains_to_the_same_numbers_as_a_full_forward_critic(deep_model_dir,
-                                                                       tmp_path):
+                                                                       tmp_path, monkeypatch):
     """Entering at layer 2 is only a shortcut: a round whose value adapter covers layers 2-3
     with the kept states equals (to float error) the same round with the shortcut turned off
     (the adapter on the same layers, every layer run), in its metrics and its trained
@@ -164,14 +159,10 @@ def test_the_critic_trains_to_the_same_numbers_as_a_full_forward_critic(deep_mod
 
     def run(shortcut: bool, ws: str):
         rt = make_runtime(deep_model_dir, tmp_path / ws)
-        if not shortcut:  # forwards from the bottom layer: the kept states are never made
-            orig = experience.critic_entry
-            experience.critic_entry = lambda model: 0
-        try:
+        with monkeypatch.context() as mp:
+            if not shortcut:  # forwards from the bottom layer: the kept states are never made
+                mp.setattr(experience, "critic_entry", lambda model: 0)
             result = ppo_round(rt, config=replace(TOP2, epochs=1), reward_fn=low_id_reward)
-        finally:
-            if not shortcut:
-                experience.critic_entry = orig
         value = {n: p.detach().clone() for n, p in adapter_params(rt.model, "value").items()}
         rt.data.store.close()
         return result["metrics"], value

@@ -219,27 +219,26 @@ class _Enter(torch.nn.Module):
 
 
 @contextlib.contextmanager
-def _capturing(layers, k: int, sink: list):
-    """Append the output of decoder layer k-1 (the states entering layer k) of each call."""
-    def hook(module, args, output):
-        sink.append(output if isinstance(output, torch.Tensor) else None)
-    handle = layers[k - 1].register_forward_hook(hook)
+def _layer_io(layers, sink: list, capture: LayerStates | None = None,
+              enter: LayerStates | None = None):
+    """For one backbone call: with `capture`, append the output of decoder layer k-1 (the
+    states entering layer k) to `sink`; with `enter`, the layers below its k stand aside and
+    the rows enter layer k with its states."""
+    handle = None
+    saved = [layers[i] for i in range(enter.k)] if enter else []
     try:
+        if capture:
+            def hook(module, args, output):
+                sink.append(output if isinstance(output, torch.Tensor) else None)
+            handle = layers[capture.k - 1].register_forward_hook(hook)
+        if enter:
+            for i in range(enter.k - 1):
+                layers[i] = _Skip()
+            layers[enter.k - 1] = _Enter(enter.states)
         yield
     finally:
-        handle.remove()
-
-
-@contextlib.contextmanager
-def _entering(layers, k: int, states: torch.Tensor):
-    """Layers below k stand aside for one call; the rows enter layer k with `states`."""
-    saved = [layers[i] for i in range(k)]
-    try:
-        for i in range(k - 1):
-            layers[i] = _Skip()
-        layers[k - 1] = _Enter(states)
-        yield
-    finally:
+        if handle is not None:
+            handle.remove()
         for i, layer in enumerate(saved):
             layers[i] = layer
 
@@ -267,11 +266,7 @@ def response_states(model, batch: Rollout, *, prefix_cache: bool = True,
          if prefix_cache and not getattr(backbone, "gradient_checkpointing", False) else 0)
     sink: list = []
     if S == 0:
-        with contextlib.ExitStack() as stack:
-            if capture:
-                stack.enter_context(_capturing(layers, capture.k, sink))
-            if enter:
-                stack.enter_context(_entering(layers, enter.k, enter.states))
+        with _layer_io(layers, sink, capture, enter):
             hidden = backbone(**_inputs(batch), use_cache=False).last_hidden_state  # (B,P+T,H)
         if capture:
             capture.states = sink[0]
@@ -280,7 +275,7 @@ def response_states(model, batch: Rollout, *, prefix_cache: bool = True,
     B, dev = q.shape[0], q.device
     pads = P - m.sum(dim=1)  # (B,)
     prefix = q[:1, int(pads[0]):int(pads[0]) + S]  # (1,S)
-    with _capturing(layers, capture.k, sink) if capture else contextlib.nullcontext():
+    with _layer_io(layers, sink, capture):
         out = backbone(input_ids=prefix, use_cache=True)
     cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
     cache.batch_repeat_interleave(B)  # every row attends to the same prefix keys and values
@@ -291,14 +286,11 @@ def response_states(model, batch: Rollout, *, prefix_cache: bool = True,
     rest_mask = torch.cat([m.gather(1, idx), batch.mask.long()], dim=1)  # (B,P-S+T)
     attn = torch.cat([torch.ones(B, S, dtype=rest_mask.dtype, device=dev), rest_mask], dim=1)
     position_ids = (S + rest_mask.cumsum(dim=1) - 1).clamp(min=0)  # as in the full rows
-    with contextlib.ExitStack() as stack:
-        if capture:
-            stack.enter_context(_capturing(layers, capture.k, sink))
-        if enter:  # the kept states of the rows' columns, without the prefix's
-            H = enter.states.shape[-1]
-            rows = torch.cat([enter.states[:, :P].gather(1, idx[..., None].expand(-1, -1, H)),
-                              enter.states[:, P:]], dim=1)  # (B,P-S+T,H)
-            stack.enter_context(_entering(layers, enter.k, rows))
+    if enter:  # the kept states of the rows' columns, without the prefix's
+        H = enter.states.shape[-1]
+        enter = LayerStates(enter.k, torch.cat([enter.states[:, :P].gather(
+            1, idx[..., None].expand(-1, -1, H)), enter.states[:, P:]], dim=1))  # (B,P-S+T,H)
+    with _layer_io(layers, sink, capture, enter):
         hidden = backbone(input_ids=rest, attention_mask=attn, position_ids=position_ids,
                           use_cache=True, **{_cache_arg(backbone): cache}).last_hidden_state
     if capture:
@@ -338,8 +330,7 @@ def _logits(model, batch: Rollout, temperature: float, prefix_cache: bool,
         raw = base.get_output_embeddings()(h)  # (B,T,V)
     else:
         h, T, sink = None, batch.response_ids.shape[1], []
-        with _capturing(models.decoder_layers(model), capture.k, sink) if capture else (
-                contextlib.nullcontext()):
+        with _layer_io(models.decoder_layers(model), sink, capture):
             raw = model(**_inputs(batch), logits_to_keep=T + 1, use_cache=False).logits[:, :-1]
         if capture:
             capture.states = sink[0]

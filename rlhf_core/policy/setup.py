@@ -132,7 +132,7 @@ def setup_actor_critic(runtime, plan: Plan, config: PPOConfig) -> dict:
         return setup_trunk_critic(runtime, plan)
     setup_actor(runtime, plan)
     layers = critic_layers(model, config)
-    want = set(layers) if layers is not None else models.adapter_layers(model, "policy")
+    want = models.covered_layers(model, layers)
     parent_dir = runtime.policy_dir(plan.parent) / "value" if plan.parent else None
     if (runtime.loaded.get("value") == plan.parent and plan.parent and "value" in runtime.heads
             and models.adapter_layers(model, "value") == want):
@@ -167,9 +167,7 @@ def saved_layers(adapter_dir, model) -> set[int] | None:
     except (OSError, ValueError):
         return None
     chosen = cfg.get("layers_to_transform")
-    if chosen is None:
-        return models.adapter_layers(model, "policy")
-    return {chosen} if isinstance(chosen, int) else set(chosen)
+    return models.covered_layers(model, [chosen] if isinstance(chosen, int) else chosen)
 
 
 def critic_entry(model) -> int:

@@ -91,8 +91,8 @@ class Runtime:
         """Add an untrained adapter called `name` if it does not exist yet (on the decoder
         `layers` only, if given); one on other layers is replaced."""
         model = self.model
-        if name in model.peft_config and models.adapter_layers(model, name) != (
-                set(layers) if layers is not None else models.adapter_layers(model, "policy")):
+        if (name in model.peft_config
+                and models.adapter_layers(model, name) != models.covered_layers(model, layers)):
             model.delete_adapter(name)
         if name not in model.peft_config:
             model.add_adapter(name, models.lora_config(self.config.lora, layers))
