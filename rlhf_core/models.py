@@ -225,7 +225,8 @@ def load_sequence_classifier(source: str, tokenizer=None, *, dtype=torch.float32
 
 def lora_config(settings: LoraSettings, layers: list[int] | None = None):
     """The LoRA config of a role; `layers`: only those decoder layers get the adapter (the
-    value adapter's `ppo.critic_layers`), None every layer."""
+    value adapter's `ppo.critic_layers`, the reward adapter's `reward.lora_layers`), None
+    every layer."""
     from peft import LoraConfig
     extra = {"layers_to_transform": list(layers)} if layers is not None else {}
     return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
@@ -250,6 +251,27 @@ def adapter_layers(model, name: str) -> set[int] | None:
     found = {int(m.group(1)) for n, _ in model.named_parameters()
              if f".{name}." in n and (m := _LAYER_INDEX.search(n))}
     return found or None
+
+
+def top_layers(model, n: int) -> list[int] | None:
+    """The top `n` decoder layers of `model` (None: every layer, for n = 0, n at or above the
+    model's depth, or architectures whose layers are not one ModuleList)."""
+    stack = decoder_layers(model)
+    depth = len(stack) if stack is not None else 0
+    if not n or n >= depth:
+        return None
+    return list(range(depth - n, depth))
+
+
+def saved_layers(adapter_dir: Path, model) -> set[int] | None:
+    """The decoder layers a saved adapter covers (its `layers_to_transform`, else all the
+    policy adapter's)."""
+    try:
+        cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    chosen = cfg.get("layers_to_transform")
+    return covered_layers(model, [chosen] if isinstance(chosen, int) else chosen)
 
 
 def covered_layers(model, layers) -> set[int] | None:
@@ -371,11 +393,13 @@ def with_classifier_adapters(base, settings: LoraSettings, names=("reward",)):
     return model
 
 
-def add_lora_adapter(model, name: str, settings: LoraSettings) -> None:
-    """Add an untrained adapter `name` to a PeftModel, matching the model's task type."""
+def add_lora_adapter(model, name: str, settings: LoraSettings,
+                     layers: list[int] | None = None) -> None:
+    """Add an untrained adapter `name` (on `layers` only, None every layer) to a PeftModel,
+    matching the model's task type."""
     import dataclasses as _dc
     task_type = next(iter(model.peft_config.values())).task_type
-    model.add_adapter(name, _dc.replace(lora_config(settings), task_type=task_type))
+    model.add_adapter(name, _dc.replace(lora_config(settings, layers), task_type=task_type))
 
 
 def merged_policy(base_source: str, adapter_dir: Path, tokenizer):

@@ -47,7 +47,8 @@ def prepare_candidate(runtime, bb: Backbone, warm_from: dict | None, cfg: Reward
     seed = cfg.seed + version
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # LoRA A's init draws from the global generator
-        models.add_lora_adapter(bb.model, CANDIDATE, runtime.config.lora)
+        models.add_lora_adapter(bb.model, CANDIDATE, runtime.config.lora,
+                                adapter_layers(bb, cfg))
     head = models.ScalarHead(hidden, cfg.head_init_std, seed)
     if bb.init_head is not None:  # a separate classifier: start from its own score layer
         with torch.no_grad():
@@ -55,6 +56,18 @@ def prepare_candidate(runtime, bb: Backbone, warm_from: dict | None, cfg: Reward
             if "bias" in bb.init_head:
                 head.linear.bias.copy_(bb.init_head["bias"])
     return head.to(bb.device)
+
+
+def adapter_layers(bb: Backbone, cfg: RewardConfig) -> list[int] | None:
+    """The decoder layers a new reward adapter covers: the top `reward.lora_layers`."""
+    return models.top_layers(bb.model, cfg.lora_layers)
+
+
+def continues(bb: Backbone, current: dict, cfg: RewardConfig) -> bool:
+    """Whether a candidate may start from the serving version `current`: only if its adapter
+    covers the layers the settings ask for (a change of `reward.lora_layers` starts afresh)."""
+    saved = models.saved_layers(Path(current["path"] or "") / ADAPTER_SUBDIR, bb.model)
+    return saved == models.covered_layers(bb.model, adapter_layers(bb, cfg))
 
 
 def pair_loss(chosen, rejected, labels, tier_gaps, cfg: RewardConfig) -> torch.Tensor:
