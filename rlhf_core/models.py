@@ -314,6 +314,61 @@ def load_adapter(model, name: str, adapter_dir: Path, *, trainable: bool = False
     return model
 
 
+# -- entering the decoder stack at a layer (adapters on the top layers only) ------------------
+@dataclass
+class LayerStates:
+    """Hidden states entering decoder layer `k` (k >= 1), (B,T,H) in the layout of the rows
+    of the call (a policy rollout's: the query's columns, left padding included, then the
+    response's). Passed as `capture`, a forward fills `states` (None when the architecture's
+    layers cannot be hooked); passed as `enter`, a forward runs layers k.. only, starting
+    from `states`."""
+    k: int
+    states: torch.Tensor | None = None
+
+
+class _Skip(torch.nn.Module):
+    """Stands in for a decoder layer below the entry layer: returns its input unchanged."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+class _Enter(torch.nn.Module):
+    """Stands in for the decoder layer just below the entry layer: returns the kept states."""
+
+    def __init__(self, states: torch.Tensor):
+        super().__init__()
+        self.states = states
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.states
+
+
+@contextlib.contextmanager
+def layer_io(layers, sink: list, capture: LayerStates | None = None,
+             enter: LayerStates | None = None):
+    """For one backbone call: with `capture`, append the output of decoder layer k-1 (the
+    states entering layer k) to `sink`; with `enter`, the layers below its k stand aside and
+    the rows enter layer k with its states."""
+    handle = None
+    saved = [layers[i] for i in range(enter.k)] if enter else []
+    try:
+        if capture:
+            def hook(module, args, output):
+                sink.append(output if isinstance(output, torch.Tensor) else None)
+            handle = layers[capture.k - 1].register_forward_hook(hook)
+        if enter:
+            for i in range(enter.k - 1):
+                layers[i] = _Skip()
+            layers[enter.k - 1] = _Enter(enter.states)
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+        for i, layer in enumerate(saved):
+            layers[i] = layer
+
+
 # -- scalar heads (value and reward) ---------------------------------------------------------
 class ScalarHead(nn.Module):
     """hidden state of a token -> one number (reward or value)."""
