@@ -114,9 +114,6 @@ class RewardConfig:
     # at 2e-4 (the former default), 0.94 at 1e-3, in the same time.
     lr: float = 1e-3
     epochs: int = 2
-    # the reward adapter's LoRA on the top `lora_layers` decoder layers only (0 = every layer):
-    # below them a forward needs no gradient, so training's backward stops at them
-    lora_layers: int = 0
     rankings_per_step: int = 4  # all pairs of one ranking share a step
     # prompt + response tokens scored; the prompt's start is dropped first. 576: a whole labeling
     # answer (sampling.max_new_tokens 448) with the system prompt and a typical prompt before it
@@ -305,7 +302,7 @@ LIMITS = {
     "sampling.top_k": AT_LEAST_0, "sampling.prompts_per_batch": AT_LEAST_1,
     "sampling.batch_size": AT_LEAST_1, "sampling.min_ready_items": AT_LEAST_0,
     "sampling.dedupe_retries": AT_LEAST_0, "sampling.seed": AT_LEAST_0,
-    "reward.lr": POSITIVE, "reward.epochs": AT_LEAST_1, "reward.lora_layers": AT_LEAST_0, "reward.rankings_per_step": AT_LEAST_1,
+    "reward.lr": POSITIVE, "reward.epochs": AT_LEAST_1, "reward.rankings_per_step": AT_LEAST_1,
     "reward.max_length": Range(8), "reward.heldout_fraction": Range(0, 0.9),
     "reward.replay_ratio": AT_LEAST_0, "reward.center_coef": AT_LEAST_0,
     "reward.promote_tolerance": AT_LEAST_0, "reward.min_pairs": AT_LEAST_1,

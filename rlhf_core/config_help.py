@@ -40,9 +40,6 @@ HELP = {
     # reward model
     "reward.lr": "learning rate of the reward adapter and head",
     "reward.epochs": "passes over the training pairs per reward version",
-    "reward.lora_layers": "the reward adapter sits on the top N decoder layers only, so "
-                          "training runs backward through those alone (0: every layer); a "
-                          "change starts the next version from scratch",
     "reward.rankings_per_step": "rankings per optimizer step (all pairs of one share a step)",
     "reward.max_length": "tokens of prompt + response scored (longer: the end is kept)",
     "reward.heldout_fraction": "share of prompts held out to measure accuracy",

@@ -225,8 +225,7 @@ def load_sequence_classifier(source: str, tokenizer=None, *, dtype=torch.float32
 
 def lora_config(settings: LoraSettings, layers: list[int] | None = None):
     """The LoRA config of a role; `layers`: only those decoder layers get the adapter (the
-    value adapter's `ppo.critic_layers`, the reward adapter's `reward.lora_layers`), None
-    every layer."""
+    value adapter's `ppo.critic_layers`), None every layer."""
     from peft import LoraConfig
     extra = {"layers_to_transform": list(layers)} if layers is not None else {}
     return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
@@ -251,27 +250,6 @@ def adapter_layers(model, name: str) -> set[int] | None:
     found = {int(m.group(1)) for n, _ in model.named_parameters()
              if f".{name}." in n and (m := _LAYER_INDEX.search(n))}
     return found or None
-
-
-def top_layers(model, n: int) -> list[int] | None:
-    """The top `n` decoder layers of `model` (None: every layer, for n = 0, n at or above the
-    model's depth, or architectures whose layers are not one ModuleList)."""
-    stack = decoder_layers(model)
-    depth = len(stack) if stack is not None else 0
-    if not n or n >= depth:
-        return None
-    return list(range(depth - n, depth))
-
-
-def saved_layers(adapter_dir: Path, model) -> set[int] | None:
-    """The decoder layers a saved adapter covers (its `layers_to_transform`, else all the
-    policy adapter's)."""
-    try:
-        cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    chosen = cfg.get("layers_to_transform")
-    return covered_layers(model, [chosen] if isinstance(chosen, int) else chosen)
 
 
 def covered_layers(model, layers) -> set[int] | None:
@@ -312,61 +290,6 @@ def load_adapter(model, name: str, adapter_dir: Path, *, trainable: bool = False
         model.delete_adapter(name)
     model.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=trainable)
     return model
-
-
-# -- entering the decoder stack at a layer (adapters on the top layers only) ------------------
-@dataclass
-class LayerStates:
-    """Hidden states entering decoder layer `k` (k >= 1), (B,T,H) in the layout of the rows
-    of the call (a policy rollout's: the query's columns, left padding included, then the
-    response's). Passed as `capture`, a forward fills `states` (None when the architecture's
-    layers cannot be hooked); passed as `enter`, a forward runs layers k.. only, starting
-    from `states`."""
-    k: int
-    states: torch.Tensor | None = None
-
-
-class _Skip(torch.nn.Module):
-    """Stands in for a decoder layer below the entry layer: returns its input unchanged."""
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states
-
-
-class _Enter(torch.nn.Module):
-    """Stands in for the decoder layer just below the entry layer: returns the kept states."""
-
-    def __init__(self, states: torch.Tensor):
-        super().__init__()
-        self.states = states
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return self.states
-
-
-@contextlib.contextmanager
-def layer_io(layers, sink: list, capture: LayerStates | None = None,
-             enter: LayerStates | None = None):
-    """For one backbone call: with `capture`, append the output of decoder layer k-1 (the
-    states entering layer k) to `sink`; with `enter`, the layers below its k stand aside and
-    the rows enter layer k with its states."""
-    handle = None
-    saved = [layers[i] for i in range(enter.k)] if enter else []
-    try:
-        if capture:
-            def hook(module, args, output):
-                sink.append(output if isinstance(output, torch.Tensor) else None)
-            handle = layers[capture.k - 1].register_forward_hook(hook)
-        if enter:
-            for i in range(enter.k - 1):
-                layers[i] = _Skip()
-            layers[enter.k - 1] = _Enter(enter.states)
-        yield
-    finally:
-        if handle is not None:
-            handle.remove()
-        for i, layer in enumerate(saved):
-            layers[i] = layer
 
 
 # -- scalar heads (value and reward) ---------------------------------------------------------
@@ -448,13 +371,11 @@ def with_classifier_adapters(base, settings: LoraSettings, names=("reward",)):
     return model
 
 
-def add_lora_adapter(model, name: str, settings: LoraSettings,
-                     layers: list[int] | None = None) -> None:
-    """Add an untrained adapter `name` (on `layers` only, None every layer) to a PeftModel,
-    matching the model's task type."""
+def add_lora_adapter(model, name: str, settings: LoraSettings) -> None:
+    """Add an untrained adapter `name` to a PeftModel, matching the model's task type."""
     import dataclasses as _dc
     task_type = next(iter(model.peft_config.values())).task_type
-    model.add_adapter(name, _dc.replace(lora_config(settings, layers), task_type=task_type))
+    model.add_adapter(name, _dc.replace(lora_config(settings), task_type=task_type))
 
 
 def merged_policy(base_source: str, adapter_dir: Path, tokenizer):

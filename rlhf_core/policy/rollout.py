@@ -12,6 +12,7 @@ generates it: a DDP round samples what the single-process round samples.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass, fields, replace
 
@@ -20,7 +21,7 @@ import torch
 from rlhf_core import models
 from rlhf_core.advantages import logprobs_and_entropy
 from rlhf_core.decoding import Sampler, decode
-from rlhf_core.models import LayerStates, pad_sequences
+from rlhf_core.models import pad_sequences
 from rlhf_core.sampling import chat_ids, stop_token_ids
 
 
@@ -189,6 +190,59 @@ def logit_transforms(base) -> list[str]:
     return [k for k in LOGIT_TRANSFORMS if getattr(base.config, k, None)]
 
 
+@dataclass
+class LayerStates:
+    """Hidden states entering decoder layer `k` (k >= 1), (B,P+T,H) in the rows' layout: the
+    query's columns (left padding included), then the response's. Passed as `capture`, a
+    forward fills `states` (None when the architecture's layers cannot be hooked); passed as
+    `enter`, a forward runs layers k.. only, starting from `states`."""
+    k: int
+    states: torch.Tensor | None = None
+
+
+class _Skip(torch.nn.Module):
+    """Stands in for a decoder layer below the entry layer: returns its input unchanged."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+class _Enter(torch.nn.Module):
+    """Stands in for the decoder layer just below the entry layer: returns the kept states."""
+
+    def __init__(self, states: torch.Tensor):
+        super().__init__()
+        self.states = states
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.states
+
+
+@contextlib.contextmanager
+def _layer_io(layers, sink: list, capture: LayerStates | None = None,
+              enter: LayerStates | None = None):
+    """For one backbone call: with `capture`, append the output of decoder layer k-1 (the
+    states entering layer k) to `sink`; with `enter`, the layers below its k stand aside and
+    the rows enter layer k with its states."""
+    handle = None
+    saved = [layers[i] for i in range(enter.k)] if enter else []
+    try:
+        if capture:
+            def hook(module, args, output):
+                sink.append(output if isinstance(output, torch.Tensor) else None)
+            handle = layers[capture.k - 1].register_forward_hook(hook)
+        if enter:
+            for i in range(enter.k - 1):
+                layers[i] = _Skip()
+            layers[enter.k - 1] = _Enter(enter.states)
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+        for i, layer in enumerate(saved):
+            layers[i] = layer
+
+
 def response_states(model, batch: Rollout, *, prefix_cache: bool = True,
                     capture: LayerStates | None = None,
                     enter: LayerStates | None = None) -> torch.Tensor:
@@ -212,7 +266,7 @@ def response_states(model, batch: Rollout, *, prefix_cache: bool = True,
          if prefix_cache and not getattr(backbone, "gradient_checkpointing", False) else 0)
     sink: list = []
     if S == 0:
-        with models.layer_io(layers, sink, capture, enter):
+        with _layer_io(layers, sink, capture, enter):
             hidden = backbone(**_inputs(batch), use_cache=False).last_hidden_state  # (B,P+T,H)
         if capture:
             capture.states = sink[0]
@@ -221,7 +275,7 @@ def response_states(model, batch: Rollout, *, prefix_cache: bool = True,
     B, dev = q.shape[0], q.device
     pads = P - m.sum(dim=1)  # (B,)
     prefix = q[:1, int(pads[0]):int(pads[0]) + S]  # (1,S)
-    with models.layer_io(layers, sink, capture):
+    with _layer_io(layers, sink, capture):
         out = backbone(input_ids=prefix, use_cache=True)
     cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
     cache.batch_repeat_interleave(B)  # every row attends to the same prefix keys and values
@@ -236,7 +290,7 @@ def response_states(model, batch: Rollout, *, prefix_cache: bool = True,
         H = enter.states.shape[-1]
         enter = LayerStates(enter.k, torch.cat([enter.states[:, :P].gather(
             1, idx[..., None].expand(-1, -1, H)), enter.states[:, P:]], dim=1))  # (B,P-S+T,H)
-    with models.layer_io(layers, sink, capture, enter):
+    with _layer_io(layers, sink, capture, enter):
         hidden = backbone(input_ids=rest, attention_mask=attn, position_ids=position_ids,
                           use_cache=True, **{_cache_arg(backbone): cache}).last_hidden_state
     if capture:
@@ -276,7 +330,7 @@ def _logits(model, batch: Rollout, temperature: float, prefix_cache: bool,
         raw = base.get_output_embeddings()(h)  # (B,T,V)
     else:
         h, T, sink = None, batch.response_ids.shape[1], []
-        with models.layer_io(models.decoder_layers(model), sink, capture):
+        with _layer_io(models.decoder_layers(model), sink, capture):
             raw = model(**_inputs(batch), logits_to_keep=T + 1, use_cache=False).logits[:, :-1]
         if capture:
             capture.states = sink[0]

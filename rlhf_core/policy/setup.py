@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import logging
 
 import torch
@@ -137,7 +138,7 @@ def setup_actor_critic(runtime, plan: Plan, config: PPOConfig) -> dict:
             and models.adapter_layers(model, "value") == want):
         plan.critic_init = "continued"
     elif (parent_dir is not None and (parent_dir / "adapter_model.safetensors").exists()
-          and models.saved_layers(parent_dir, model) == want):
+          and saved_layers(parent_dir, model) == want):
         runtime.load_adapter_dir("value", parent_dir, version=plan.parent, trainable=True)
         runtime.heads["value"] = models.load_head(parent_dir, runtime.hidden_size,
                                                   runtime.device.device)
@@ -151,7 +152,22 @@ def setup_actor_critic(runtime, plan: Plan, config: PPOConfig) -> dict:
 def critic_layers(model, config: PPOConfig) -> list[int] | None:
     """The decoder layers the value adapter covers: the top `ppo.critic_layers` (None: every
     layer, also for architectures whose layers `rollout.response_states` cannot enter)."""
-    return models.top_layers(model, config.critic_layers)
+    stack = models.decoder_layers(model)
+    n = len(stack) if stack is not None else 0
+    if not config.critic_layers or config.critic_layers >= n:
+        return None
+    return list(range(n - config.critic_layers, n))
+
+
+def saved_layers(adapter_dir, model) -> set[int] | None:
+    """The decoder layers a saved adapter covers (its `layers_to_transform`, else all the
+    policy adapter's)."""
+    try:
+        cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    chosen = cfg.get("layers_to_transform")
+    return models.covered_layers(model, [chosen] if isinstance(chosen, int) else chosen)
 
 
 def critic_entry(model) -> int:

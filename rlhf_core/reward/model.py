@@ -82,23 +82,12 @@ def _body(model):
     return getattr(base, base.base_model_prefix)
 
 
-def forward_scores(model, head, input_ids, attention_mask, *,
-                   capture: models.LayerStates | None = None,
-                   enter: models.LayerStates | None = None) -> torch.Tensor:
-    """(B,T) token ids, either padding side -> (B,) rewards, read at the last real token.
-
-    `capture` keeps the (B,T,H) states entering its layer; `enter` starts the rows at its
-    layer from such states (the layers below stand aside: an adapter on the top layers only
-    computes there what the base computes)."""
+def forward_scores(model, head, input_ids, attention_mask) -> torch.Tensor:
+    """(B,T) token ids, either padding side -> (B,) rewards, read at the last real token."""
     attention_mask = attention_mask.long()
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B,T) padding-independent
-    sink: list = []
-    with models.layer_io(models.decoder_layers(model), sink, capture, enter):
-        hidden = _body(model)(input_ids=input_ids, attention_mask=attention_mask,
-                              position_ids=position_ids,
-                              use_cache=False).last_hidden_state  # (B,T,H)
-    if capture is not None:
-        capture.states = sink[0] if sink else None
+    hidden = _body(model)(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids, use_cache=False).last_hidden_state  # (B,T,H)
     last = last_token_index(attention_mask)  # (B,)
     return head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])  # (B,)
 

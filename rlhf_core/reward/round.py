@@ -25,7 +25,6 @@ from rlhf_core.data.store import now_iso
 from rlhf_core.reward import data as reward_data
 from rlhf_core.reward.model import CANDIDATE, backbone, load_reward
 from rlhf_core.reward.train import (
-    continues,
     evaluate,
     fit,
     keep_cached_versions,
@@ -81,18 +80,11 @@ def _train_round(runtime, data, cfg: RewardConfig, reporter, progress, from_scra
     version = data.next_version_number("reward")
     incremental = current is not None and not from_scratch
     max_trained = int(current["counts"].get("max_pair_id", 0)) if current else 0
-    all_pairs = reward_data.load_pairs(data.training_pairs())
-
-    def select(incremental: bool):
-        return reward_data.select_data(
-            all_pairs, max_trained=max_trained, replay_ratio=cfg.replay_ratio,
-            soft_ties=cfg.soft_ties, min_pairs=cfg.min_pairs, seed=cfg.seed + version,
-            incremental=incremental)
-
-    pairs = select(incremental)  # bad data raises here, before any model is touched
+    pairs = reward_data.select_data(
+        reward_data.load_pairs(data.training_pairs()), max_trained=max_trained, replay_ratio=cfg.replay_ratio,
+        soft_ties=cfg.soft_ties, min_pairs=cfg.min_pairs, seed=cfg.seed + version,
+        incremental=incremental)
     bb = backbone(runtime)
-    if incremental and not continues(bb, current, cfg):  # reward.lora_layers changed
-        incremental, pairs = False, select(False)
     # scores of the serving version and the candidate, kept for the next round's evaluation
     cache = runtime.reward_score_cache
     keep_cached_versions(cache, {current["version"]} if current else set())

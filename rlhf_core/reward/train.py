@@ -47,8 +47,7 @@ def prepare_candidate(runtime, bb: Backbone, warm_from: dict | None, cfg: Reward
     seed = cfg.seed + version
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # LoRA A's init draws from the global generator
-        models.add_lora_adapter(bb.model, CANDIDATE, runtime.config.lora,
-                                adapter_layers(bb, cfg))
+        models.add_lora_adapter(bb.model, CANDIDATE, runtime.config.lora)
     head = models.ScalarHead(hidden, cfg.head_init_std, seed)
     if bb.init_head is not None:  # a separate classifier: start from its own score layer
         with torch.no_grad():
@@ -56,18 +55,6 @@ def prepare_candidate(runtime, bb: Backbone, warm_from: dict | None, cfg: Reward
             if "bias" in bb.init_head:
                 head.linear.bias.copy_(bb.init_head["bias"])
     return head.to(bb.device)
-
-
-def adapter_layers(bb: Backbone, cfg: RewardConfig) -> list[int] | None:
-    """The decoder layers a new reward adapter covers: the top `reward.lora_layers`."""
-    return models.top_layers(bb.model, cfg.lora_layers)
-
-
-def continues(bb: Backbone, current: dict, cfg: RewardConfig) -> bool:
-    """Whether a candidate may start from the serving version `current`: only if its adapter
-    covers the layers the settings ask for (a change of `reward.lora_layers` starts afresh)."""
-    saved = models.saved_layers(Path(current["path"] or "") / ADAPTER_SUBDIR, bb.model)
-    return saved == models.covered_layers(bb.model, adapter_layers(bb, cfg))
 
 
 def pair_loss(chosen, rejected, labels, tier_gaps, cfg: RewardConfig) -> torch.Tensor:
@@ -101,11 +88,10 @@ def fit(bb: Backbone, head, pairs: list[PrefPair], cfg: RewardConfig, *, seed: i
     params += list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     encoder, step, losses, t0 = Encoder(bb.tokenizer, cfg.max_length), 0, [], time.perf_counter()
-    states = EntryStates(entry_layer(bb) if cfg.epochs > 1 else 0)  # 1 epoch: nothing to reuse
     with using_adapter(model, CANDIDATE, trainable=params):
         for epoch, steps in enumerate(epochs):
             for batch in steps:
-                loss, acc = _step(bb, head, batch, cfg, encoder, states)
+                loss, acc = _step(bb, head, batch, cfg, encoder)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -123,61 +109,15 @@ def fit(bb: Backbone, head, pairs: list[PrefPair], cfg: RewardConfig, *, seed: i
             "train_seconds": seconds, "train_pairs_per_s": passes / seconds if seconds else 0.0}
 
 
-def entry_layer(bb: Backbone) -> int:
-    """The decoder layer the candidate adapter's forwards may start at: its lowest layer when
-    it has none below (0: it covers the bottom layer, or the layers cannot be entered)."""
-    layers = models.adapter_layers(bb.model, CANDIDATE)
-    return min(layers) if layers and models.decoder_layers(bb.model) is not None else 0
-
-
-class EntryStates:
-    """The base's hidden states entering layer `k` per response id, kept through one fit:
-    below the adapter's lowest layer a training forward computes what the frozen base
-    computes, so each response runs those layers once (its first step) and its later
-    epochs' steps enter at layer k. Kept unpadded, (T_i, H) each, in the forward's dtype, up
-    to `max_bytes` (responses beyond it run every layer in each epoch)."""
-
-    def __init__(self, k: int, max_bytes: int = 1 << 30):
-        self.k, self.rows, self.left = k, {}, max_bytes
-
-    def enter(self, rids: list, width: int) -> models.LayerStates | None:
-        """States of these responses, right-padded to `width`, if all are kept."""
-        if not self.k or any(r not in self.rows for r in rids):
-            return None
-        rows = [self.rows[r] for r in rids]
-        out = rows[0].new_zeros((len(rows), width, rows[0].shape[-1]))
-        for i, row in enumerate(rows):
-            out[i, :row.shape[0]] = row
-        return models.LayerStates(self.k, out)
-
-    def keep(self, rids: list, captured: models.LayerStates | None, mask) -> None:
-        if captured is None or captured.states is None:
-            return
-        lengths = mask.sum(-1).tolist()
-        for i, r in enumerate(rids):
-            row = captured.states[i, :lengths[i]].detach().clone()
-            size = row.numel() * row.element_size()
-            if r not in self.rows and size <= self.left:
-                self.rows[r], self.left = row, self.left - size
-
-
-def _step(bb: Backbone, head, pairs: list[PrefPair], cfg: RewardConfig, encoder: Encoder,
-          states: EntryStates | None = None):
-    """Loss of one step; each distinct response is scored once (K responses give K(K-1)/2 pairs).
-    With `states` (an adapter on the top layers) the layers below it run once per response."""
+def _step(bb: Backbone, head, pairs: list[PrefPair], cfg: RewardConfig, encoder: Encoder):
+    """Loss of one step; each distinct response is scored once (K responses give K(K-1)/2 pairs)."""
     texts = {}
     for p in pairs:
         texts[p.chosen_id], texts[p.rejected_id] = (p.prompt, p.chosen), (p.prompt, p.rejected)
     rids = sorted(texts)
     ids, mask = collate([encoder(*texts[r]) for r in rids], bb.pad_id, bb.device)
-    enter = states.enter(rids, ids.shape[1]) if states is not None else None
-    capture = (models.LayerStates(states.k) if states is not None and states.k and enter is None
-               else None)
     with bb.autocast():
-        scores = forward_scores(bb.model, head, ids, mask, capture=capture,
-                                enter=enter)  # (U,) float32 (the head's dtype)
-    if capture is not None:
-        states.keep(rids, capture, mask)
+        scores = forward_scores(bb.model, head, ids, mask)  # (U,) float32 (the head's dtype)
     pos = {r: i for i, r in enumerate(rids)}
     chosen = scores[[pos[p.chosen_id] for p in pairs]]  # (N,)
     rejected = scores[[pos[p.rejected_id] for p in pairs]]  # (N,)
