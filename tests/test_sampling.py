@@ -480,13 +480,14 @@ def test_eval_policy_samples_a_version_once_per_prompts_and_settings(tmp_path, t
 def test_eval_policy_reports_the_judged_versions_kl_from_the_reference(tmp_path, tiny_model_dir,
                                                                        monkeypatch):
     """`kl` = mean over the judged version's held-out samples of sum_t log p_v - log p_ref at
-    the sampling temperature, checked against plain forwards of each whole sequence; 0 for v0;
-    computed once per version and settings."""
+    the sampling temperature, checked against plain float32 forwards of each whole sequence;
+    0 for v0; computed once per version and settings; under bf16 autocast (the training
+    precision where native) in bf16, within 0.005 nats of float32's."""
     from rlhf_core.labeling import heldout
     from rlhf_core.sampling import chat_ids
     from rlhf_core.worker.runtime import Runtime
     from rlhf_core.workspace import open_workspace
-    store, cfg = open_workspace(tmp_path / "ws", model=str(tiny_model_dir),
+    store, cfg = open_workspace(tmp_path / "ws", model=str(tiny_model_dir), mixed_precision="no",
                                 **{"sampling.max_new_tokens": 6, "sampling.temperature": 0.7})
     store.add_prompts([{"text": t} for t in ("hello world", "count to ten", "a poem")],
                       source="test", heldout_fraction=1.0)
@@ -528,6 +529,16 @@ def test_eval_policy_reports_the_judged_versions_kl_from_the_reference(tmp_path,
     assert res["kl"] == pytest.approx(sum(want) / 6, abs=1e-4)
     heldout.eval_policy(runtime, cfg.sampling, reporter=Quiet(), policy_version=1)
     assert calls == [1]  # once per version and settings
+    from tests.test_mixed_precision import MatmulDtypes
+    runtime.device = replace(runtime.device, mixed_precision="bf16")
+    spy = MatmulDtypes(model)
+    with runtime.lock:
+        bf16 = heldout.kl_from_reference(runtime, 1, ["hello world", "count to ten", "a poem"],
+                                         samples, cfg.sampling)
+    spy.close()
+    assert spy.seen == {torch.bfloat16}
+    assert bf16 != res["kl"]  # it did run in bf16, and bf16's rounding moved it only a little
+    assert bf16 == pytest.approx(sum(want) / 6, abs=0.005)
     assert heldout.eval_policy(runtime, cfg.sampling, reporter=Quiet(),
                                policy_version=0)["kl"] == 0.0
     store.close()

@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from rlhf_core import models
 from rlhf_core.advantages import kl_estimate
 from rlhf_core.config import SamplingConfig
 from rlhf_core.policy.rollout import build_rollout, policy_logprobs
@@ -75,13 +76,18 @@ def kl_from_reference(runtime, version: int, prompts: list[str],
                       samples: list[list[Sample]], cfg: SamplingConfig) -> float:
     """Policy `version`'s KL from the reference per sequence, estimated on its own samples:
     the mean over samples of sum_t [log p_v(y_t) - log p_ref(y_t)] at the sampling
-    temperature (k1: unbiased for samples drawn from p_v). Float32 forwards. 0.0 for v0."""
+    temperature (k1: unbiased for samples drawn from p_v). 0.0 for v0.
+
+    Forwards in the training precision (`models.autocast`: bf16 where native). On the
+    `language:en` simulate's judged versions (110 samples of 64 tokens) bf16 read 7.552 and
+    4.129 where float32 forwards read 7.546 and 4.113, in 24 s instead of 41 s: a tenth of a
+    5-round run's time spent on a measurement, for a difference far inside its sampling noise."""
     if version == 0:
         return 0.0
     rows = [(p, s) for p, per in zip(prompts, samples) for s in per if s.ids]
     total = 0.0
     device = runtime.device.device
-    with runtime.policy(version) as model:
+    with runtime.policy(version) as model, models.autocast(runtime.device):
         for start in range(0, len(rows), cfg.batch_size):
             chunk = rows[start:start + cfg.batch_size]
             batch = build_rollout(runtime.tokenizer, [p for p, _ in chunk],
