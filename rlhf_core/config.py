@@ -178,6 +178,10 @@ class PPOConfig:
     whiten_advantages: bool = True
     max_kl: float = 20.0  # health gate on mean KL per sequence
     max_approx_kl: float = 1.0  # health gate on a minibatch's approx_kl
+    # early stop: a minibatch whose approx_kl (measured before its step) exceeds this ends the
+    # round's training without its step; the updates so far are kept and published (0: off).
+    # The gate above still aborts the round past max_approx_kl.
+    stop_approx_kl: float = 0.0
     gradient_checkpointing: bool = False
     seed: int = 0
     max_prompt_tokens: int = 256  # longer chat-templated prompts keep their last tokens
@@ -318,7 +322,7 @@ LIMITS = {
     "ppo.vf_coef": AT_LEAST_0, "ppo.gamma": SHARE, "ppo.lam": SHARE, "ppo.epochs": AT_LEAST_1,
     "ppo.minibatch_size": AT_LEAST_1, "ppo.lr": POSITIVE, "ppo.dpo_lr": POSITIVE,
     "ppo.max_grad_norm": POSITIVE,
-    "ppo.max_kl": POSITIVE, "ppo.max_approx_kl": POSITIVE, "ppo.seed": AT_LEAST_0,
+    "ppo.max_kl": POSITIVE, "ppo.max_approx_kl": POSITIVE, "ppo.stop_approx_kl": AT_LEAST_0, "ppo.seed": AT_LEAST_0,
     "ppo.max_prompt_tokens": AT_LEAST_1, "ppo.generation_batch_size": AT_LEAST_1,
     "ppo.group_size": Range(2), "ppo.grpo_scale": OneOf(("std", "none")),
     "ppo.critic": OneOf(("adapter", "trunk")), "ppo.critic_layers": AT_LEAST_0,

@@ -87,6 +87,8 @@ HELP = {
     "ppo.whiten_advantages": "normalise advantages per minibatch",
     "ppo.max_kl": "health gate: a round whose mean KL exceeds this is not published",
     "ppo.max_approx_kl": "health gate on one minibatch's approx_kl",
+    "ppo.stop_approx_kl": "early stop: a minibatch with a higher approx_kl ends the round's "
+                          "training, keeping the updates so far (0: off)",
     "ppo.gradient_checkpointing": "trade compute for memory in training forwards",
     "ppo.seed": "seed of policy rounds",
     "ppo.max_prompt_tokens": "longer chat-templated prompts keep their last tokens",

@@ -127,6 +127,17 @@ def test_approx_kl_and_kl_gates_abort_and_restore_the_policy(runtime, algorithm)
         assert torch.equal(policy_before[n], p)
 
 
+@pytest.mark.parametrize("algorithm", sorted(CRITIC_FREE))
+def test_stop_approx_kl_keeps_the_first_step(runtime, algorithm):
+    """The early stop is the loop every algorithm shares: a threshold above the first
+    minibatch's approx_kl (ratio 1 there) and below the second's stops at the second,
+    publishing the first step (test_ppo checks the stop's exact place)."""
+    res = CRITIC_FREE[algorithm](runtime, config=replace(SMALL, stop_approx_kl=1e-9, epochs=2),
+                                 reward_fn=low_id_reward)
+    assert res["status"] == "published"
+    assert res["metrics"]["early_stop"] == 2 and res["metrics"]["ppo_steps"] == 1
+
+
 def test_dpo_without_any_preference_aborts(runtime):
     with pytest.raises(PPOHealthError, match="no preference pairs"):
         dpo_round(runtime, config=SMALL, reward_fn=constant_reward)

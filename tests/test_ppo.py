@@ -298,6 +298,50 @@ def test_approx_kl_gate_aborts_and_restores_policy(runtime):
         assert torch.equal(policy_before[n], p)
 
 
+def test_stop_approx_kl_ends_training_early_and_keeps_the_updates(ppo_model_dir, tmp_path,
+                                                                   monkeypatch):
+    """Two identical rounds (fresh workspaces, same seeds), the second with `stop_approx_kl`
+    between two of the first's minibatch approx_kl values: it runs the same minibatches up to
+    the first one above the threshold, stops there without its optimizer step, and publishes
+    the updates so far."""
+    config = replace(TINY, epochs=3, max_approx_kl=100.0)
+    full_rt = make_runtime(ppo_model_dir, tmp_path / "full")
+    ppo_round(full_rt, config=config, reward_fn=low_id_reward)
+    series = [r["value"] for r in full_rt.data.store.metric_series("ppo", "approx_kl")]
+    assert len(series) == 3 * 2  # 3 epochs of 2 minibatches
+    # a minibatch from the third on whose approx_kl exceeds all before it: stop there
+    k = next(i for i in range(2, len(series)) if series[i] > max(series[:i]))
+    threshold = (max(series[:k]) + series[k]) / 2
+    steps = []
+    real_step = torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step",
+                        lambda self, *a, **kw: steps.append(1) or real_step(self, *a, **kw))
+    rt = make_runtime(ppo_model_dir, tmp_path / "stop")
+    parent = {n: p.detach().clone() for n, p in adapter_params(rt.model, "policy").items()}
+    res = ppo_round(rt, config=replace(config, stop_approx_kl=threshold),
+                    reward_fn=low_id_reward)
+    assert res["status"] == "published" and res["version"] == 1
+    m = res["metrics"]
+    assert m["early_stop"] == k + 1 and m["ppo_steps"] == k and len(steps) == k
+    kept = [r["value"] for r in rt.data.store.metric_series("ppo", "approx_kl")]
+    assert kept == pytest.approx(series[:k], abs=1e-6)
+    stop = rt.data.store.metric_series("ppo", "early_stop_approx_kl")
+    assert [r["value"] for r in stop] == pytest.approx([series[k]], abs=1e-6)
+    assert rt.data.store.get_version("policy", 1)["metrics"]["early_stop"] == k + 1
+    moved = adapter_params(rt.model, "policy")
+    assert any(not torch.equal(parent[n], p) for n, p in moved.items())  # updates kept
+
+
+def test_stop_approx_kl_below_the_first_minibatch_aborts(runtime):
+    """A threshold below the first minibatch's approx_kl (before any step) is a setting error:
+    the round aborts with a reason that says so, nothing published."""
+    ppo_round(runtime, config=TINY, reward_fn=low_id_reward)  # v1; v2's old log-probs are
+    with pytest.raises(PPOHealthError, match="before any step: raise ppo.stop_approx_kl"):
+        ppo_round(runtime, config=replace(TINY, stop_approx_kl=1e-30, max_approx_kl=10.0),
+                  reward_fn=low_id_reward)
+    assert runtime.data.store.current_version("policy")["version"] == 1
+
+
 def test_job_handler_reports_health_error(runtime, monkeypatch):
     import rlhf_core.worker.handlers as handlers
     real = handlers.policy_round

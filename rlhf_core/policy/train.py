@@ -56,8 +56,10 @@ def run_epochs(runtime, n: int, mb: int, config: PPOConfig, plan: Plan, dist, ou
                update, label: str = "step", lr: float | None = None) -> dict:
     """`config.epochs` passes over `n` rows in seeded random minibatches of `mb`:
     `update(idx)` computes the gradients and returns the minibatch's stats, then the gate,
-    the optimizer step and the metrics (Adam at `lr`, default `config.lr`). Returns the last
-    epoch's mean stats and the time."""
+    the optimizer step and the metrics (Adam at `lr`, default `config.lr`). A minibatch whose
+    approx_kl exceeds `config.stop_approx_kl` (when set) ends the loop without its step: the
+    updates so far stand (`early_stop` = its step number, else 0). Returns the last epoch's
+    mean stats (the epoch reached) and the time."""
     t0 = time.perf_counter()
     model = runtime.model
     for p in params:
@@ -67,6 +69,7 @@ def run_epochs(runtime, n: int, mb: int, config: PPOConfig, plan: Plan, dist, ou
     steps_per_epoch = -(-n // mb)
     total, step, history = config.epochs * steps_per_epoch, 0, []
     name = plan.algorithm.upper()
+    stopped = 0
     _train_mode(model, config.gradient_checkpointing)
     try:
         for epoch in range(config.epochs):
@@ -76,6 +79,16 @@ def run_epochs(runtime, n: int, mb: int, config: PPOConfig, plan: Plan, dist, ou
                 stats = update(perm[start:start + mb])
                 stats["epoch"] = epoch
                 _gate_minibatch(stats, config, plan)
+                if config.stop_approx_kl and stats["approx_kl"] > config.stop_approx_kl:
+                    # the same stats on every rank (all-reduced): every rank stops here
+                    stopped, stopped_kl = step + 1, stats["approx_kl"]
+                    optimizer.zero_grad(set_to_none=True)
+                    out.metrics({"early_stop_approx_kl": stats["approx_kl"]},
+                                step=out.step0 + step, version=plan.version)
+                    out.progress(0.95, f"v{plan.version}: {name} stopped early at {label} "
+                                 f"{stopped}/{total}: approx_kl {stats['approx_kl']:.3g} > "
+                                 f"stop_approx_kl {config.stop_approx_kl}")
+                    break
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 history.append(stats)
@@ -83,15 +96,22 @@ def run_epochs(runtime, n: int, mb: int, config: PPOConfig, plan: Plan, dist, ou
                 step += 1
                 out.progress(0.3 + 0.65 * step / total,
                              f"v{plan.version}: {name} {label} {step}/{total}")
+            if stopped:
+                break
     finally:
         _eval_mode(model, config.gradient_checkpointing)
         model.set_adapter("policy")
-    last = [h for h in history if h["epoch"] == config.epochs - 1]
+    if not history:  # past stop_approx_kl before any step: the threshold is below the noise
+        reason = (f"approx_kl {stopped_kl:.3g} > stop_approx_kl {config.stop_approx_kl} on the "
+                  "first minibatch, before any step: raise ppo.stop_approx_kl")
+        raise PPOHealthError(reason, aborted(plan, reason))
+    last = [h for h in history if h["epoch"] == history[-1]["epoch"]]
     summary = {k: sum(h[k] for h in last) / len(last) for k in last[0] if k != "epoch"}
     seconds = time.perf_counter() - t0
     out.metrics({"time_train": seconds}, step=out.step0, version=plan.version)
     return summary | {"first_ratio": history[0]["ratio_mean"], "time_train": seconds,
-                      "first_approx_kl": history[0]["approx_kl"], "ppo_steps": len(history)}
+                      "first_approx_kl": history[0]["approx_kl"], "ppo_steps": len(history),
+                      "early_stop": stopped}
 
 
 def minibatch_update(runtime, batch: Rollout, config: PPOConfig, dist, params, policy,
