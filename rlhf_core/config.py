@@ -136,6 +136,9 @@ class RewardConfig:
     margin_scale: float = 1.0  # with use_margin: margin = scale * (tier distance - 1)
     max_grad_norm: float = 1.0
     eval_batch_size: int = 16
+    # the chat-template prefix every sequence starts with (system prompt, role markers) runs once
+    # per forward call in training and scoring, the rows sharing its keys/values
+    prefix_cache: bool = True
 
     def __post_init__(self):
         check_fields(self)

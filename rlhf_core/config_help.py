@@ -40,6 +40,8 @@ HELP = {
     # reward model
     "reward.lr": "learning rate of the reward adapter and head",
     "reward.epochs": "passes over the training pairs per reward version",
+    "reward.prefix_cache": "run the prefix every sequence shares (system prompt) once per "
+                           "forward in training and scoring, the rows sharing its keys/values",
     "reward.rankings_per_step": "rankings per optimizer step (all pairs of one share a step)",
     "reward.max_length": "tokens of prompt + response scored (longer: the end is kept)",
     "reward.heldout_fraction": "share of prompts held out to measure accuracy",

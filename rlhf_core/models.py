@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import logging
 import os
@@ -290,6 +291,25 @@ def load_adapter(model, name: str, adapter_dir: Path, *, trainable: bool = False
         model.delete_adapter(name)
     model.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=trainable)
     return model
+
+
+# -- a prefix every row shares, run once (policy/rollout.response_states, reward forwards) ------
+MIN_SHARED_PREFIX = 4  # fewer shared tokens than this are not worth a second forward call
+
+
+def common_prefix_len(heads: torch.Tensor) -> int:
+    """(B,n) the first n tokens of each row -> how many leading columns all rows agree on (0
+    when under MIN_SHARED_PREFIX)."""
+    same = (heads == heads[:1]).all(dim=0)  # (n,)
+    shared = heads.shape[1] if bool(same.all()) else int((~same).long().argmax())
+    return shared if shared >= MIN_SHARED_PREFIX else 0
+
+
+def cache_arg(backbone) -> str:
+    """transformers 5 renamed the forward's `past_key_values` to `cache` (5.24 warns on the old
+    name, which goes in 5.40)."""
+    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else (
+        "past_key_values")
 
 
 # -- scalar heads (value and reward) ---------------------------------------------------------

@@ -388,9 +388,9 @@ def test_next_round_reuses_the_serving_versions_scores(store, tiny_model_dir, mo
     seed_rankings(store, 12, start=40, seed=1)
     scored, real = [], reward_train.score_sequences
 
-    def counting(bb, adapter, head, seqs, batch_size=16):
+    def counting(bb, adapter, head, seqs, batch_size=16, prefix_cache=True):
         scored.append((adapter, len(seqs)))
-        return real(bb, adapter, head, seqs, batch_size)
+        return real(bb, adapter, head, seqs, batch_size, prefix_cache)
     monkeypatch.setattr(reward_train, "score_sequences", counting)
     res = reward_model.train_reward(runtime, config=FINE_TUNE)
     assert res["version"] == 2

@@ -13,7 +13,6 @@ generates it: a DDP round samples what the single-process round samples.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -162,23 +161,18 @@ def _inputs(batch: Rollout) -> dict:
     return {"input_ids": input_ids, "attention_mask": attn, "position_ids": position_ids}
 
 
-MIN_SHARED_PREFIX = 4  # fewer shared tokens than this are not worth a second forward call
-
-
 def shared_prefix_len(batch: Rollout) -> int:
     """Tokens every row's query starts with (after its left padding), leaving each row at least
     one query token of its own: the chat template's system prompt and role markers, in practice.
-    0 for a single row or a shared prefix shorter than MIN_SHARED_PREFIX."""
+    0 for a single row or a shared prefix shorter than models.MIN_SHARED_PREFIX."""
     q, m = batch.query_ids, batch.query_mask  # (B,P) left-padded
     lengths = m.sum(dim=1)  # (B,)
     n = int(lengths.min()) - 1
-    if q.shape[0] < 2 or n < MIN_SHARED_PREFIX:
+    if q.shape[0] < 2 or n < models.MIN_SHARED_PREFIX:
         return 0
     pads = q.shape[1] - lengths  # (B,) left padding of each row
-    heads = q.gather(1, pads[:, None] + torch.arange(n, device=q.device)[None])  # (B,n)
-    same = (heads == heads[:1]).all(dim=0)  # (n,)
-    shared = n if bool(same.all()) else int((~same).long().argmax())
-    return shared if shared >= MIN_SHARED_PREFIX else 0
+    return models.common_prefix_len(
+        q.gather(1, pads[:, None] + torch.arange(n, device=q.device)[None]))  # of (B,n)
 
 
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale")  # model config fields
@@ -292,7 +286,7 @@ def response_states(model, batch: Rollout, *, prefix_cache: bool = True,
             1, idx[..., None].expand(-1, -1, H)), enter.states[:, P:]], dim=1))  # (B,P-S+T,H)
     with _layer_io(layers, sink, capture, enter):
         hidden = backbone(input_ids=rest, attention_mask=attn, position_ids=position_ids,
-                          use_cache=True, **{_cache_arg(backbone): cache}).last_hidden_state
+                          use_cache=True, **{models.cache_arg(backbone): cache}).last_hidden_state
     if capture:
         capture.states = _captured_rows(sink, idx, pads, P, S)
     return hidden[:, P - S - 1:P - S - 1 + T]  # (B,T,H) of (B,P-S+T,H)
@@ -311,13 +305,6 @@ def _captured_rows(sink: list, idx, pads, P: int, S: int) -> torch.Tensor | None
     at = pads[:, None] + torch.arange(S, device=pads.device)[None]  # (B,S)
     full[:, :P].scatter_(1, at[..., None].expand(-1, -1, H), pre.expand(B, -1, -1))
     return full
-
-
-def _cache_arg(backbone) -> str:
-    """transformers 5 renamed the forward's `past_key_values` to `cache` (5.24 warns on the old
-    name, which goes in 5.40)."""
-    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else (
-        "past_key_values")
 
 
 def _logits(model, batch: Rollout, temperature: float, prefix_cache: bool,

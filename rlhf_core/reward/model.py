@@ -82,13 +82,41 @@ def _body(model):
     return getattr(base, base.base_model_prefix)
 
 
-def forward_scores(model, head, input_ids, attention_mask) -> torch.Tensor:
-    """(B,T) token ids, either padding side -> (B,) rewards, read at the last real token."""
+def shared_start(input_ids, attention_mask) -> int:
+    """Tokens every row starts with at column 0 (right-padded rows: the chat template's system
+    prompt and role markers), leaving each row at least one of its own; 0 for left-padded
+    rows of different lengths, a single row, or under models.MIN_SHARED_PREFIX shared."""
+    n = int(attention_mask.sum(dim=1).min()) - 1
+    if input_ids.shape[0] < 2 or n < models.MIN_SHARED_PREFIX or not bool(attention_mask[:, :n].all()):
+        return 0
+    return models.common_prefix_len(input_ids[:, :n])
+
+
+def forward_scores(model, head, input_ids, attention_mask, *,
+                   prefix_cache: bool = True) -> torch.Tensor:
+    """(B,T) token ids, either padding side -> (B,) rewards, read at the last real token.
+
+    With `prefix_cache` the tokens every row starts with (`shared_start`) run once at batch 1,
+    with gradients when enabled, and the rows attend to copies of their keys and values: the
+    same numbers as one call over the whole rows (tests/test_reward_prefix.py), for ~20% fewer
+    token passes on the embedded model's chat template (24 shared tokens of ~125)."""
     attention_mask = attention_mask.long()
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B,T) padding-independent
-    hidden = _body(model)(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=position_ids, use_cache=False).last_hidden_state  # (B,T,H)
+    body = _body(model)
     last = last_token_index(attention_mask)  # (B,)
+    S = (shared_start(input_ids, attention_mask)
+         if prefix_cache and not getattr(body, "gradient_checkpointing", False) else 0)
+    if S:
+        out = body(input_ids=input_ids[:1, :S], use_cache=True)
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        cache.batch_repeat_interleave(input_ids.shape[0])
+        hidden = body(input_ids=input_ids[:, S:], attention_mask=attention_mask,
+                      position_ids=position_ids[:, S:], use_cache=True,
+                      **{models.cache_arg(body): cache}).last_hidden_state  # (B,T-S,H)
+        last = last - S
+    else:
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=position_ids, use_cache=False).last_hidden_state  # (B,T,H)
     return head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])  # (B,)
 
 
@@ -138,7 +166,7 @@ def collate(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, t
 
 @torch.no_grad()
 def score_sequences(bb: Backbone, adapter: str, head, seqs: list[list[int]],
-                    batch_size: int = 16) -> list[float]:
+                    batch_size: int = 16, prefix_cache: bool = True) -> list[float]:
     """Scores of token sequences, batched by length (less padding), in input order."""
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     out = [0.0] * len(seqs)
@@ -146,7 +174,8 @@ def score_sequences(bb: Backbone, adapter: str, head, seqs: list[list[int]],
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             ids, mask = collate([seqs[i] for i in idx], bb.pad_id, bb.device)
-            for i, s in zip(idx, forward_scores(bb.model, head, ids, mask).float().tolist()):
+            scores = forward_scores(bb.model, head, ids, mask, prefix_cache=prefix_cache)
+            for i, s in zip(idx, scores.float().tolist()):
                 out[i] = s
     return out
 
@@ -184,9 +213,10 @@ class RewardScorer:
         with self.runtime.lock:
             self._ready()
             with using_adapter(self.backbone.model, self.adapter_name), self.backbone.autocast():
-                return forward_scores(self.backbone.model, self.head,
-                                      input_ids.to(self.backbone.device),
-                                      attention_mask.to(self.backbone.device)).float()
+                return forward_scores(
+                    self.backbone.model, self.head, input_ids.to(self.backbone.device),
+                    attention_mask.to(self.backbone.device),
+                    prefix_cache=self.runtime.config.reward.prefix_cache).float()
 
     def score_texts(self, prompts: list[str], responses: list[str],
                     batch_size: int = 16) -> list[float]:
@@ -198,7 +228,8 @@ class RewardScorer:
         seqs = [self._encoder(p, r) for p, r in zip(prompts, responses)]
         with self.runtime.lock:
             self._ready()
-            return score_sequences(self.backbone, self.adapter_name, self.head, seqs, batch_size)
+            return score_sequences(self.backbone, self.adapter_name, self.head, seqs, batch_size,
+                                   self.runtime.config.reward.prefix_cache)
 
 
 def load_reward(runtime, version: int | None = None) -> RewardScorer:

@@ -117,7 +117,8 @@ def _step(bb: Backbone, head, pairs: list[PrefPair], cfg: RewardConfig, encoder:
     rids = sorted(texts)
     ids, mask = collate([encoder(*texts[r]) for r in rids], bb.pad_id, bb.device)
     with bb.autocast():
-        scores = forward_scores(bb.model, head, ids, mask)  # (U,) float32 (the head's dtype)
+        scores = forward_scores(bb.model, head, ids, mask,
+                                prefix_cache=cfg.prefix_cache)  # (U,) float32 (the head's dtype)
     pos = {r: i for i, r in enumerate(rids)}
     chosen = scores[[pos[p.chosen_id] for p in pairs]]  # (N,)
     rejected = scores[[pos[p.rejected_id] for p in pairs]]  # (N,)
@@ -148,7 +149,7 @@ def evaluate(bb: Backbone, adapter: str, head, data: RewardData, cfg: RewardConf
     todo = [r for r in rids if r not in known]
     encoder = Encoder(bb.tokenizer, cfg.max_length)
     values = score_sequences(bb, adapter, head, [encoder(*texts[r]) for r in todo],
-                             cfg.eval_batch_size) if todo else []
+                             cfg.eval_batch_size, cfg.prefix_cache) if todo else []
     scores = known | dict(zip(todo, values))
     if use:
         cache.update({(version, cfg.max_length, r): v for r, v in zip(todo, values)})
