@@ -2,9 +2,11 @@
 
 The chat-template prefix every reward sequence starts with (the system prompt and role markers:
 24 tokens on the embedded model) runs once per forward call with the cache on. This trains the
-same reward version from scratch `--reps` times per side, alternating on / off, on bench_reward's
+reward model from scratch `--reps` times per side, alternating on / off, on bench_reward's
 synthetic rankings (K=4, 18-30-word answers), and prints train seconds (min, median, max), the
-ratio off / on of the medians, and held-out accuracy (the same on both sides: the same numbers):
+ratio off / on of the medians, and held-out accuracy (each training is seeded by its version
+number, so those differ run to run; that the cache changes no number is
+tests/test_reward_prefix.py's, on equal seeds):
 
     .venv/bin/python -m bench.reward_prefix --rankings 24 --reps 3    # ~6 min on 2 idle cores
 
