@@ -43,7 +43,6 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from rlhf_core.reward import round as reward_model
     from rlhf_core.worker.runtime import Runtime
     model_dir = resolve_model_source("embedded", Path(args.cache))
     runs = {"on": [], "off": []}
