@@ -305,6 +305,15 @@ def common_prefix_len(heads: torch.Tensor) -> int:
     return shared if shared >= MIN_SHARED_PREFIX else 0
 
 
+def prefix_cache(backbone, prefix_ids: torch.Tensor, rows: int):
+    """Run the (1,S) prefix every row shares once (with gradients when enabled) and return its
+    key/value cache repeated for `rows` rows, for the rows' call under `cache_arg(backbone)`."""
+    out = backbone(input_ids=prefix_ids, use_cache=True)
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    cache.batch_repeat_interleave(rows)  # every row attends to the same prefix keys and values
+    return cache
+
+
 def cache_arg(backbone) -> str:
     """transformers 5 renamed the forward's `past_key_values` to `cache` (5.24 warns on the old
     name, which goes in 5.40)."""

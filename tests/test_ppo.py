@@ -335,7 +335,7 @@ def test_stop_approx_kl_ends_training_early_and_keeps_the_updates(ppo_model_dir,
 def test_stop_approx_kl_below_the_first_minibatch_aborts(runtime):
     """A threshold below the first minibatch's approx_kl (before any step) is a setting error:
     the round aborts with a reason that says so, nothing published."""
-    ppo_round(runtime, config=TINY, reward_fn=low_id_reward)  # v1; v2's old log-probs are
+    ppo_round(runtime, config=TINY, reward_fn=low_id_reward)  # v1, the parent that must stay
     with pytest.raises(PPOHealthError, match="before any step: raise ppo.stop_approx_kl"):
         ppo_round(runtime, config=replace(TINY, stop_approx_kl=1e-30, max_approx_kl=10.0),
                   reward_fn=low_id_reward)

@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from rlhf_core import models
 from rlhf_core.reward import model as reward_scoring
 from rlhf_core.reward import round as reward_model
 from rlhf_core.reward.model import shared_start
@@ -17,12 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def rows(seqs: list[list[int]], side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(map(len, seqs))
-    pad = [[0] * (T - len(s)) for s in seqs]
-    ids = [s + p if side == "right" else p + s for s, p in zip(seqs, pad)]
-    mask = [[1] * len(s) + [0] * len(p) if side == "right" else [0] * len(p) + [1] * len(s)
-            for s, p in zip(seqs, pad)]
-    return torch.tensor(ids), torch.tensor(mask)
+    return models.pad_sequences(seqs, 0, side=side)
 
 
 def test_shared_start_counts_the_rows_common_start():

@@ -270,9 +270,7 @@ def response_states(model, batch: Rollout, *, prefix_cache: bool = True,
     pads = P - m.sum(dim=1)  # (B,)
     prefix = q[:1, int(pads[0]):int(pads[0]) + S]  # (1,S)
     with _layer_io(layers, sink, capture):
-        out = backbone(input_ids=prefix, use_cache=True)
-    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-    cache.batch_repeat_interleave(B)  # every row attends to the same prefix keys and values
+        cache = models.prefix_cache(backbone, prefix, B)
     # each row without its S prefix tokens: its padding, then the rest of its query
     cols = torch.arange(P - S, device=dev)[None]  # (1,P-S)
     idx = cols + S * (cols >= pads[:, None]).long()  # (B,P-S): the query column of each

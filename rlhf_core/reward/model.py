@@ -87,7 +87,8 @@ def shared_start(input_ids, attention_mask) -> int:
     prompt and role markers), leaving each row at least one of its own; 0 for left-padded
     rows of different lengths, a single row, or under models.MIN_SHARED_PREFIX shared."""
     n = int(attention_mask.sum(dim=1).min()) - 1
-    if input_ids.shape[0] < 2 or n < models.MIN_SHARED_PREFIX or not bool(attention_mask[:, :n].all()):
+    if (input_ids.shape[0] < 2 or n < models.MIN_SHARED_PREFIX
+            or not bool(attention_mask[:, :n].all())):
         return 0
     return models.common_prefix_len(input_ids[:, :n])
 
@@ -107,9 +108,7 @@ def forward_scores(model, head, input_ids, attention_mask, *,
     S = (shared_start(input_ids, attention_mask)
          if prefix_cache and not getattr(body, "gradient_checkpointing", False) else 0)
     if S:
-        out = body(input_ids=input_ids[:1, :S], use_cache=True)
-        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-        cache.batch_repeat_interleave(input_ids.shape[0])
+        cache = models.prefix_cache(body, input_ids[:1, :S], input_ids.shape[0])
         hidden = body(input_ids=input_ids[:, S:], attention_mask=attention_mask,
                       position_ids=position_ids[:, S:], use_cache=True,
                       **{models.cache_arg(body): cache}).last_hidden_state  # (B,T-S,H)
