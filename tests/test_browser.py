@@ -71,7 +71,10 @@ def test_rank_with_keyboard_only(page_and_ctx):
                            f"!document.querySelector('#rl-prompt').innerText.includes('item {row['item_id']}')",
                            timeout=30000)
     page.keyboard.type("cb")
-    page.get_by_text("missing").first.wait_for(timeout=30000)
+    # The preview of "cb" itself: the edit events run one at a time (always_last), so "missing:
+    # A, B, D" (the edit "c") can show while "cb" is still on its way, and a reload then would
+    # restore "c". The same response carries the draft, which the page writes to its storage.
+    page.get_by_text("missing: A, D").first.wait_for(timeout=30000)
     page.reload()
     page.wait_for_function("(() => { const e = document.querySelector('#rl-ranking input, "
                            "#rl-ranking textarea'); return e && e.value === 'cb'; })()",
