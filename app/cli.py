@@ -39,8 +39,8 @@ def model_flags(p):
     p.add_argument("--min-ready", type=int, dest="min_ready",
                    help="unlabeled items the worker keeps ready (default 6)")
     p.add_argument("--auto", action="store_true", default=None,
-                   help="automatic loop: retrain the reward model every N rankings, run PPO "
-                        "when promoted, sample from each new policy")
+                   help="automatic loop: retrain the reward model every N rankings, run a "
+                        "policy round when promoted, sample from each new policy")
     p.add_argument("--retrain-every", type=int, dest="retrain_every",
                    help="with --auto: new rankings between reward trainings (default 20)")
 
@@ -350,7 +350,7 @@ def cmd_simulate(a):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlhf", description="Rank LLM responses in a browser while "
-                                "a reward model and PPO learn from them.")
+                                "a reward model and the policy learn from them.")
     sub = p.add_subparsers(dest="command", required=True)
     specs = [
         ("up", cmd_up, "start the worker and the ranking UI (the demo command)",
@@ -379,8 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("train-reward", cmd_train_reward, "train a reward model version now",
          "rlhf train-reward --set reward.epochs=3",
          [policy_model_flags, reward_model_flag, _job_flags]),
-        ("ppo", cmd_ppo, "run one policy round now (PPO, or --algorithm grpo | rloo | dpo)",
-         "rlhf ppo --algorithm grpo --set ppo.kl_coef=0.1",
+        ("ppo", cmd_ppo, "run one policy round now (the workspace's loop.algorithm, RLOO by "
+         "default, or --algorithm ppo | grpo | rloo | dpo)",
+         "rlhf ppo --algorithm ppo --set ppo.kl_coef=0.1",
          [policy_model_flags, reward_model_flag, _job_flags, _algorithm_flag]),
         ("simulate", cmd_simulate, "scripted annotators drive the running app over HTTP",
          "rlhf simulate --oracle shorter --rounds 5", [_simulate_args]),

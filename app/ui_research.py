@@ -172,7 +172,7 @@ def loop_markdown(s: dict) -> str:
         f"**Automatic loop is {'ON' if s['auto'] else 'OFF'}.** Every "
         f"**{s['retrain_every']}** new rankings train the reward model "
         f"(**{s['rankings_since_training']}** since the last training); a promoted reward "
-        f"version starts a PPO round (last used: v{s['reward_used_by_ppo']}); a published "
+        f"version starts a policy round (last used: v{s['reward_used_by_ppo']}); a published "
         f"policy gets a new batch. Serving: policy **v{s['policy_version']}**, reward "
         f"**{reward}**. Jobs active: {', '.join(s['active_jobs']) or 'none'}.\n\n"
         f"Thresholds: keep **{s['min_ready_items']}** items ready ({s['open_items']} open now) · "

@@ -10,7 +10,7 @@ from app import handlers, status
 from app.context import AppContext
 
 
-def build_status_tab(c: dict, algorithm: str = "ppo") -> None:
+def build_status_tab(c: dict, algorithm: str) -> None:
     """`algorithm`: the policy round's preselected algorithm (the workspace's loop.algorithm)."""
     c["status_md"] = gr.Markdown("loading…", elem_id="rl-status")
     with gr.Row(equal_height=True):

@@ -229,7 +229,10 @@ class LoopConfig:
     assignment_hold_s: int = 180  # a hold lapses this long after the page's last heartbeat
     max_newcomer_holds: int = 16  # without login: names with no ranking yet holding items (0: any)
     score_items: bool = True  # score ranked responses for the researcher view (costs worker time)
-    algorithm: str = "ppo"  # the policy round: "ppo" | "grpo" | "rloo" | "dpo" (see README)
+    # the policy round: "ppo" | "grpo" | "rloo" | "dpo". RLOO since 2026-12-01: it led PPO in all
+    # four paired 5-round simulate runs (three content oracles, `shorter`) in cheaper rounds
+    # (README, "Choosing the policy algorithm"; bench/results/algorithms/)
+    algorithm: str = "rloo"
 
     def __post_init__(self):
         check_fields(self)

@@ -190,8 +190,8 @@ def test_group_step_advantages_per_sequence():
 
 # -- routing ---------------------------------------------------------------------------------------
 def test_algorithm_setting_is_validated():
-    assert LoopConfig().algorithm == "ppo"
-    assert LoopConfig(algorithm="rloo").algorithm == "rloo"
+    assert LoopConfig().algorithm == "rloo"  # the default since the 5-round comparisons (README)
+    assert LoopConfig(algorithm="ppo").algorithm == "ppo"
     with pytest.raises(ValueError, match="loop.algorithm"):  # a ConfigError
         LoopConfig(algorithm="a2c")
     with pytest.raises(ValueError, match="ppo.group_size"):
@@ -211,19 +211,22 @@ def test_job_algorithm_param_and_workspace_setting_pick_the_round(runtime, monke
         seen.append(algorithm)
         return policy_round(rt, algorithm=algorithm, reward_fn=low_id_reward, **kw)
     monkeypatch.setattr(handlers, "policy_round", spy)
+    jobs.enqueue(runtime.data.store, "ppo_round", JOB)  # a new workspace: the default, rloo
+    assert run_one(runtime, "w")["status"] == "done"
     jobs.enqueue(runtime.data.store, "ppo_round", JOB | {"algorithm": "grpo"})
     assert run_one(runtime, "w")["status"] == "done"
-    # `--set loop.algorithm=rloo`: saved in the workspace, read by the worker for the next job
-    store, _ = open_workspace(runtime.workspace, **{"loop.algorithm": "rloo"})
+    # `--set loop.algorithm=ppo` (the default is rloo): saved in the workspace, read by the
+    # worker for the next job
+    store, _ = open_workspace(runtime.workspace, **{"loop.algorithm": "ppo"})
     store.close()
     jobs.enqueue(runtime.data.store, "ppo_round", JOB)  # no param: the workspace's setting
     assert run_one(runtime, "w")["status"] == "done"
     jobs.enqueue(runtime.data.store, "ppo_round", JOB | {"algorithm": "dpo"})
     assert run_one(runtime, "w")["status"] == "done"
-    assert seen == ["grpo", "rloo", "dpo"]
-    rows = [runtime.data.store.get_version("policy", v) for v in (1, 2, 3)]
-    assert [r["config"]["algorithm"] for r in rows] == ["grpo", "rloo", "dpo"]
-    assert rows[0]["config"]["epochs"] == 1  # the job's other params still override `ppo`
+    assert seen == ["rloo", "grpo", "ppo", "dpo"]
+    rows = [runtime.data.store.get_version("policy", v) for v in (1, 2, 3, 4)]
+    assert [r["config"]["algorithm"] for r in rows] == ["rloo", "grpo", "ppo", "dpo"]
+    assert rows[1]["config"]["epochs"] == 1  # the job's other params still override `ppo`
     jobs.enqueue(runtime.data.store, "ppo_round", JOB | {"algorithm": "a2c"})
     job = run_one(runtime, "w")
     assert job["status"] == "failed" and "loop.algorithm" in job["error"]
@@ -245,14 +248,14 @@ def test_next_ppo_round_after_a_critic_free_one_starts_a_critic(runtime):
 
 @pytest.mark.timeout(180)
 def test_multiprocess_grpo_round_matches_single_process(ppo_model_dir, tmp_path):
-    """`--set loop.algorithm=grpo` under the DDP launcher: groups are gathered over ranks for
+    """`loop.algorithm=grpo` under the DDP launcher: groups are gathered over ranks for
     their advantages, losses are global token means, so two processes reproduce one (as the
     PPO test in test_ppo.py; tolerance 1e-3, float reduction order only)."""
     config = replace(SMALL, minibatch_size=8, epochs=2)
     single = grpo_round(make_runtime(ppo_model_dir, tmp_path / "one"), config=config,
                         reward_fn=low_id_reward)
     multi = two_process_round(ppo_model_dir, tmp_path / "two", config, port=29519,
-                              keys=("group_size",), extra=("--set", "loop.algorithm=grpo"))
+                              keys=("group_size",), algorithm="grpo")
     assert multi["algorithm"] == "grpo" and multi["metrics"]["n_sequences"] == 8
     for k in ("reward_mean", "kl", "entropy", "pg_loss", "loss", "clipfrac", "approx_kl",
               "kl_k3", "first_ratio", "grad_norm"):

@@ -80,11 +80,14 @@ LAUNCHED = ("prompts_per_round", "rollouts_per_prompt", "max_new_tokens", "epoch
 
 
 def two_process_round(model_dir: Path, ws: Path, config: PPOConfig, *, port: int,
-                      keys: tuple[str, ...] = (), extra: tuple[str, ...] = ()) -> dict:
+                      keys: tuple[str, ...] = (), extra: tuple[str, ...] = (),
+                      algorithm: str = "ppo") -> dict:
     """The round of `config` (its LAUNCHED settings and `keys`) in a new workspace `ws`, run by
-    `accelerate launch` on 2 CPU processes with low_id_reward: the launcher's result."""
+    `accelerate launch` on 2 CPU processes with low_id_reward: the launcher's result. The
+    launcher runs the workspace's `loop.algorithm`, saved here as `algorithm`."""
     make_runtime(model_dir, ws).data.store.close()
-    store, _ = open_workspace(ws, model=str(model_dir), system_prompt="")  # the launcher reads it
+    store, _ = open_workspace(ws, model=str(model_dir), system_prompt="",  # the launcher reads it
+                              **{"loop.algorithm": algorithm})
     store.close()
     out = ws.parent / f"{ws.name}-result.json"
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu",
