@@ -80,8 +80,7 @@ LAUNCHED = ("prompts_per_round", "rollouts_per_prompt", "max_new_tokens", "epoch
 
 
 def two_process_round(model_dir: Path, ws: Path, config: PPOConfig, *, port: int,
-                      keys: tuple[str, ...] = (), extra: tuple[str, ...] = (),
-                      algorithm: str = "ppo") -> dict:
+                      keys: tuple[str, ...] = (), algorithm: str = "ppo") -> dict:
     """The round of `config` (its LAUNCHED settings and `keys`) in a new workspace `ws`, run by
     `accelerate launch` on 2 CPU processes with low_id_reward: the launcher's result. The
     launcher runs the workspace's `loop.algorithm`, saved here as `algorithm`."""
@@ -94,7 +93,7 @@ def two_process_round(model_dir: Path, ws: Path, config: PPOConfig, *, port: int
            "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--main_process_port", str(port),
            "-m", "rlhf_core.policy.launch", "--cpu", "--workspace", str(ws),
-           "--reward-fn", "tests.test_ppo:low_id_reward", "--result-json", str(out), *extra]
+           "--reward-fn", "tests.test_ppo:low_id_reward", "--result-json", str(out)]
     for k in LAUNCHED + keys:
         cmd += ["--set", f"ppo.{k}={getattr(config, k)}"]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
