@@ -255,9 +255,23 @@ def ratios(ours: list[dict], peer: list[dict]) -> dict:
     return out
 
 
+def suite_precision() -> str:
+    """`make bench`'s precision for every side: the project's own training math on this
+    machine (`mixed_precision=auto`: bf16 autocast on a CPU that multiplies bf16 natively, bf16
+    on a CUDA GPU that has it), so the suite measures what a user's round runs."""
+    import torch
+
+    from rlhf_core.models import native_bf16_cpu
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "float32"
+    return "bf16" if native_bf16_cpu() else "float32"
+
+
 def run(quick: bool = False, reps: int | None = None, sides=DEFAULT_SIDES,
-        precision: str = "float32") -> dict:
+        precision: str | None = None) -> dict:
+    """precision None (`make bench`): `suite_precision()`; the CLI's default is float32."""
     from bench import trl_env
+    precision = precision or suite_precision()
     trl_py = trl_env.ensure("ppo")
     cfg = ppo_config(quick)
     reps = reps or (1 if quick else 3)

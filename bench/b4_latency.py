@@ -250,6 +250,7 @@ def _r(x):
 
 def run(quick: bool = False, worker_threads: int | None = None) -> dict:
     from app.launcher import start_app
+    from rlhf_core.config import LoopConfig
     from rlhf_core.data import jobs
     from rlhf_core.data.store import Store
     levels = QUICK_LEVELS if quick else LEVELS
@@ -280,10 +281,12 @@ def run(quick: bool = False, worker_threads: int | None = None) -> dict:
                 "ppo_jobs": [{"id": j["id"], "status": j["status"], "error": j["error"]}
                              for j in ppo_jobs],
                 "load_label": "ppo_round job in the worker (niced), as in production",
+                # the ppo_round job kind runs the workspace's policy algorithm (the default's)
+                "policy_algorithm": LoopConfig().algorithm,
                 "worker_threads": worker_threads or "default",
                 "packages": common.package_versions(),
                 "gradio_client": idle.get("overhead"),
-                "goal": "p95 <= 150 ms at 32 annotators during PPO; 0 failed, 0 lost",
+                "goal": "p95 <= 150 ms at 32 annotators during a policy round; 0 failed, 0 lost",
             }
             # cancel what we queued so the worker stops promptly
             for j in keeper.jobs:

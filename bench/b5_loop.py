@@ -175,6 +175,8 @@ def run(quick: bool = False, remote: bool = False) -> dict:
     return {"bench": "B5 loop latency", "worker": "remote (HTTP)" if remote else "local",
             "total_s": round(total, 2), "split": split_r,
             "jobs_in_window": kinds, "new_policy_version": new["v"],
+            # split["ppo"] is the ppo_round job, which runs the workspace's policy algorithm
+            "policy_algorithm": cfg.loop.algorithm,
             "setting": {k: v for k, v in overrides(quick, retrain_every).items() if k != "model"},
             "note": "real worker child (nice 10); model already loaded; clock starts at the "
                     "ranking that triggers the round"}

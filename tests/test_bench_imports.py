@@ -1,5 +1,5 @@
 """The benchmarks stay runnable: every bench module imports against the current library, and
-the figures' helpers answer (a full `make bench` takes about 45 minutes, so it is not a test)."""
+the figures' helpers answer (a full `make bench` takes about 1.5 hours, so it is not a test)."""
 from __future__ import annotations
 
 import importlib
@@ -62,3 +62,33 @@ def test_phase_peak_rss_window_resets():
     assert common.reset_peak_rss()
     assert common.window_peak_rss_mb() < base + 100  # the freed 300 MB is not this window's
     assert common.peak_rss_mb() >= base + 280  # the running peak keeps it
+
+
+def test_suite_table_shows_spreads_and_the_policy_algorithm():
+    """`make bench`'s table: B1's ratio with its per-round spread, B3's with its runs' spread,
+    and B4/B5 name the policy round that ran (the workspace default's; PPO for older files)."""
+    from bench import run_all
+    b1 = {"ratio": 3.0, "ratio_lora": 2.0, "decode_dtype_auto": "torch.bfloat16",
+          "batch1_fraction_of_bound": 0.3, "tokens_per_s": {}, "batch1_bound_tokens_per_s": {},
+          "read_bandwidth_gb_s": 30, "matmul_kernel_gb_s": 20,
+          "batch1_kernel_bound_tokens_per_s": 70,
+          "responses_per_s": {"per_round": {"ours_v0": [2.0, 4.0], "ours_lora": [1.0, 3.0],
+                                            "peer": [1.0, 1.0]}}}
+    b3 = {"ratio": 3.3, "ratio_spread": {"min": 3.1, "max": 3.5}, "trl_version": "t 1.16.0 x y",
+          "setting": {"heldout_pairs": 0}, "ours": {"heldout_accuracy": None},
+          "trl": {"heldout_accuracy": None}}
+    lat = {"p50_ms": 1, "p95_ms": 2, "p99_ms": 3, "failed": 0, "lost": 0}
+    b4 = {"idle": {"32": lat}, "ppo": {"32": lat}, "policy_algorithm": "rloo"}
+    b5 = {"total_s": 90, "split": {}, "policy_algorithm": "rloo"}
+    rows = run_all.ratio_rows({"B1": b1, "B3": b3, "B4": b4, "B5": b5})
+    values = {row[1]: row[2] for row in rows}
+    assert values["labeling responses/s, ours/plain generate (v0 = base), per round"] == (
+        "3.00 (2.00-4.00)")
+    assert values["same, with a LoRA policy adapter (un-merged)"] == "2.00 (1.00-3.00)"
+    assert any(v == "3.30 (3.10-3.50)" for v in values.values())
+    assert any(k.startswith("RLOO round running, 32 annotators") for k in values)
+    assert any("RLOO round" in k for k in values if k.startswith("loop latency"))
+    del b4["policy_algorithm"], b5["policy_algorithm"]
+    labels = [row[1] for row in run_all.ratio_rows({"B4": b4, "B5": b5})]
+    assert any(k.startswith("PPO round running") for k in labels)
+    assert any("PPO round" in k for k in labels if k.startswith("loop latency"))
