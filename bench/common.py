@@ -39,10 +39,17 @@ def set_threads() -> int:
 
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
+    cpu_id = {}  # a VM's model name can hide the generation ("AMD EPYC"): family/model say it
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            key, value = key.strip(), value.strip()
+            if key == "model name":
+                cpu = value
+            elif key in ("cpu family", "model", "stepping", "cpu MHz") and key not in cpu_id:
+                cpu_id[key] = value
+            elif key == "flags":
+                cpu_id["bf16"] = any(f in value.split() for f in ("avx512_bf16", "amx_bf16"))
                 break
     except OSError:
         pass
@@ -53,7 +60,7 @@ def machine() -> dict:
         pass
     import torch
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": mem, "gpu": gpu,
+    return {"cpu": cpu, "cpu_id": cpu_id, "cores": os.cpu_count(), "ram_gb": mem, "gpu": gpu,
             "torch": torch.__version__, "python": platform.python_version(),
             "packages": package_versions()}
 
