@@ -169,6 +169,12 @@ def b2_rows(r: dict) -> list[tuple[str, str, str, str]]:
                                ("time_generate", "time_score", "time_train")), "-"))
         out.append(("B2", f"  peak RSS, {ours}/{peer}", _f(r["memory_ratio_by_pair"][pair]),
                     "<= 0.5" if ours.split("@")[0] == default else "-"))
+        med = r.get("median") or {}
+        keys = [f"phase_peak_rss_{ph}_mb" for ph in ("generate", "score", "train")]
+        if all(k in med.get(ours, {}) and k in med.get(peer, {}) for k in keys):
+            out.append(("B2", f"  each phase's own peak RSS, {ours}/{peer}: generate / score / "
+                        "train", " / ".join(f"{med[ours][k] / med[peer][k]:.3f}" for k in keys),
+                        "<= 0.5" if ours.split("@")[0] == default else "-"))
     return out
 
 

@@ -33,6 +33,12 @@ def test_b2_sides_carry_their_precision_and_keep_the_goal_rows():
     rows = run_all.b2_rows(r)
     speed = [row for row in rows if "speed-up" in row[1]]
     assert [row[3] for row in speed] == [">= 2", "-"]  # the defaults' side, at either precision
+    # each phase's own peak, ours / the peer's, where the run recorded it
+    peaks = ("phase_peak_rss_generate_mb", "phase_peak_rss_score_mb", "phase_peak_rss_train_mb")
+    r["median"] = {"ours@bf16": dict(zip(peaks, (1000, 500, 2000))),
+                   "trl-full@bf16": dict(zip(peaks, (2000, 2000, 5000)))}
+    phase = [row for row in run_all.b2_rows(r) if "each phase" in row[1]]
+    assert [(row[2], row[3]) for row in phase] == [("0.500 / 0.250 / 0.400", "<= 0.5")]
 
 
 def test_reward_settings_variants_parse():
