@@ -407,3 +407,24 @@ def test_next_round_reuses_the_serving_versions_scores(store, tiny_model_dir, mo
     v1 = reward_model.load_reward(runtime, version=1)
     fresh = v1.score_texts([rows[r]["prompt"] for r in reused], [rows[r]["text"] for r in reused])
     assert fresh == pytest.approx([cache[(1, FINE_TUNE.max_length, r)] for r in reused], abs=1e-5)
+
+
+def test_length_chunks_cut_a_step_where_padding_costs_more_than_a_pass():
+    """Worked by hand: cost = sum over passes of rows x longest + overhead."""
+    chunks = reward_data.length_chunks
+    # one length: one pass whatever the overhead (a split saves nothing)
+    assert chunks([10, 10, 10], 0) == [[0, 1, 2]]
+    # 3 x 20 + one 100: together 4 x 100 + 64 = 464; apart 3 x 20 + 64 + 100 + 64 = 288
+    assert chunks([100, 20, 20, 20], 64) == [[1, 2, 3], [0]]
+    # overhead 300: together 400 + 300 = 700 < apart 60 + 100 + 600 = 760
+    assert chunks([100, 20, 20, 20], 300) == [[1, 2, 3, 0]]
+    # lengths 10, 12, 30, 32 at overhead 8: {10,12} {30,32} = 24 + 8 + 64 + 8 = 104; one pass
+    # 128 + 8 = 136; four passes 10+12+30+32 + 32 = 116; {10,12,30} {32} = 90 + 8 + 32 + 8 = 138
+    assert chunks([30, 10, 32, 12], 8) == [[1, 3], [0, 2]]
+    # every row is in exactly one pass, shortest first
+    lengths = [7, 3, 50, 3, 9, 48, 20]
+    got = chunks(lengths, 16)
+    assert sorted(i for c in got for i in c) == list(range(len(lengths)))
+    flat = [lengths[i] for c in got for i in c]
+    assert flat == sorted(flat)
+    assert chunks([], 64) == []

@@ -110,3 +110,41 @@ def test_training_with_the_prefix_cache_trains_the_same_version(store, tiny_mode
     for name in w_on:
         torch.testing.assert_close(w_on[name], w_off[name], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(h_on, h_off, rtol=1e-4, atol=1e-5)
+
+
+def test_a_steps_rows_split_by_length_train_the_same_version(store, tiny_model_dir, tmp_path,
+                                                              monkeypatch):
+    """reward/train._step runs a step's rows in passes of similar length
+    (`reward_data.length_chunks`): with every split allowed (no cost per pass) the same
+    losses, held-out accuracy and weights as one pass per step, in more passes."""
+    from rlhf_core.data.store import Store
+    from rlhf_core.reward import train as reward_train
+    results = []
+    for i, overhead in enumerate((10 ** 9, 0)):
+        monkeypatch.setattr(reward_train, "PASS_OVERHEAD_TOKENS", overhead)
+        st = store if i == 0 else Store(tmp_path / "split" / "rlhf.db")
+        seed_rankings(st, 24)
+        rt = make_runtime(st, tiny_model_dir, cfg=replace(LEARN, epochs=2))
+        passes = []
+        embed = rt.model.get_input_embeddings()
+        hook = embed.register_forward_hook(
+            lambda m, a, out: passes.append(a[0].shape[0]) if torch.is_grad_enabled() else None)
+        try:
+            res = reward_model.train_reward(rt)
+        finally:
+            hook.remove()
+        weights = {n: p.detach().clone() for n, p in rt.model.named_parameters()
+                   if ".reward." in n}
+        results.append((res, weights, len(passes)))
+        if i:
+            st.close()
+    (one, w_one, n_one), (split, w_split, n_split) = results
+    steps = one["metrics"]["train_steps"]
+    assert split["metrics"]["train_steps"] == steps
+    assert n_split > n_one  # the split run made more (smaller) passes per step
+    assert one["metrics"]["heldout_accuracy"] == split["metrics"]["heldout_accuracy"]
+    assert one["metrics"]["train_loss_last"] == pytest.approx(
+        split["metrics"]["train_loss_last"], abs=1e-5)
+    assert w_one.keys() == w_split.keys() and w_one
+    for name in w_one:
+        torch.testing.assert_close(w_one[name], w_split[name], rtol=1e-4, atol=1e-5)

@@ -137,6 +137,31 @@ def ranking_steps(pairs: list[PrefPair], rankings_per_step: int,
     return [[p for g in groups[i:i + k] for p in g] for i in range(0, len(groups), k)]
 
 
+def length_chunks(lengths: list[int], overhead: int) -> list[list[int]]:
+    """Rows of one training step -> the forward passes to run them in: indexes sorted by
+    length (shortest first), cut into consecutive runs that minimise the tokens computed,
+    `rows x longest` per pass (right padding costs as much as real tokens) plus `overhead`
+    token-equivalents per pass (its fixed cost: the shared prefix again, one more pass through
+    every layer). One pass when padding is cheap; answers of very different lengths split.
+    Exact dynamic programme over the cut points (a step holds tens of rows); among equal costs
+    the fewest passes."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    sl = [lengths[i] for i in order]
+    n = len(sl)
+    # best[j]: (cost, passes) of the first j sorted rows; cut[j]: where its last pass starts
+    best, cut = [(0, 0)] + [None] * n, [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):  # the last pass holds sorted rows i..j-1; its longest is sl[j-1]
+            cost = (best[i][0] + sl[j - 1] * (j - i) + overhead, best[i][1] + 1)
+            if best[j] is None or cost < best[j]:
+                best[j], cut[j] = cost, i
+    chunks, j = [], n
+    while j > 0:
+        chunks.append(order[cut[j]:j])
+        j = cut[j]
+    return chunks[::-1]
+
+
 # -- metrics (plain floats: the scores were computed elsewhere) -----------------------------
 def pair_metrics(pairs: list[PrefPair], scores: dict[int, float], *, bins: int = 10) -> dict:
     """Pairwise accuracy, Bradley-Terry loss and calibration of scores on pairs.

@@ -109,16 +109,30 @@ def fit(bb: Backbone, head, pairs: list[PrefPair], cfg: RewardConfig, *, seed: i
             "train_seconds": seconds, "train_pairs_per_s": passes / seconds if seconds else 0.0}
 
 
+# A training pass's fixed cost in token-equivalents, for splitting a step's rows by length
+# (reward_data.length_chunks): the shared prefix runs again and every layer is one more call.
+PASS_OVERHEAD_TOKENS = 64
+
+
 def _step(bb: Backbone, head, pairs: list[PrefPair], cfg: RewardConfig, encoder: Encoder):
     """Loss of one step; each distinct response is scored once (K responses give K(K-1)/2 pairs)."""
     texts = {}
     for p in pairs:
         texts[p.chosen_id], texts[p.rejected_id] = (p.prompt, p.chosen), (p.prompt, p.rejected)
     rids = sorted(texts)
-    ids, mask = collate([encoder(*texts[r]) for r in rids], bb.pad_id, bb.device)
+    seqs = [encoder(*texts[r]) for r in rids]
+    # rows of similar length share a pass (less padding); the same scores and gradients as
+    # one pass over every row (tests/test_reward_prefix.py)
+    chunks = reward_data.length_chunks([len(s) for s in seqs], PASS_OVERHEAD_TOKENS)
+    parts = []
     with bb.autocast():
-        scores = forward_scores(bb.model, head, ids, mask,
-                                prefix_cache=cfg.prefix_cache)  # (U,) float32 (the head's dtype)
+        for idx in chunks:
+            ids, mask = collate([seqs[i] for i in idx], bb.pad_id, bb.device)
+            parts.append(forward_scores(bb.model, head, ids, mask, prefix_cache=cfg.prefix_cache))
+    order = [i for idx in chunks for i in idx]
+    back = torch.empty(len(order), dtype=torch.long)
+    back[order] = torch.arange(len(order))
+    scores = torch.cat(parts)[back.to(parts[0].device)]  # (U,) in rids order, float32
     pos = {r: i for i, r in enumerate(rids)}
     chosen = scores[[pos[p.chosen_id] for p in pairs]]  # (N,)
     rejected = scores[[pos[p.rejected_id] for p in pairs]]  # (N,)
