@@ -15,7 +15,7 @@ Prints train seconds (min of the runs), pairs/s, the tokens the passes computed 
 included) against the real ones, and the ratio against one pass; writes
 bench/results/reward_chunks.json.
 
-    .venv/bin/python -m bench.reward_chunks            # ~15 min on 2 idle cores
+    .venv/bin/python -m bench.reward_chunks            # ~10 min on 2 idle cores
     .venv/bin/python -m bench.reward_chunks --quick    # ~3 min
 """
 from __future__ import annotations

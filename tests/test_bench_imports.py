@@ -1,5 +1,5 @@
 """The benchmarks stay runnable: every bench module imports against the current library, and
-the figures' helpers answer (a full `make bench` takes about 1.5 hours, so it is not a test)."""
+the figures' helpers answer (a full `make bench` takes about an hour, so it is not a test)."""
 from __future__ import annotations
 
 import importlib
