@@ -42,8 +42,9 @@ RESULTS = Path(__file__).resolve().parent / "results" / "reward.json"
 
 
 def add_rankings(store: Store, n: int, *, start: int, seed: int,
-                 heldout_fraction: float = 0.2) -> int:
-    """n prompts, one K=4 item each, ranked by marker count. Returns pairs added."""
+                 heldout_fraction: float = 0.2, words_per_answer=None) -> int:
+    """n prompts, one K=4 item each, ranked by marker count. Returns pairs added.
+    `words_per_answer(rng)`: each answer's length in words (default 18-30)."""
     rng = random.Random(seed + start)
     before = store.scalar("SELECT COUNT(*) FROM pairs")
     recs = [{"text": f"Question {i}: tell me something about "
@@ -54,7 +55,8 @@ def add_rankings(store: Store, n: int, *, start: int, seed: int,
     for pid in ids:
         responses = []
         for quality in range(4):
-            words = [rng.choice(WORDS) for _ in range(rng.randint(18, 30))]
+            length = words_per_answer(rng) if words_per_answer else rng.randint(18, 30)
+            words = [rng.choice(WORDS) for _ in range(length)]
             for _ in range(quality):
                 words.insert(rng.randint(0, len(words)), MARKER)
             responses.append({"text": " ".join(words)})

@@ -21,6 +21,7 @@ bench/results/reward_chunks.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import random
@@ -32,43 +33,17 @@ from pathlib import Path
 import torch
 
 from bench import common
+from bench.bench_reward import add_rankings
 
-WORDS = ("the a river mountain city garden music history science a quick simple answer about "
-         "weather travel cooking books friends learning water light energy small large").split()
-MARKER = "thank you"
 ONE_PASS = 10 ** 9  # every step in one pass: the behaviour before the split
 
 
-def answer_lengths(profile: str, n: int, rng: random.Random) -> list[int]:
+def answer_length(profile: str, rng: random.Random) -> int:
+    """Words in one answer (about a token each here: bench_reward's vocabulary)."""
     if profile == "labeling":  # log-normal: median 87, p90 417 (z 1.2816), cut at 448
         mu, sigma = math.log(87), (math.log(417) - math.log(87)) / 1.2816
-        return [max(4, min(448, round(rng.lognormvariate(mu, sigma)))) for _ in range(n)]
-    return [rng.randint(16, 64) for _ in range(n)]
-
-
-def add_rankings(store, n: int, profile: str, seed: int) -> None:
-    """n prompts, one K=4 item each, ranked by how often the marker occurs (a full order)."""
-    from rlhf_core.data import annotation
-    rng = random.Random(seed)
-    recs = [{"text": f"Question {i}: tell me something about "
-             + " ".join(rng.choice(WORDS) for _ in range(6))} for i in range(n)]
-    store.add_prompts(recs, source="bench", heldout_fraction=0.2)
-    ids = [store.scalar("SELECT id FROM prompts WHERE text = ?", [r["text"]]) for r in recs]
-    items = []
-    for pid in ids:
-        responses = []
-        for quality, length in enumerate(answer_lengths(profile, 4, rng)):
-            words = [rng.choice(WORDS) for _ in range(length)]
-            for _ in range(quality):
-                words.insert(rng.randint(0, len(words)), MARKER)
-            responses.append({"text": " ".join(words)})
-        items.append({"prompt_id": pid, "responses": responses})
-    annotation.create_batch(store, policy_version=0, k=4, items=items)
-    while (item := annotation.next_item(store, "bench")) is not None:
-        ranked = sorted(item["responses"], key=lambda r: -r["text"].count(MARKER))
-        annotation.submit_ranking(store, annotator="bench", item_id=item["id"],
-                                  token=item["token"], submission_key=f"bench-{item['id']}",
-                                  tiers=[[r["id"]] for r in ranked])
+        return max(4, min(448, round(rng.lognormvariate(mu, sigma))))
+    return rng.randint(16, 64)
 
 
 def train_once(runtime, overhead: int) -> dict:
@@ -124,7 +99,8 @@ def run(quick: bool = False, runs: int | None = None, threads: int | None = None
             cfg = replace(RewardConfig(), promote_min_heldout_pairs=0, promote_min_accuracy=0.0)
             app = AppConfig(workspace=Path(tmp), model=common.embedded_model_dir(), reward=cfg)
             runtime = Runtime(store, app, cpu=True)
-            add_rankings(store, rankings, profile, seed=0)
+            add_rankings(store, rankings, start=0, seed=0,
+                         words_per_answer=functools.partial(answer_length, profile))
             res = {s: [] for s in sides}
             for r in range(runs):
                 for side in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
