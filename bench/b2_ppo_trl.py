@@ -261,10 +261,12 @@ def suite_precision() -> str:
     on a CUDA GPU that has it), so the suite measures what a user's round runs."""
     import torch
 
-    from rlhf_core.models import native_bf16_cpu
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "float32"
-    return "bf16" if native_bf16_cpu() else "float32"
+    from rlhf_core.models import native_bf16_cpu, resolve_mixed_precision
+    cuda = torch.cuda.is_available()
+    auto = resolve_mixed_precision("auto", "cuda" if cuda else "cpu",
+                                   native_cpu=not cuda and native_bf16_cpu(),
+                                   cuda_bf16=cuda and torch.cuda.is_bf16_supported())
+    return "bf16" if auto == "bf16" else "float32"
 
 
 def run(quick: bool = False, reps: int | None = None, sides=DEFAULT_SIDES,

@@ -30,6 +30,8 @@ def run(new_tokens: int = 64, threads: int | None = None) -> dict:
     from rlhf_core.sampling import chat_ids
     if threads:
         torch.set_num_threads(threads)
+    else:
+        common.set_threads()
     dev = common.device_settings()
     tok, model, _ = load(dev)
     model.set_adapter("policy")

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-import os
 import random
 import tempfile
 import time
@@ -86,7 +85,10 @@ def run(quick: bool = False, runs: int | None = None, threads: int | None = None
     from rlhf_core.reward import train as reward_train
     from rlhf_core.worker.runtime import Runtime
     runs = runs or (1 if quick else 2)
-    torch.set_num_threads(threads or os.cpu_count() or 2)
+    if threads:
+        torch.set_num_threads(threads)
+    else:
+        common.set_threads()
     rankings = 12 if quick else 32
     sides = {"one-pass": ONE_PASS, "split": reward_train.PASS_OVERHEAD_TOKENS}
     sides.update({f"split@{n}": n for n in overheads if n != reward_train.PASS_OVERHEAD_TOKENS})

@@ -133,11 +133,8 @@ def _step(bb: Backbone, head, pairs: list[PrefPair], cfg: RewardConfig, encoder:
         for idx in chunks:
             ids, mask = collate([seqs[i] for i in idx], bb.pad_id, bb.device)
             parts.append(forward_scores(bb.model, head, ids, mask, prefix_cache=cfg.prefix_cache))
-    order = [i for idx in chunks for i in idx]
-    back = torch.empty(len(order), dtype=torch.long)
-    back[order] = torch.arange(len(order))
-    scores = torch.cat(parts)[back.to(parts[0].device)]  # (U,) in rids order, float32
-    pos = {r: i for i, r in enumerate(rids)}
+    scores = torch.cat(parts)  # (U,) float32, in the passes' order
+    pos = {rids[i]: k for k, i in enumerate(i for idx in chunks for i in idx)}
     chosen = scores[[pos[p.chosen_id] for p in pairs]]  # (N,)
     rejected = scores[[pos[p.rejected_id] for p in pairs]]  # (N,)
     labels = torch.tensor([p.label for p in pairs], dtype=scores.dtype, device=scores.device)
