@@ -120,6 +120,7 @@ def ours_side(ws: Path, quick: bool, decode: str | None = None, critic: str = "a
     import torch
 
     from rlhf_core.decoding import decode_dtype
+    from rlhf_core.models import autocast
     from rlhf_core.policy.ppo import ppo_round
     from rlhf_core.worker.runtime import Runtime
     from rlhf_core.workspace import open_workspace
@@ -132,7 +133,7 @@ def ours_side(ws: Path, quick: bool, decode: str | None = None, critic: str = "a
     t_load = time.perf_counter()
     runtime = Runtime(store, cfg, cpu=not _cuda())
     model = runtime.model
-    with torch.no_grad():  # the same tiny warm-up as the TRL side
+    with torch.no_grad(), autocast(runtime.device):  # the same tiny warm-up as the TRL side
         ids = runtime.tokenizer("hello", return_tensors="pt")["input_ids"].to(runtime.device.device)
         model.generate(input_ids=ids, max_new_tokens=2, do_sample=False,
                        pad_token_id=runtime.tokenizer.pad_token_id)

@@ -86,12 +86,17 @@ class Sampler:
             v = self.value_head(hidden).float()  # (b,)
             for j, r in enumerate(rows):
                 self.values[r].append(v[j])
-        V = logits.shape[-1]
         scaled = logits.float() / self.temperature  # (b,V)
-        u = torch.stack([torch.rand(V, generator=self.generators[r], device=logits.device)
-                         for r in rows])  # (b,V) uniform [0,1)
-        gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
-        picked = (filter_logits(scaled, self.top_k, self.top_p) + gumbel).argmax(dim=-1)  # (b,)
+        # the noise in one (b,V) buffer, in place: a full-vocabulary tensor per step instead
+        # of five (at 64 rows each is 12.6 MB for the embedded model; the transients made up
+        # most of a rollout's growth in memory while decoding). Each row's values are its own
+        # generator's next V uniforms, as torch.rand(V, generator=...) draws them.
+        noise = torch.empty_like(scaled)
+        for j, r in enumerate(rows):
+            noise[j].uniform_(generator=self.generators[r])  # uniform [0,1)
+        noise.clamp_(1e-20, 1.0 - 1e-7).log_().neg_().log_().neg_()  # Gumbel(0,1)
+        picked = noise.add_(filter_logits(scaled, self.top_k, self.top_p)).argmax(dim=-1)  # (b,)
+        del noise
         if self.record:
             logp = torch.log_softmax(scaled, dim=-1)  # (b,V)
             chosen = logp.gather(-1, picked[:, None]).squeeze(-1)  # (b,)

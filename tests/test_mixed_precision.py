@@ -63,6 +63,53 @@ def test_setting_is_validated_and_a_cpu_runtime_keeps_float32_weights(tmp_path, 
         store.close()
 
 
+def test_a_cpu_bf16_runtime_stores_the_frozen_base_linears_in_bf16_with_the_same_math(
+        tmp_path, tiny_model_dir):
+    """bf16 on a CPU: the frozen base's decoder Linear weights are kept in bf16 (half their
+    memory), everything trained or outside the decoder layers stays float32, adapters added
+    later are float32 too, and a forward under autocast gives the very logits a float32-stored
+    base gives under autocast (autocast rounds each weight the same way at every product)."""
+    from rlhf_core.data.store import Store
+    from rlhf_core.models import autocast
+    store = Store(tmp_path / "rlhf.db")
+    try:
+        runs = {}
+        for setting in ("bf16", "no"):
+            rt = Runtime(store, AppConfig(workspace=tmp_path, model=str(tiny_model_dir),
+                                          mixed_precision=setting), cpu=True)
+            rt.ensure_fresh_adapter("value")
+            runs[setting] = rt
+        bf, fp = runs["bf16"].model, runs["no"].model
+        dtypes = {n: p.dtype for n, p in bf.named_parameters()}
+        base = [n for n in dtypes if ".layers." in n and ".lora_" not in n
+                and n.endswith(("proj.weight", "proj.base_layer.weight"))]
+        assert base and all(dtypes[n] == torch.bfloat16 for n in base)
+        rest = [n for n in dtypes if n not in base]
+        assert any(".value." in n for n in rest) and any("norm" in n for n in rest)
+        assert [n for n in rest if dtypes[n] != torch.float32] == []  # LoRA (every adapter), norms,
+        # the embedding / LM head
+        assert all(p.dtype == torch.float32 for p in fp.parameters())  # "no": untouched
+        # the same LoRA weights in both, then one forward each under bf16 autocast
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(0)
+            for (n, p), (m, q) in zip(bf.named_parameters(), fp.named_parameters()):
+                assert n == m
+                if "lora_" in n:  # A: each runtime drew its own; B: 0 until trained
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+                    q.copy_(p)
+            ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
+            with autocast(runs["bf16"].device):
+                a = bf(input_ids=ids).logits
+                b = fp(input_ids=ids).logits
+            # a caller without autocast still gets an answer: bf16 products, float32 out
+            c, d = bf(input_ids=ids).logits, fp(input_ids=ids).logits
+        assert torch.isfinite(a).all() and torch.equal(a, b)
+        assert c.dtype == torch.float32 and torch.isfinite(c).all()
+        assert (c - d).abs().max() < 0.05 * d.abs().max()  # bf16 weight rounding only
+    finally:
+        store.close()
+
+
 class MatmulDtypes:
     """Output dtypes of one base projection of the first layer while active."""
 

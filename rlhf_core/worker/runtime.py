@@ -72,6 +72,7 @@ class Runtime:
             base = models.load_causal_lm(self.base_source, self.tokenizer,
                                          dtype=self.device.dtype, device=self.device.device)
             self._model = models.with_adapters(base, self.config.lora, ["policy"])
+            models.store_frozen_linears(self._model, self.device)
             self.loaded["policy"] = 0
             self._model.eval()
         return self._model
