@@ -239,6 +239,7 @@ class Weights:
         self.embed = body.embed_tokens.weight  # float as stored: a lookup reads few bytes
         self.norm = body.norm.weight.float()
         self.lm_head = _effective(inner.get_output_embeddings())[0].to(dtype)
+        pack = _packer(dtype, self.lm_head.device, batch_hint)
         self.layers = []
         for layer in body.layers:
             a, m = layer.self_attn, layer.mlp
@@ -249,10 +250,12 @@ class Weights:
             if any(b is not None for _, b in gu) or down_b is not None:
                 raise ValueError("MLP bias")  # unsupported() lets none through
             # gate/up fused into one product, except when both are the model's own tensors in
-            # the decode dtype (no LoRA on the MLP): a fused copy would hold 2 x I x H more
-            # (212 MB for the embedded model in float32) for no fewer bytes read
-            own = all(w.dtype == dtype and w is getattr(x, "base_layer", x).weight
-                      for (w, _), x in zip(gu, (m.gate_proj, m.up_proj)))
+            # the decode dtype (no LoRA on the MLP) and nothing is packed: a fused copy would
+            # hold 2 x I x H more (212 MB for the embedded model in float32) for no fewer bytes
+            # read. Packing copies every matrix anyway, so packed ones are fused (30 products
+            # a token fewer at batch 1)
+            own = pack is None and all(w.dtype == dtype and w is getattr(x, "base_layer", x).weight
+                                       for (w, _), x in zip(gu, (m.gate_proj, m.up_proj)))
             self.layers.append(_Layer(
                 ln1=layer.input_layernorm.weight.float(),
                 ln2=layer.post_attention_layernorm.weight.float(),
@@ -262,8 +265,12 @@ class Weights:
                 gate_up=None if own else torch.cat([w for w, _ in gu]).to(dtype).contiguous(),
                 gate=gu[0][0] if own else None, up=gu[1][0] if own else None,
                 down=down_w.to(dtype).contiguous()))
-        self.packed = False
-        self._pack(batch_hint)
+        self.packed = pack is not None
+        if pack is not None:
+            self.lm_head = pack(self.lm_head)
+            for ly in self.layers:
+                ly.qkv, ly.o, ly.down = pack(ly.qkv), pack(ly.o), pack(ly.down)
+                ly.gate_up = pack(ly.gate_up)
 
     def linear(self, x: torch.Tensor, w, b: torch.Tensor | None = None):
         """float32 in and out; the product in the decode dtype."""
@@ -274,31 +281,25 @@ class Weights:
         y = y.float()
         return y + b.float() if b is not None else y
 
-    def _pack(self, batch_hint: int) -> None:
-        """bf16 on CPU: oneDNN's prepacked weights (the layout its matmul would otherwise build
-        on every call; 1.2-1.9x per product measured here). A private op: used only when it
-        answers like F.linear on a probe, else the plain product."""
-        probe = getattr(getattr(torch.ops, "mkldnn", None), "_reorder_linear_weight", None)
-        if self.dtype != torch.bfloat16 or self.lm_head.device.type != "cpu" or probe is None:
-            return
-        try:
-            w = self.lm_head[:8]
-            x = torch.randn(2, w.shape[1], generator=torch.Generator().manual_seed(0)).to(w.dtype)
-            got = torch.ops.mkldnn._linear_pointwise(x, probe(w, batch_hint), None, "none", [], "")
-            if not torch.allclose(got.float(), F.linear(x, w).float(), rtol=1e-2, atol=1e-2):
-                return
-        except Exception:  # an op that moved or changed: the plain product is correct
-            return
-        def pack(t):
-            return probe(t, batch_hint)
-        self.lm_head = pack(self.lm_head)
-        for ly in self.layers:
-            ly.qkv, ly.o, ly.down = pack(ly.qkv), pack(ly.o), pack(ly.down)
-            if ly.gate_up is not None:
-                ly.gate_up = pack(ly.gate_up)
-            else:
-                ly.gate, ly.up = pack(ly.gate), pack(ly.up)
-        self.packed = True
+
+def _packer(dtype: torch.dtype, device, batch_hint: int):
+    """bf16 on CPU: a function that turns a (out, in) weight into oneDNN's prepacked layout
+    (the layout its matmul would otherwise build on every call; 1.2-1.9x per product measured
+    here), for `Weights.linear`. A private op: used only when it answers like F.linear on a
+    probe, else None (the plain product)."""
+    probe = getattr(getattr(torch.ops, "mkldnn", None), "_reorder_linear_weight", None)
+    if dtype != torch.bfloat16 or torch.device(device).type != "cpu" or probe is None:
+        return None
+    try:
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(8, 64, generator=g).to(dtype)
+        x = torch.randn(2, 64, generator=g).to(dtype)
+        got = torch.ops.mkldnn._linear_pointwise(x, probe(w, batch_hint), None, "none", [], "")
+        if not torch.allclose(got.float(), F.linear(x, w).float(), rtol=1e-2, atol=1e-2):
+            return None
+    except Exception:  # an op that moved or changed: the plain product is correct
+        return None
+    return lambda t: probe(t, batch_hint)
 
 
 class _Cache:

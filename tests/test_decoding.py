@@ -126,6 +126,29 @@ def test_float32_snapshot_reads_the_models_own_mlp_weights(tiny_model_dir):
     assert ours == theirs
 
 
+def test_a_bf16_stored_base_decodes_as_a_float32_one_does_in_bf16(tiny_model_dir):
+    """The frozen base's Linear weights stored in bf16 (CPU bf16 mixed precision): the bf16
+    loop reads the same bf16 values it would round a float32 base to, so the draws are equal;
+    where the products are prepacked (every matrix copied anyway) gate/up are fused, else the
+    MLP's own bf16 tensors are read as they are (no copy)."""
+    plain, tok = tiny_with_lora(tiny_model_dir, ("q_proj", "v_proj"))
+    stored, _ = tiny_with_lora(tiny_model_dir, ("q_proj", "v_proj"))
+    bf16 = models.DeviceSettings(torch.device("cpu"), torch.float32, "bf16")
+    assert models.store_frozen_linears(stored, bf16) == 7 * 2  # 2 layers x q k v o gate up down
+    mlp = stored.get_base_model().model.layers[0].mlp
+    assert mlp.gate_proj.weight.dtype == torch.bfloat16
+    w = decoding.Weights(stored, torch.bfloat16).layers[0]
+    if decoding.Weights(stored, torch.bfloat16).packed:
+        assert w.gate_up is not None and w.gate is None  # one product instead of two
+    else:
+        assert w.gate_up is None and w.gate is mlp.gate_proj.weight
+    queries = queries_of(tok, TEXTS)
+    with plain.disable_adapter(), stored.disable_adapter():
+        a, _ = run(plain, tok, queries, loop=True, dtype=torch.bfloat16)
+        b, _ = run(stored, tok, queries, loop=True, dtype=torch.bfloat16)
+    assert a == b and any(len(r) > 1 for r, _ in a)
+
+
 def tiny_with_lora(path, targets, seed: int = 5):
     """The tiny Llama with a `policy` LoRA adapter on `targets`, its B != 0 (seeded)."""
     tok = models.load_tokenizer(str(path))
