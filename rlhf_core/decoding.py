@@ -361,23 +361,19 @@ LOW_PRECISION_CACHE_ROWS = 32
 
 def _attend(q, k, v, bias):
     """Attention of q (B,h,T,d) float32 over the cache's k, v (B,kv,S,d), h a multiple of kv
-    (grouped queries); `bias` (B,1,T,S) float32. On a CPU one decode step (T=1) is two
-    grouped batched products in the cache's dtype with a float32 softmax (torch's fused CPU
-    kernel runs 5-7x slower in bf16 than in float32 here, the two products 1.5-2.5x faster than
-    float32 at 16-64 rows); a longer block (the prefill) is the fused kernel in float32 (on an
-    upcast copy of a bf16 cache). On CUDA, the fused kernel in the cache's dtype."""
+    (grouped queries); `bias` (B,1,T,S) float32. A float32 cache: the fused kernel. A bf16
+    cache: one decode step (T=1) as two grouped batched products in bf16 with a float32
+    softmax (torch's fused CPU kernel runs 5-7x slower in bf16 than in float32 here, the two
+    products 1.5-2.5x faster than float32 at 16-64 rows); a longer block (the prefill) in
+    float32 on an upcast copy."""
     B, h, T, d = q.shape
     kv = k.shape[1]
-    if k.device.type != "cpu":  # CUDA's fused kernels are fast in bf16
-        if k.dtype == torch.float32:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=kv != h)
-        return F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=bias.to(k.dtype),
-                                              enable_gqa=kv != h).float()
-    if T > 1:
+    if k.dtype == torch.float32 or (T > 1 and k.device.type == "cpu"):
         return F.scaled_dot_product_attention(q, k.float(), v.float(), attn_mask=bias,
                                               enable_gqa=kv != h)
-    # one step on a CPU: the grouped products (a float32 cache too: fewer calls than the fused
-    # kernel's, which is made for blocks of queries)
+    if k.device.type != "cpu":  # CUDA's fused kernels are fast in bf16
+        return F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=bias.to(k.dtype),
+                                              enable_gqa=kv != h).float()
     grouped = q.to(k.dtype).view(B, kv, h // kv, d)  # query heads of a kv head, in order
     scores = torch.matmul(grouped, k.transpose(-1, -2)).float() * d ** -0.5 + bias
     probs = scores.softmax(dim=-1).to(v.dtype)  # (B,kv,g,S)
@@ -419,44 +415,6 @@ def _forward(w: Weights, cache: _Cache, tokens, start: int, cos, sin, key_bias):
     return w.linear(last, w.lm_head), last  # (B,V), (B,H)
 
 
-def _rope_sign(d: int, device) -> torch.Tensor:
-    """(d,) -1 on the first half, +1 on the second: sin * this makes `_step`'s rotation
-    (halves swapped by a flip) the rotate-half of `_rope`, bit for bit."""
-    return torch.cat([-torch.ones(d // 2, device=device), torch.ones(d - d // 2, device=device)])
-
-
-def _step(w: Weights, cache: _Cache, tokens, at: int, cos, sin_signed, key_bias):
-    """One decode step: tokens (B,1) at cache position `at` -> `_forward`'s (logits, last), the
-    same math in fewer operator calls (batch-1 decoding pays per call): rows kept as (B, heads,
-    d) without the time axis, q and k rotated together (one flip of the halves instead of two
-    slices, a negation and a cat each), no transposes. cos / sin_signed (B,1,d): this
-    position's, sin times `_rope_sign`."""
-    B = tokens.shape[0]
-    nh, nkv, d = w.n_heads, w.n_kv, w.head_dim
-    nq, nqk = nh * d, (nh + nkv) * d
-    end = at + 1
-    h = F.embedding(tokens[:, 0], w.embed).float()  # (B,H)
-    H = h.shape[-1]
-    for i, ly in enumerate(w.layers):
-        x = F.rms_norm(h, (H,), ly.ln1, w.eps)
-        qkv = w.linear(x, ly.qkv, ly.qkv_bias)  # (B,nq+2nk)
-        qk = qkv[:, :nqk].view(B, nh + nkv, d)
-        qk = qk * cos + qk.view(B, nh + nkv, 2, d // 2).flip(-2).view(B, nh + nkv, d) * sin_signed
-        cache.k[i, :, :, at] = qk[:, nh:]  # cast to the cache's dtype
-        cache.v[i, :, :, at] = qkv[:, nqk:].view(B, nkv, d)
-        att = _attend(qk[:, :nh, None], cache.k[i, :, :, :end], cache.v[i, :, :, :end],
-                      key_bias)  # (B,h,1,d)
-        h = h + w.linear(att.reshape(B, nq), ly.o, ly.o_bias)
-        x = F.rms_norm(h, (H,), ly.ln2, w.eps)
-        if ly.gate_up is not None:
-            gate, up = w.linear(x, ly.gate_up).chunk(2, dim=-1)
-        else:
-            gate, up = w.linear(x, ly.gate), w.linear(x, ly.up)
-        h = h + w.linear(F.silu(gate) * up, ly.down)
-    last = F.rms_norm(h, (H,), w.norm, w.eps)  # (B,H)
-    return w.linear(last, w.lm_head), last
-
-
 @torch.no_grad()
 def _loop(model, queries, sampler: Sampler, *, max_new_tokens, stop_ids, pad_id, device,
           dtype, step_progress=None) -> list[list[int]]:
@@ -488,8 +446,7 @@ def _loop(model, queries, sampler: Sampler, *, max_new_tokens, stop_ids, pad_id,
                             sin[..., :P, :], prefill_bias)
     # expand to one row per query, in place
     cache.expand(first.tolist())
-    logits, last, cos, keys = logits[first], last[first], cos[first], keys[first]
-    sin_signed = sin[first] * _rope_sign(weights.head_dim, device)  # (B,1,L,d)
+    logits, last, cos, sin, keys = logits[first], last[first], cos[first], sin[first], keys[first]
     key_bias = torch.zeros(len(queries), 1, 1, L, device=device).masked_fill(
         ~keys[:, None, None, :], float("-inf"))  # (B,1,1,L)
     rows = list(range(len(queries)))  # original index of each live row
@@ -510,13 +467,13 @@ def _loop(model, queries, sampler: Sampler, *, max_new_tokens, stop_ids, pad_id,
             order, moves = compaction(live)
             cache.compact(moves, len(live))
             keep = torch.tensor(order, device=device)
-            cos, sin_signed, key_bias = cos[keep], sin_signed[keep], key_bias[keep]
+            cos, sin, key_bias = cos[keep], sin[keep], key_bias[keep]
             rows = [rows[j] for j in order]
             picked = [picked[j] for j in order]
         at = P + t  # the position of the token just drawn
         tok = torch.tensor(picked, device=device)[:, None]  # (b,1)
-        logits, last = _step(weights, cache, tok, at, cos[:, :, at], sin_signed[:, :, at],
-                             key_bias[..., :at + 1])
+        logits, last = _forward(weights, cache, tok, at, cos[..., at:at + 1, :],
+                                sin[..., at:at + 1, :], key_bias[..., :at + 1])
     return out
 
 

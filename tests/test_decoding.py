@@ -219,37 +219,6 @@ def test_bfloat16_loop_stays_close_to_float32(tiny, monkeypatch, copies):
     assert diff.max() > 0  # it really ran in bf16
 
 
-@pytest.mark.parametrize("rows", [1, 3])
-def test_a_decode_step_equals_the_general_forward_of_one_token(tiny, rows):
-    """`_step` (the loop's per-token path: q and k rotated together by a flip, grouped
-    attention) computes `_forward`'s logits for a one-token block, and writes the very same
-    rotated keys and values into the cache."""
-    model, tok = tiny
-    w = decoding.Weights(model, torch.float32)
-    g = torch.Generator().manual_seed(0)
-    P, L = 5, 8
-    ids = torch.randint(3, 200, (rows, P), generator=g)
-    pos = torch.arange(L).expand(rows, L)
-    cos, sin = w.rotary(torch.zeros(1), pos)
-    cos, sin = cos.float().unsqueeze(1), sin.float().unsqueeze(1)  # (B,1,L,d)
-    bias = torch.zeros(rows, 1, L, L).masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(),
-                                                   float("-inf"))
-    caches = [decoding._Cache(len(w.layers), rows, w.n_kv, L, w.head_dim, "cpu")
-              for _ in range(2)]
-    for c in caches:
-        decoding._forward(w, c, ids, 0, cos[..., :P, :], sin[..., :P, :], bias[..., :P, :P])
-    nxt = torch.randint(3, 200, (rows, 1), generator=g)
-    key_bias = torch.zeros(rows, 1, 1, P + 1)
-    want, want_last = decoding._forward(w, caches[0], nxt, P, cos[..., P:P + 1, :],
-                                        sin[..., P:P + 1, :], key_bias)
-    signed = sin * decoding._rope_sign(w.head_dim, "cpu")
-    got, got_last = decoding._step(w, caches[1], nxt, P, cos[:, :, P], signed[:, :, P], key_bias)
-    assert torch.allclose(got, want, atol=1e-5) and torch.allclose(got_last, want_last, atol=1e-5)
-    assert torch.equal(caches[1].k[:, :, :, P], caches[0].k[:, :, :, P])
-    assert torch.equal(caches[1].v[:, :, :, P], caches[0].v[:, :, :, P])
-    assert caches[1].k[:, :, :, P].abs().sum() > 0
-
-
 def test_attend_bf16_cache_matches_float32_attention():
     """One decode step over a bf16 cache (grouped products, float32 softmax) = float32
     attention over the same keys and values, query heads grouped as repeat_kv does (head j
