@@ -405,7 +405,10 @@ ASYMMETRIES = [
      "records the log-probs while sampling: TRL's precision in every phase, the same work."),
     ("Training precision (--precision, or a side's @bf16 / @float32): float32 on every side by "
      "default; bf16 = our mixed_precision=bf16 and TRL's bf16=True, on a CPU both bf16 autocast "
-     "over float32 weights and optimizer state. Under bf16 our rollout decodes at "
+     "with float32 optimizer state. TRL's weights stay float32 (autocast rounds them to bf16 at "
+     "every product); ours store the frozen base's decoder matrices in bf16 once (since "
+     "2026-12-01, models.store_frozen_linears: the same products, ~300 MB less resident, no "
+     "cast per product), LoRA, embedding and norms float32. Under bf16 our rollout decodes at "
      "sampling.decode_dtype and the old log-probs come from a bf16-autocast forward in the "
      "score phase (the same math as training's), as on CUDA."),
     ("Batching of the no-grad passes: TRL's local_rollout_forward_batch_size (set to our "
