@@ -113,6 +113,10 @@ def test_upload_a_prompt_file_through_the_page(ctx, browser, tmp_path):
         page.screenshot(path=str(SHOTS / "helper-D_upload_bad_1280.png"), full_page=True)
 
         drop.get_by_label("Clear").first.click()  # the bad file stays until cleared
+        # the component re-renders empty: a file set before that lands on the old input and is
+        # lost (seen once in a full-suite run on a loaded 2-core VM)
+        drop.get_by_text("bad.jsonl").first.wait_for(state="detached", timeout=30000)
+        drop.locator("input[type=file]").wait_for(state="attached", timeout=30000)
         drop.locator("input[type=file]").set_input_files(str(good))
         drop.get_by_text("good.jsonl").first.wait_for(timeout=30000)
         page.locator("#rs-upload-btn").click()
