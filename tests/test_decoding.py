@@ -137,8 +137,9 @@ def test_a_bf16_stored_base_decodes_as_a_float32_one_does_in_bf16(tiny_model_dir
     assert models.store_frozen_linears(stored, bf16) == 7 * 2  # 2 layers x q k v o gate up down
     mlp = stored.get_base_model().model.layers[0].mlp
     assert mlp.gate_proj.weight.dtype == torch.bfloat16
-    w = decoding.Weights(stored, torch.bfloat16).layers[0]
-    if decoding.Weights(stored, torch.bfloat16).packed:
+    snapshot = decoding.Weights(stored, torch.bfloat16)
+    w = snapshot.layers[0]
+    if snapshot.packed:
         assert w.gate_up is not None and w.gate is None  # one product instead of two
     else:
         assert w.gate_up is None and w.gate is mlp.gate_proj.weight

@@ -86,8 +86,8 @@ def test_a_cpu_bf16_runtime_stores_the_frozen_base_linears_in_bf16_with_the_same
         assert base and all(dtypes[n] == torch.bfloat16 for n in base)
         rest = [n for n in dtypes if n not in base]
         assert any(".value." in n for n in rest) and any("norm" in n for n in rest)
-        assert [n for n in rest if dtypes[n] != torch.float32] == []  # LoRA (every adapter), norms,
-        # the embedding / LM head
+        # LoRA (every adapter), norms, the embedding / LM head
+        assert [n for n in rest if dtypes[n] != torch.float32] == []
         assert all(p.dtype == torch.float32 for p in fp.parameters())  # "no": untouched
         # the same LoRA weights in both, then one forward each under bf16 autocast
         with torch.no_grad():
