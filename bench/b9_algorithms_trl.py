@@ -8,7 +8,13 @@ reward adapter + head; merged into a sequence classifier for TRL, as B2 does). G
 checkpointing is off on both sides (TRL's configs default it on; it is turned off). The current
 TRL release runs in `bench/.venv-trl-latest` (bench/b9_trl_side.py). Our side runs twice: `ours`
 (the project's defaults: on a CPU with native bf16 the rollout decodes with bf16 weights) and
-`ours-f32` (float32 decoding: TRL's precision in every phase, the same-work comparison). Each
+`ours-f32` (float32 decoding: TRL's precision in every phase, the same-work comparison).
+`--precision` sets the training precision of every side alike: `bf16` (bf16 autocast over
+float32 models on both sides, TRL's `bf16=True`; ours also stores the frozen base's decoder
+matrices in bf16, as the project does under bf16 on a CPU), `no` (float32 everywhere, the
+default of this bench until 2026-12-01) or `auto` (the project's default: bf16 on a CPU with
+native bf16 or a bf16 GPU, else float32); results of a `bf16` run go to
+`b9_algorithms_trl_bf16.json`. Each
 side runs in its own subprocess (peak RSS = that process's ru_maxrss); the order of the sides
 rotates run by run, so each runs first, second and third once in 3 runs. Optimizer steps
 are counted on both sides by one global `torch.optim.Optimizer` step hook; generated tokens are
@@ -16,7 +22,7 @@ counted up to and including each response's stop token. Every design difference 
 trainers do not let us remove is listed in the result's "asymmetries".
 
     .venv/bin/python -m bench.b9_algorithms_trl [--quick] [--algorithms grpo,rloo,dpo] [--runs 3]
-                                               [--sides ours,ours-f32,trl]
+                                               [--sides ours,ours-f32,trl] [--precision no]
 """
 from __future__ import annotations
 
@@ -57,7 +63,7 @@ def n_prompts(cfg, quick: bool) -> int:
 
 
 # -- set-up (our venv, subprocess): a workspace with a trained reward model, the TRL spec -------
-def setup(ws: Path, quick: bool) -> dict:
+def setup(ws: Path, quick: bool, precision: str = "no") -> dict:
     from bench.b2_ppo_trl import setup as b2_setup
     from rlhf_core.sampling import chat_prompts, stop_token_ids
     from rlhf_core.worker.runtime import Runtime
@@ -65,10 +71,12 @@ def setup(ws: Path, quick: bool) -> dict:
     info = b2_setup(ws)  # reward model trained on 8 synthetic rankings (as B2), promotion gate off
     cfg = bench_config(quick)
     prompts = common.PROMPTS[:n_prompts(cfg, quick)]
-    store, app_cfg = open_workspace(ws)
+    store, app_cfg = open_workspace(ws, mixed_precision=precision)
     runtime = Runtime(store, app_cfg, cpu=True)
     tok = runtime.tokenizer
-    spec = {**info, "prompts": prompts, "prompt_texts": chat_prompts(tok, prompts),
+    # the precision every side trains at: "auto" resolved here, once, for both venvs
+    spec = {**info, "mixed_precision": runtime.device.mixed_precision,
+            "prompts": prompts, "prompt_texts": chat_prompts(tok, prompts),
             "system_prompt": getattr(tok, "rlhf_system_prompt", ""),
             "stop_ids": stop_token_ids(tok, runtime.model), "config": dataclasses.asdict(cfg),
             "group_size": cfg.group_size}
@@ -79,7 +87,8 @@ def setup(ws: Path, quick: bool) -> dict:
 
 
 # -- our side (subprocess) ---------------------------------------------------------------------
-def ours_side(ws: Path, algorithm: str, quick: bool, decode: str | None = None) -> dict:
+def ours_side(ws: Path, algorithm: str, quick: bool, decode: str | None = None,
+              precision: str = "no") -> dict:
     import torch
 
     from rlhf_core.decoding import decode_dtype
@@ -88,8 +97,9 @@ def ours_side(ws: Path, algorithm: str, quick: bool, decode: str | None = None) 
     from rlhf_core.worker.runtime import Runtime
     from rlhf_core.workspace import open_workspace
     threads = common.set_threads()
-    # float32 training as the TRL side's on a CPU (bf16 autocast would be a different math)
-    store, cfg = open_workspace(ws, mixed_precision="no", **{"sampling.decode_dtype": decode})
+    # the TRL side's training precision ("no": float32; "bf16": bf16 autocast on both sides)
+    store, cfg = open_workspace(ws, mixed_precision=precision,
+                                **{"sampling.decode_dtype": decode})
     config = bench_config(quick)
     prompts = common.PROMPTS[:n_prompts(config, quick)]
     runtime = Runtime(store, cfg, cpu=not torch.cuda.is_available())
@@ -195,16 +205,22 @@ def summarize(algorithm: str, runs: dict[str, list[dict]]) -> dict:
     }
 
 
-def side_cmd(side: str, algorithm: str, ws: Path, spec_path: Path, trl_py, quick: bool) -> list:
+def side_cmd(side: str, algorithm: str, ws: Path, spec_path: Path, trl_py, quick: bool,
+             precision: str = "no") -> list:
     if side == "trl":
         return [str(trl_py), "-m", "bench.b9_trl_side", str(spec_path), algorithm]
     return ([sys.executable, "-m", "bench.b9_algorithms_trl", "--side", str(ws),
-             "--algorithm", algorithm] + (["--quick"] if quick else [])
+             "--algorithm", algorithm, "--precision", precision] + (["--quick"] if quick else [])
             + (["--decode-dtype", "float32"] if side == "ours-f32" else []))
 
 
+def result_name(precision: str) -> str:
+    """The float32 bench keeps its file; a bf16 run writes its own beside it."""
+    return "b9_algorithms_trl" + ("_bf16" if precision == "bf16" else "")
+
+
 def run(quick: bool = False, algorithms=ALGORITHMS, reps: int | None = None,
-        sides=SIDES) -> dict:
+        sides=SIDES, precision: str = "no") -> dict:
     from bench import trl_env
     trl_py = trl_env.ensure("reward")  # bench/.venv-trl-latest: the current TRL release
     reps = reps or (1 if quick else 3)
@@ -214,8 +230,9 @@ def run(quick: bool = False, algorithms=ALGORITHMS, reps: int | None = None,
               "versions": {"ours": common.package_versions()}, "algorithms": {}}
     with tempfile.TemporaryDirectory(prefix="bench-b9-") as tmp:
         base = Path(tmp) / "base"
-        spec = _sub([sys.executable, "-m", "bench.b9_algorithms_trl", "--setup", str(base)]
-                    + (["--quick"] if quick else []))
+        spec = _sub([sys.executable, "-m", "bench.b9_algorithms_trl", "--setup", str(base),
+                     "--precision", precision] + (["--quick"] if quick else []))
+        precision = result["precision"] = spec["mixed_precision"]  # "auto" resolved
         spec["threads"] = int(os.environ.get("RLHF_BENCH_THREADS", os.cpu_count() or 2))
         spec_path = Path(tmp) / "spec.json"
         spec_path.write_text(json.dumps(spec))
@@ -230,7 +247,7 @@ def run(quick: bool = False, algorithms=ALGORITHMS, reps: int | None = None,
                     if side != "trl":
                         shutil.copytree(base, ws)
                     runs[side].append(_run_side(side_cmd(side, algorithm, ws, spec_path, trl_py,
-                                                         quick)))
+                                                         quick, precision)))
                     shutil.rmtree(ws, ignore_errors=True)
                     last = runs[side][-1]
                     print(f"B9 {algorithm} run {r} {side}: {last.get('round_s', 'no')} s "
@@ -239,7 +256,7 @@ def run(quick: bool = False, algorithms=ALGORITHMS, reps: int | None = None,
             result["versions"]["trl"] = next((t["versions"] for t in runs.get("trl", [])
                                               if "versions" in t), result["versions"].get("trl"))
             if not quick:  # a partial result survives an interrupted run
-                common.write_result("b9_algorithms_trl", result)
+                common.write_result(result_name(precision), result)
     return result
 
 
@@ -257,9 +274,13 @@ def settings(spec: dict, quick: bool) -> dict:
             "dpo_minibatch_pairs": max(1, c["minibatch_size"] // 2),
             "missing_eos_penalty": c["missing_eos_penalty"], "lora": spec["lora"],
             "gradient_checkpointing": {"ours": c["gradient_checkpointing"], "trl": False},
-            "dtype": "training, reference and reward forwards float32 on every side (TRL's bf16 "
-                     "default turned off); decoding: ours bf16 weights by default on this CPU, "
-                     "ours-f32 float32, TRL float32",
+            "dtype": (("training, reference and reward forwards under bf16 autocast over "
+                       "float32 models on every side (TRL bf16=True); ours stores the frozen "
+                       "base's decoder Linear weights in bf16 (the same products under "
+                       "autocast)") if spec.get("mixed_precision") == "bf16" else
+                      "training, reference and reward forwards float32 on every side (TRL's "
+                      "bf16 default turned off)") + "; decoding: ours bf16 weights by default "
+                     "on this CPU, ours-f32 float32, TRL the model's float32 weights",
             "dropout": "off on both sides (LoRA dropout 0; TRL disable_dropout=True)",
             "threads": spec["threads"],
             "reward": f"our reward v{spec['reward_version']} (adapter + head; merged into a "
@@ -340,15 +361,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--side", help=argparse.SUPPRESS)
     ap.add_argument("--algorithm", help=argparse.SUPPRESS)
     ap.add_argument("--decode-dtype", help=argparse.SUPPRESS)
+    ap.add_argument("--precision", choices=("no", "bf16", "auto"), default="no",
+                    help="training precision of every side: no (float32, default), bf16, or "
+                         "auto (the project's default on this machine)")
     ap.add_argument("--sides", default=",".join(SIDES),
                     help="ours (defaults), ours-f32 (float32 decoding), trl")
     args = ap.parse_args(argv)
     if args.setup:
-        print("RESULT " + json.dumps(setup(Path(args.setup), args.quick)), flush=True)
+        print("RESULT " + json.dumps(setup(Path(args.setup), args.quick, args.precision)),
+              flush=True)
         return {}
     if args.side:
         print("RESULT " + json.dumps(ours_side(Path(args.side), args.algorithm, args.quick,
-                                               args.decode_dtype)), flush=True)
+                                               args.decode_dtype, args.precision)), flush=True)
         return {}
     algorithms = [a for a in args.algorithms.split(",") if a]
     bad = set(algorithms) - set(ALGORITHMS)
@@ -357,12 +382,12 @@ def main(argv=None) -> dict:
     sides = tuple(x for x in args.sides.split(",") if x)
     if set(sides) - set(SIDES) or "trl" not in sides:
         ap.error(f"--sides: some of {', '.join(SIDES)}, with trl")
-    res = run(args.quick, algorithms, args.runs, sides)
+    res = run(args.quick, algorithms, args.runs, sides, args.precision)
     if args.quick:  # a smoke test: never over the committed full result
         path = Path(tempfile.gettempdir()) / "b9_algorithms_trl_quick.json"
         path.write_text(json.dumps(res, indent=2, default=str) + "\n")
     else:
-        path = common.write_result("b9_algorithms_trl", res)
+        path = common.write_result(result_name(res["precision"]), res)
     print(f"written: {path}", flush=True)
     print(json.dumps({a: {k: v for k, v in s.items() if k.startswith(("ratio", "rss", "round"))}
                       for a, s in res["algorithms"].items()}, indent=1))

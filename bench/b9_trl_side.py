@@ -9,7 +9,9 @@ Each trainer gets what TRL documents for LoRA: the base policy with `peft_config
 is the policy with its adapter disabled) and a sequence-classifier reward model (our reward
 adapter merged into the base, our head as its `score`: b2_trl_side.merged_reward_model).
 Settings that TRL defaults differently from ours are set to ours: gradient checkpointing off,
-float32 (no bf16 autocast), dropout off, constant learning rate, Adam eps 1e-5, no weight decay.
+the spec's precision (float32, or bf16 autocast over the float32 models with `bf16=True` when
+the spec says "bf16", as ours), dropout off, constant learning rate, Adam eps 1e-5, no weight
+decay.
 """
 from __future__ import annotations
 
@@ -78,7 +80,7 @@ def common_args(spec: dict, out_dir: str) -> dict:
     return {"output_dir": out_dir, "learning_rate": c["lr"], "lr_scheduler_type": "constant",
             "warmup_steps": 0, "weight_decay": 0.0, "adam_epsilon": 1e-5,
             "max_grad_norm": c["max_grad_norm"], "seed": c["seed"], "use_cpu": True,
-            "bf16": False, "gradient_checkpointing": False, "disable_dropout": True,
+            "bf16": spec.get("mixed_precision") == "bf16", "gradient_checkpointing": False, "disable_dropout": True,
             "save_strategy": "no", "report_to": [], "logging_steps": 1000, "disable_tqdm": True,
             "dataloader_num_workers": 0, "temperature": c["temperature"], "top_p": 1.0,
             "top_k": 0}
@@ -138,6 +140,10 @@ def build_trainer(algorithm: str, spec: dict, tok, policy, reward, lora, dataset
 def main(spec_path: str, algorithm: str) -> None:
     with open(spec_path) as fh:
         spec = json.load(fh)
+    import os
+    # the Accelerator the trainer builds reads this as well as `bf16` (as B2's TRL side)
+    os.environ["ACCELERATE_MIXED_PRECISION"] = ("bf16" if spec.get("mixed_precision") == "bf16"
+                                                else "no")
     import torch
     torch.set_num_threads(spec["threads"])
     from datasets import Dataset

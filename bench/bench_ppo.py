@@ -1,16 +1,19 @@
-"""Wall time and peak memory of one PPO round on the embedded model (SmolLM2-135M), per phase.
+"""Wall time and peak memory of one policy round on the embedded model (SmolLM2-135M), per phase.
 
 Phases: generate (rollout sampling), score (reward + policy/reference log-probs + values),
 train (PPO epochs). The reward model is a fresh random reward adapter + head on the shared base
 (the cost of scoring is real, the scores are noise), as no reward version exists in a new
-workspace. Writes bench/results/ppo.json.
+workspace. Writes bench/results/ppo.json; `--algorithm grpo|rloo|dpo` times that round
+instead (same config) and writes bench/results/policy_round_<algorithm>.json.
 
     .venv/bin/python -m bench.bench_ppo                      # the PPOConfig defaults
     .venv/bin/python -m bench.bench_ppo --set epochs=1 --set prompts_per_round=4   # smoke
+    .venv/bin/python -m bench.bench_ppo --algorithm rloo     # the default round
 """
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import threading
 import time
@@ -22,12 +25,12 @@ from bench.common import embedded_model_dir, machine, peak_rss_mb, set_threads, 
 from rlhf_core import models
 from rlhf_core.config import AppConfig, PPOConfig, to_dict, with_overrides
 from rlhf_core.data.store import Store
-from rlhf_core.policy.ppo import ppo_round
+from rlhf_core.policy.rounds import ROUNDS
 from rlhf_core.worker.runtime import Runtime
 from rlhf_core.workspace import parse_settings, seed_prompts_if_empty
 
 PHASES = {"generating": "generate", "scoring": "score", "PPO step": "train",
-          "published": "publish"}
+          "GRPO step": "train", "RLOO step": "train", "DPO step": "train", "published": "publish"}
 
 
 class RssSampler(threading.Thread):
@@ -83,6 +86,10 @@ def main(argv=None) -> dict:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a PPOConfig field (JSON value)")
+    ap.add_argument("--algorithm", default="ppo", choices=sorted(ROUNDS),
+                    help="the policy round to time (default ppo)")
+    ap.add_argument("--out", help="result name under bench/results, or a path ending in .json "
+                                  "(default: ppo, or policy_round_<algorithm>)")
     args = ap.parse_args(argv)
     threads = set_threads()
     config = with_overrides(PPOConfig(), parse_settings(args.set))
@@ -100,13 +107,15 @@ def main(argv=None) -> dict:
         reward_fn = random_reward_fn(runtime)
         load_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        result = ppo_round(runtime, config=config, reporter=BenchReporter(store, sampler),
-                           reward_fn=reward_fn)
+        result = ROUNDS[args.algorithm](runtime, config=config,
+                                        reporter=BenchReporter(store, sampler),
+                                        reward_fn=reward_fn)
         round_s = time.perf_counter() - t0
         store.close()
     sampler.stop()
     m = result["metrics"]
     out = {
+        "algorithm": args.algorithm, "mixed_precision": runtime.device.mixed_precision,
         "model": "embedded:smollm2-135m-instruct", "device": str(runtime.device.device),
         "threads": threads, "machine": machine(), "config": to_dict(config),
         "sequences": m["n_sequences"], "minibatch_size": config.minibatch_size,
@@ -118,13 +127,18 @@ def main(argv=None) -> dict:
                     "train": round(m["time_train"], 1)},
         "phase_peak_rss_mb": {k: round(v) for k, v in sampler.peaks.items()},
         "peak_rss_mb": round(peak_rss_mb()),
-        "first_ratio": m["first_ratio"], "approx_kl": m["approx_kl"], "kl": m["kl"],
+        "first_ratio": m.get("first_ratio"), "approx_kl": m.get("approx_kl"), "kl": m.get("kl"),
     }
-    path = write_result("ppo", out)
-    print(f"PPO round on {out['model']} ({out['device']}, {threads} threads): "
+    name = args.out or ("ppo" if args.algorithm == "ppo" else f"policy_round_{args.algorithm}")
+    if name.endswith(".json"):
+        path = Path(name)
+        path.write_text(json.dumps(out, indent=2, default=str) + "\n")
+    else:
+        path = write_result(name, out)
+    print(f"{args.algorithm.upper()} round on {out['model']} ({out['device']}, {threads} threads): "
           f"{out['sequences']} sequences, minibatch {out['minibatch_size']}, "
           f"max_new_tokens {out['max_new_tokens']} (mean {out['mean_response_tokens']}), "
-          f"{out['ppo_steps']} PPO steps")
+          f"{out['ppo_steps']} optimizer steps")
     for phase in ("generate", "score", "train"):
         print(f"  {phase:9s} {out['phase_s'][phase]:7.1f} s   "
               f"peak RSS {out['phase_peak_rss_mb'].get(phase, float('nan')):7.0f} MB")

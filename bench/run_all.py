@@ -15,7 +15,7 @@ import traceback
 
 from bench import common
 
-SUITE = {  # id -> (module, results name)
+SUITE = {  # id -> (module, results name[, keywords of its run()])
     "B0": ("bench.b0_startup", "b0_startup"),
     "B1": ("bench.b1_sampling", "b1_sampling"),
     "B2": ("bench.b2_ppo_trl", "b2_ppo_trl"),
@@ -23,6 +23,8 @@ SUITE = {  # id -> (module, results name)
     "B4": ("bench.b4_latency", "b4_latency"),
     "B5": ("bench.b5_loop", "b5_loop"),
     "B9": ("bench.b9_algorithms_trl", "b9_algorithms_trl"),
+    # B9 at the project's precision on a bf16 CPU (bf16 autocast on both sides, as B2 runs)
+    "B9-BF16": ("bench.b9_algorithms_trl", "b9_algorithms_trl_bf16", {"precision": "bf16"}),
 }
 
 
@@ -119,16 +121,19 @@ def ratio_rows(results: dict) -> list[tuple[str, str, str, str]]:
                     _f(g.get("overhead_ms_p50"), "{:.1f}"), "reported apart"))
         ctx.append(("B4", f"share of the busy phase with a {busy}",
                     _f(r.get("ppo_running_fraction")), "1.0"))
-    r = results.get("B9")
-    if r and "error" not in r:
+    for bid in ("B9", "B9-BF16"):
+        r = results.get(bid)
+        if not r or "error" in r:
+            continue
+        math = "bf16 autocast" if r.get("precision") == "bf16" else "float32"
         for alg, a in r["algorithms"].items():
-            side = "ours-f32" if "ratio_trl_over_ours-f32" in a else "ours"
+            side = "ours-f32" if "ratio_trl_over_ours-f32" in a and bid == "B9" else "ours"
             per_run = a.get(f"ratio_per_run_trl_over_{side}") or []
             spread = f" ({min(per_run):.2f}-{max(per_run):.2f})" if per_run else ""
-            rows.append(("B9", f"{alg} round speed-up vs {a['trl_trainer']} (TRL s / ours s)",
-                         f"{_f(a.get(f'ratio_trl_over_{side}'))}{spread}", "-"))
-            rows.append(("B9", f"{alg} peak RSS, ours/TRL", _f(a.get(f"rss_ratio_{side}_over_trl")),
-                         "<= 0.5"))
+            rows.append((bid, f"{alg} round speed-up vs {a['trl_trainer']} ({math}; TRL s / "
+                         "ours s)", f"{_f(a.get(f'ratio_trl_over_{side}'))}{spread}", "-"))
+            rows.append((bid, f"{alg} peak RSS, ours/TRL ({math})",
+                         _f(a.get(f"rss_ratio_{side}_over_trl")), "<= 0.5"))
     r = results.get("B5")
     if r and "error" not in r:
         s = r["split"]
@@ -196,7 +201,8 @@ def main(argv=None) -> dict:
     latest = common.RESULTS / "latest.json"
     if args.collect:
         results = {bid: json.loads((common.RESULTS / f"{name}.json").read_text())
-                   for bid, (_, name) in SUITE.items() if (common.RESULTS / f"{name}.json").exists()}
+                   for bid, (_, name, *_kw) in SUITE.items()
+                   if (common.RESULTS / f"{name}.json").exists()}
         out = {"machine": common.machine(), "results": results,
                "written_at": time.strftime("%Y-%m-%d %H:%M:%S")}
         common.write_result("latest", out)
@@ -206,11 +212,13 @@ def main(argv=None) -> dict:
     previous = json.loads(latest.read_text())["results"] if latest.exists() else {}
     results = dict(previous)  # --only keeps the other benchmarks' last results in latest.json
     for bid in ids:
-        module, name = SUITE[bid]
-        print(f"== {bid} ({module}{' --quick' if args.quick else ''})", flush=True)
+        module, name, *kw = SUITE[bid]
+        kw = kw[0] if kw else {}
+        print(f"== {bid} ({module}{' --quick' if args.quick else ''}"
+              f"{''.join(f' --{k} {v}' for k, v in kw.items())})", flush=True)
         t0 = time.perf_counter()
         try:
-            res = importlib.import_module(module).run(quick=args.quick)
+            res = importlib.import_module(module).run(quick=args.quick, **kw)
             res["quick"], res["bench_seconds"] = args.quick, round(time.perf_counter() - t0, 1)
             res["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
             common.write_result(name, res)

@@ -98,3 +98,25 @@ def test_suite_table_shows_spreads_and_the_policy_algorithm():
     labels = [row[1] for row in run_all.ratio_rows({"B4": b4, "B5": b5})]
     assert any(k.startswith("PPO round running") for k in labels)
     assert any("PPO round" in k for k in labels if k.startswith("loop latency"))
+
+
+def test_suite_table_keeps_b9_at_each_precision_apart():
+    """B9 runs in float32 (`B9`) and at the project's bf16 (`B9-BF16`, its own result file):
+    the table labels each row with its math, and the float32 run reads its `ours-f32` side."""
+    from bench import run_all
+    from bench.b9_algorithms_trl import result_name
+
+    def b9(precision, ratio, rss):
+        side = {"trl_trainer": "trl.RLOOTrainer", "ratio_trl_over_ours": ratio,
+                "ratio_per_run_trl_over_ours": [ratio - 0.1, ratio + 0.1],
+                "rss_ratio_ours_over_trl": rss}
+        return {"precision": precision, "algorithms": {"rloo": side}}
+    rows = run_all.ratio_rows({"B9": b9("no", 1.8, 0.66), "B9-BF16": b9("bf16", 2.5, 0.45)})
+    got = {(bid, label): value for bid, label, value, _ in rows}
+    assert got[("B9", "rloo peak RSS, ours/TRL (float32)")] == "0.66"
+    assert got[("B9-BF16", "rloo peak RSS, ours/TRL (bf16 autocast)")] == "0.45"
+    assert got[("B9-BF16", "rloo round speed-up vs trl.RLOOTrainer (bf16 autocast; TRL s / "
+                           "ours s)")] == "2.50 (2.40-2.60)"
+    assert (result_name("no"), result_name("bf16")) == ("b9_algorithms_trl",
+                                                        "b9_algorithms_trl_bf16")
+    assert run_all.SUITE["B9-BF16"][2] == {"precision": "bf16"}
