@@ -10,7 +10,9 @@ adapter on every layer) from a `git archive` of it, beside today's `bench.bench_
 work (64 rollouts x 32 tokens, 2 epochs of 8 minibatches, a random reward head), the same
 machine, threads and venv; only the code differs. Writes bench/results/round_vs_filed.json.
 
-    .venv/bin/python -m bench.round_vs_filed [--runs 3] [--commit 854934a]
+    .venv/bin/python -m bench.round_vs_filed [--runs 3] [--commit 854934a] [--repo DIR]
+
+(`--repo`: the git checkout to take the old commit from, when this runs from an export.)
 """
 from __future__ import annotations
 
@@ -29,10 +31,10 @@ FILED = "854934a"  # the restructure that opened the round issue 13 was filed in
 SIDES = ("filed-ppo", "rloo", "ppo")
 
 
-def export(commit: str, dest: Path) -> Path:
+def export(commit: str, dest: Path, repo: Path | None = None) -> Path:
     """The commit's tree, extracted under dest (no checkout: the working tree is not touched)."""
-    data = subprocess.run(["git", "archive", commit], cwd=common.BENCH.parent, check=True,
-                          capture_output=True).stdout
+    data = subprocess.run(["git", "archive", commit], cwd=repo or common.BENCH.parent,
+                          check=True, capture_output=True).stdout
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         tar.extractall(dest, filter="data")
     return dest
@@ -62,10 +64,10 @@ def one_round(side: str, tree: Path, out: Path) -> dict:
             "mixed_precision": r.get("mixed_precision", "no (before the setting existed)")}
 
 
-def run(runs: int = 3, commit: str = FILED) -> dict:
+def run(runs: int = 3, commit: str = FILED, repo: Path | None = None) -> dict:
     rows: dict[str, list[dict]] = {s: [] for s in SIDES}
     with tempfile.TemporaryDirectory(prefix="round-vs-filed-") as tmp:
-        tree = export(commit, Path(tmp) / "filed")
+        tree = export(commit, Path(tmp) / "filed", repo)
         for r in range(runs):
             for side in SIDES[r % 3:] + SIDES[:r % 3]:
                 rows[side].append(one_round(side, tree, Path(tmp) / f"{side}.json"))
@@ -93,8 +95,9 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--commit", default=FILED)
+    ap.add_argument("--repo", type=Path, help="git checkout holding --commit (default: this one)")
     args = ap.parse_args(argv)
-    return run(args.runs, args.commit)
+    return run(args.runs, args.commit, args.repo)
 
 
 if __name__ == "__main__":
