@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from rlhf_core import native_decode
 from rlhf_core.advantages import entropy_from_logp
 from rlhf_core.models import native_bf16_cpu, pad_sequences
 
@@ -227,7 +228,7 @@ class Weights:
     then counts: `model.disable_adapter()` gives the base's)."""
 
     @torch.no_grad()
-    def __init__(self, model, dtype: torch.dtype, batch_hint: int = 1):
+    def __init__(self, model, dtype: torch.dtype, batch_hint: int = 1, pack: bool = True):
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         cfg, body = inner.config, inner.model
         self.dtype = dtype
@@ -239,7 +240,8 @@ class Weights:
         self.embed = body.embed_tokens.weight  # float as stored: a lookup reads few bytes
         self.norm = body.norm.weight.float()
         self.lm_head = _effective(inner.get_output_embeddings())[0].to(dtype)
-        pack = _packer(dtype, self.lm_head.device, batch_hint)
+        # pack=False: the plain matrices, for the native step (it reads them as they are)
+        pack = _packer(dtype, self.lm_head.device, batch_hint) if pack else None
         self.layers = []
         for layer in body.layers:
             a, m = layer.self_attn, layer.mlp
@@ -418,7 +420,11 @@ def _forward(w: Weights, cache: _Cache, tokens, start: int, cos, sin, key_bias):
 @torch.no_grad()
 def _loop(model, queries, sampler: Sampler, *, max_new_tokens, stop_ids, pad_id, device,
           dtype, step_progress=None) -> list[list[int]]:
-    weights = Weights(model, dtype, batch_hint=len(queries))
+    # one row in bf16 on CPU: the decode steps run natively (`native_decode`), on the plain
+    # matrices; the prefill still runs `_forward`
+    native = native_decode.eligible(len(queries), device, dtype)
+    weights = Weights(model, dtype, batch_hint=len(queries), pack=not native)
+    step = _native_step(weights) if native else None
     # one prefill per distinct prompt; rows are copies of their prompt's cache
     distinct: dict[tuple, int] = {}
     for q in queries:
@@ -449,6 +455,8 @@ def _loop(model, queries, sampler: Sampler, *, max_new_tokens, stop_ids, pad_id,
     logits, last, cos, sin, keys = logits[first], last[first], cos[first], sin[first], keys[first]
     key_bias = torch.zeros(len(queries), 1, 1, L, device=device).masked_fill(
         ~keys[:, None, None, :], float("-inf"))  # (B,1,1,L)
+    if step is not None:  # one row: no padding, no compaction (it stops, the loop ends)
+        step.bind(cache.k, cache.v, cos[0, 0], sin[0, 0], key_bias[0, 0, 0])
     rows = list(range(len(queries)))  # original index of each live row
     out: list[list[int]] = [[] for _ in queries]
     stops = set(stop_ids)
@@ -471,10 +479,23 @@ def _loop(model, queries, sampler: Sampler, *, max_new_tokens, stop_ids, pad_id,
             rows = [rows[j] for j in order]
             picked = [picked[j] for j in order]
         at = P + t  # the position of the token just drawn
+        if step is not None:
+            logits, last = step(picked[0], at)
+            continue
         tok = torch.tensor(picked, device=device)[:, None]  # (b,1)
         logits, last = _forward(weights, cache, tok, at, cos[..., at:at + 1, :],
                                 sin[..., at:at + 1, :], key_bias[..., :at + 1])
     return out
+
+
+def _native_step(weights: Weights):
+    """The native step over `weights`, or None (one warning) if it refuses them."""
+    try:
+        return native_decode.Step(weights)
+    except Exception as e:  # a layout the extension does not take: the Python step
+        native_decode.log.warning("native decode step refused the weights (%s): decoding in "
+                                  "Python", e)
+        return None
 
 
 def _hf_generate(model, queries, sampler: Sampler, *, max_new_tokens, stop_ids, pad_id, device):
