@@ -11,7 +11,7 @@ It is compiled on first use with `torch.utils.cpp_extension.load` into
 ~/.cache/rlhf-loop/torch_extensions/<torch version>-<python version> (or $RLHF_EXTENSIONS_DIR),
 never at import time; `build()` compiles it ahead (setup, tests). The kernels carry their own
 target attributes and the module checks the CPU at run time, so the build flags are portable
-(-O3, no -march=native). A failed build or a CPU without AVX512-BF16 logs one warning and the
+(-O3 -fopenmp, no -march=native). A failed build or a CPU without AVX512-BF16 logs one warning and the
 loop keeps its Python step; RLHF_NATIVE_DECODE=0 turns the native step off.
 """
 from __future__ import annotations
@@ -57,7 +57,8 @@ def build(verbose: bool = False):
         path = build_dir()
         path.mkdir(parents=True, exist_ok=True)
         _module = cpp_extension.load(name="rlhf_decode_step", sources=[str(SOURCE)],
-                                     extra_cflags=["-O3"], build_directory=str(path),
+                                     extra_cflags=["-O3", "-fopenmp"],
+                                     extra_ldflags=["-fopenmp"], build_directory=str(path),
                                      verbose=verbose)
         _failure = None
         return _module

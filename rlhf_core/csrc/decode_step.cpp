@@ -4,8 +4,8 @@
 // each beside its 121 matrix products; here the whole step is plain loops: a bf16 matrix-vector
 // product with AVX512-BF16 (vdpbf16ps over the weights' own row-major (out, in) layout, so
 // nothing is repacked), float32 norms, rotary, attention and residual stream. The step runs on
-// the calling thread plus a small pool of worker threads: each product is split by output rows,
-// the threads meet at a spin barrier between the phases of a layer (4 per layer).
+// torch's OpenMP threads (`torch.get_num_threads()`): each product is split by output rows, the
+// threads meet at a spin barrier between the phases of a layer (4 per layer).
 //
 // Numerics follow `_forward` at bf16: a product's input is rounded to bf16, its output too
 // (oneDNN returns bf16), bias and residual added in float32; the KV cache is float32.
@@ -13,16 +13,12 @@
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
-#include <unistd.h>
+#include <omp.h>
 
 #include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <functional>
-#include <memory>
-#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -150,11 +146,11 @@ inline void spin_until(Ready ready) {
 // A spin barrier for the threads of one step (they are all running: no sleeping inside a step).
 class Barrier {
  public:
-  void reset(int n) { n_ = n; count_.store(0); phase_.store(0); }
-  void wait() {
-    if (n_ == 1) return;
+  void reset() { count_.store(0); phase_.store(0); }
+  void wait(int n) {
+    if (n == 1) return;
     const int phase = phase_.load(std::memory_order_acquire);
-    if (count_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
+    if (count_.fetch_add(1, std::memory_order_acq_rel) == n - 1) {
       count_.store(0, std::memory_order_relaxed);
       phase_.store(phase + 1, std::memory_order_release);
     } else {
@@ -163,91 +159,8 @@ class Barrier {
   }
 
  private:
-  int n_ = 1;
   std::atomic<int> count_{0};
   std::atomic<int> phase_{0};
-};
-
-// Worker threads that run one function per step with the caller (thread 0). Workers sleep on a
-// condition variable between steps. Made again in a forked child (threads do not survive fork).
-class Pool {
- public:
-  static Pool& get() {
-    static std::unique_ptr<Pool> pool;
-    static std::mutex m;
-    std::lock_guard<std::mutex> lock(m);
-    if (!pool || pool->pid_ != getpid()) {
-      if (pool && pool->pid_ != getpid()) pool.release();  // the parent's threads: not ours
-      pool.reset(new Pool());
-    }
-    return *pool;
-  }
-
-  ~Pool() {
-    {
-      std::lock_guard<std::mutex> lock(m_);
-      stop_ = true;
-      ++generation_;
-    }
-    cv_.notify_all();
-    for (auto& t : threads_) t.join();
-  }
-
-  // fn(tid, n) on n threads (the caller is tid 0); returns when all are done.
-  void run(int n, const std::function<void(int, int)>& fn) {
-    std::lock_guard<std::mutex> one_step_at_a_time(run_m_);
-    if (n <= 1) {
-      fn(0, 1);
-      return;
-    }
-    while (static_cast<int>(threads_.size()) < n - 1) {
-      const int tid = static_cast<int>(threads_.size()) + 1;
-      threads_.emplace_back([this, tid] { work(tid); });
-    }
-    {
-      std::lock_guard<std::mutex> lock(m_);
-      fn_ = &fn;
-      n_ = n;
-      pending_.store(n - 1);
-      ++generation_;
-    }
-    cv_.notify_all();
-    fn(0, n);
-    spin_until([&] { return pending_.load(std::memory_order_acquire) == 0; });
-  }
-
- private:
-  Pool() : pid_(getpid()) {}
-
-  void work(int tid) {
-    uint64_t seen = 0;
-    for (;;) {
-      const std::function<void(int, int)>* fn;
-      int n;
-      {
-        std::unique_lock<std::mutex> lock(m_);
-        cv_.wait(lock, [&] { return generation_ != seen; });
-        seen = generation_;
-        if (stop_) return;
-        fn = fn_;
-        n = n_;
-      }
-      if (tid < n) {
-        (*fn)(tid, n);
-        pending_.fetch_sub(1, std::memory_order_acq_rel);
-      }
-    }
-  }
-
-  pid_t pid_;
-  std::vector<std::thread> threads_;
-  std::mutex m_, run_m_;
-  std::condition_variable cv_;
-  uint64_t generation_ = 0;
-  bool stop_ = false;
-  const std::function<void(int, int)>* fn_ = nullptr;
-  int n_ = 1;
-  std::atomic<int> pending_{0};
 };
 
 inline std::pair<int64_t, int64_t> share(int64_t n, int tid, int threads, int64_t align = 4) {
@@ -350,11 +263,13 @@ class Step {
       const bf16* e = bf16_ptr(embed_) + token * H_;
       for (int64_t i = 0; i < H_; ++i) h_[i] = bf16_to_float(e[i]);
     }
-    const int n = std::max(1, std::min(at::get_num_threads(), 8));
-    barrier_.reset(n);
     float* lg = logits.data_ptr<float>();
     float* lst = last.data_ptr<float>();
-    Pool::get().run(n, [&](int tid, int threads) { run(tid, threads, at, lg, lst); });
+    barrier_.reset();
+    // torch's own OpenMP threads (the extension links the libgomp torch loaded): no second pool
+    // competing with them for the cores
+#pragma omp parallel num_threads(std::max(1, at::get_num_threads()))
+    run(omp_get_thread_num(), omp_get_num_threads(), at, lg, lst);
     return {logits, last};
   }
 
@@ -382,7 +297,7 @@ class Step {
         const float* b = ly.qkv_bias.data_ptr<float>();
         for (int64_t r = q0; r < q1; ++r) qkv_[r] += b[r];
       }
-      barrier_.wait();
+      barrier_.wait(threads);
       // rotary, the new key/value into the cache, each query head over positions [0, at]
       for (int64_t head = tid; head < n_heads_; head += threads) {
         const int64_t g = head / group;
@@ -410,14 +325,14 @@ class Step {
         for (int64_t p = 0; p <= at; ++p)
           axpy(scores[p] / sum, p == at ? vnew : vlp + p * vp, out, d);
       }
-      barrier_.wait();
+      barrier_.wait(threads);
       // o product + residual
       for (int64_t i = 0; i < nq; ++i) xb[i] = float_to_bf16(att_[i]);
       auto [o0, o1] = share(H_, tid, threads);
       gemv_rows(bf16_ptr(ly.o), xb.data(), nq, o0, o1, tmp.data());
       const float* ob = ly.o_bias.defined() ? ly.o_bias.data_ptr<float>() : nullptr;
       for (int64_t r = o0; r < o1; ++r) h_[r] += ob ? tmp[r] + ob[r] : tmp[r];
-      barrier_.wait();
+      barrier_.wait(threads);
       // MLP: gate and up rows j on the same thread, silu(gate) * up to act
       rms_norm_bf16(h_.data(), ly.ln2.data_ptr<float>(), eps_, H_, xb.data());
       auto [j0, j1] = share(I_, tid, threads, 4);
@@ -427,11 +342,11 @@ class Step {
         const float g = tmp[j];
         act_[j] = float_to_bf16(g / (1.0f + std::exp(-g)) * tmp[I_ + j]);
       }
-      barrier_.wait();
+      barrier_.wait(threads);
       auto [d0, d1] = share(H_, tid, threads);
       gemv_rows(bf16_ptr(ly.down), act_.data(), I_, d0, d1, tmp.data());
       for (int64_t r = d0; r < d1; ++r) h_[r] += tmp[r];
-      barrier_.wait();
+      barrier_.wait(threads);
     }
     rms_norm_bf16(h_.data(), norm_.data_ptr<float>(), eps_, H_, xb.data(),
                   tid == 0 ? last : nullptr);
