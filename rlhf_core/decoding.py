@@ -209,6 +209,18 @@ def _cat_bias(mats, out_sizes):
                       for b, n in zip(biases, out_sizes)])
 
 
+def _cat_rows(mats: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """torch.cat(mats).to(dtype) in one pass: each matrix cast into its rows of the result (the
+    same values, without the concatenated copy in the source dtype)."""
+    out = torch.empty(sum(m.shape[0] for m in mats), mats[0].shape[1], dtype=dtype,
+                      device=mats[0].device)
+    row = 0
+    for m in mats:
+        out[row:row + m.shape[0]].copy_(m)
+        row += m.shape[0]
+    return out
+
+
 @dataclass
 class _Layer:
     ln1: torch.Tensor
@@ -261,10 +273,10 @@ class Weights:
             self.layers.append(_Layer(
                 ln1=layer.input_layernorm.weight.float(),
                 ln2=layer.post_attention_layernorm.weight.float(),
-                qkv=torch.cat([w for w, _ in qkv]).to(dtype).contiguous(),
+                qkv=_cat_rows([w for w, _ in qkv], dtype),
                 qkv_bias=_cat_bias(qkv, [w.shape[0] for w, _ in qkv]),
                 o=o_w.to(dtype).contiguous(), o_bias=o_b,
-                gate_up=None if own else torch.cat([w for w, _ in gu]).to(dtype).contiguous(),
+                gate_up=None if own else _cat_rows([w for w, _ in gu], dtype),
                 gate=gu[0][0] if own else None, up=gu[1][0] if own else None,
                 down=down_w.to(dtype).contiguous()))
         self.packed = pack is not None
