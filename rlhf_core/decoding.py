@@ -15,7 +15,10 @@ mistral, qwen2) run a hand-written loop instead of `model.generate`:
   AVX512-BF16 / AMX), which halves the bytes read per token — batch-1 decoding is bound by
   reading the weights — and float32 elsewhere. A batch of 32 or more rows keeps its KV cache
   in the decode dtype too (`_attend`); norms, softmax, the residual stream and the logits stay
-  float32. In float32 the loop's log-probs equal a forward pass's (tests).
+  float32. In float32 the loop's log-probs equal a forward pass's (tests);
+- one row in bf16 on CPU: the decode steps (not the prefill) run in C++, the whole step in one
+  call (`native_decode`, built on first use; RLHF_NATIVE_DECODE=0 or a failed build: the
+  Python step).
 
 Anything else (another architecture, DoRA, a LoRA bias, a sliding window shorter than the
 sequence) falls back to `model.generate` with the same sampler as a logits processor, so every

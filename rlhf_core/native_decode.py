@@ -121,3 +121,10 @@ class Step:
 
     def __call__(self, token: int, at: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self._step.step(int(token), int(at))
+
+
+if __name__ == "__main__":  # `python -m rlhf_core.native_decode`: build ahead (make setup)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    mod = module()
+    print(f"native decode step: {'ready' if mod is not None else 'unavailable (' + _failure + ')'}"
+          f" ({build_dir()})")
