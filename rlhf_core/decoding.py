@@ -31,7 +31,6 @@ generator per row, so a row's tokens do not depend on which other rows share its
 from __future__ import annotations
 
 import contextlib
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -213,40 +212,11 @@ def _cat_bias(mats, out_sizes):
                       for b, n in zip(biases, out_sizes)])
 
 
-class _Spare:
-    """The matrices of the last released snapshot, for the next snapshot of the same shapes: a
-    fresh 269 MB snapshot (the embedded model in bf16) is fresh pages the kernel faults in and
-    zeroes on every decode call. Holds at most one snapshot; used by the native batch-1 path."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._free: dict = {}
-
-    def take(self, shape, dtype, device) -> torch.Tensor:
-        key = (tuple(shape), dtype, torch.device(device))
-        with self._lock:
-            got = self._free.get(key)
-            if got:
-                return got.pop()
-        return torch.empty(shape, dtype=dtype, device=device)
-
-    def give(self, tensors) -> None:
-        free: dict = {}
-        for t in tensors:
-            free.setdefault((tuple(t.shape), t.dtype, t.device), []).append(t)
-        with self._lock:
-            self._free = free
-
-
-_SPARE = _Spare()
-
-
-def _cat_rows(mats: list[torch.Tensor], dtype: torch.dtype, alloc=None) -> torch.Tensor:
+def _cat_rows(mats: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """torch.cat(mats).to(dtype) in one pass: each matrix cast into its rows of the result (the
     same values, without the concatenated copy in the source dtype)."""
-    shape = (sum(m.shape[0] for m in mats), mats[0].shape[1])
-    out = (alloc(shape, dtype, mats[0].device) if alloc else
-           torch.empty(shape, dtype=dtype, device=mats[0].device))
+    out = torch.empty(sum(m.shape[0] for m in mats), mats[0].shape[1], dtype=dtype,
+                      device=mats[0].device)
     row = 0
     for m in mats:
         out[row:row + m.shape[0]].copy_(m)
@@ -273,8 +243,7 @@ class Weights:
     then counts: `model.disable_adapter()` gives the base's)."""
 
     @torch.no_grad()
-    def __init__(self, model, dtype: torch.dtype, batch_hint: int = 1, pack: bool = True,
-                 spare: _Spare | None = None):
+    def __init__(self, model, dtype: torch.dtype, batch_hint: int = 1, pack: bool = True):
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         cfg, body = inner.config, inner.model
         self.dtype = dtype
@@ -285,19 +254,7 @@ class Weights:
         self.rotary = body.rotary_emb
         self.embed = body.embed_tokens.weight  # float as stored: a lookup reads few bytes
         self.norm = body.norm.weight.float()
-        self._owned: list[torch.Tensor] = []  # matrices taken from `spare` (never the model's)
-        reuse = spare is not None and not pack
-
-        def alloc(shape, dt, device):
-            t = spare.take(shape, dt, device)
-            self._owned.append(t)
-            return t
-
-        def cast(w):  # w.to(dtype).contiguous(), into a spare matrix where one is reused
-            if not reuse or (w.dtype == dtype and w.is_contiguous()):
-                return w.to(dtype).contiguous()
-            return alloc(w.shape, dtype, w.device).copy_(w)
-        self.lm_head = cast(_effective(inner.get_output_embeddings())[0])
+        self.lm_head = _effective(inner.get_output_embeddings())[0].to(dtype)
         # pack=False: the plain matrices, for the native step (it reads them as they are)
         pack = _packer(dtype, self.lm_head.device, batch_hint) if pack else None
         self.layers = []
@@ -319,24 +276,18 @@ class Weights:
             self.layers.append(_Layer(
                 ln1=layer.input_layernorm.weight.float(),
                 ln2=layer.post_attention_layernorm.weight.float(),
-                qkv=_cat_rows([w for w, _ in qkv], dtype, alloc if reuse else None),
+                qkv=_cat_rows([w for w, _ in qkv], dtype),
                 qkv_bias=_cat_bias(qkv, [w.shape[0] for w, _ in qkv]),
-                o=cast(o_w), o_bias=o_b,
-                gate_up=None if own else _cat_rows([w for w, _ in gu], dtype,
-                                                    alloc if reuse else None),
+                o=o_w.to(dtype).contiguous(), o_bias=o_b,
+                gate_up=None if own else _cat_rows([w for w, _ in gu], dtype),
                 gate=gu[0][0] if own else None, up=gu[1][0] if own else None,
-                down=cast(down_w)))
+                down=down_w.to(dtype).contiguous()))
         self.packed = pack is not None
         if pack is not None:
             self.lm_head = pack(self.lm_head)
             for ly in self.layers:
                 ly.qkv, ly.o, ly.down = pack(ly.qkv), pack(ly.o), pack(ly.down)
                 ly.gate_up = pack(ly.gate_up)
-
-    def release(self, spare: _Spare) -> None:
-        """Hand the matrices this snapshot took from `spare` back to it (the snapshot is done)."""
-        spare.give(self._owned)
-        self._owned = []
 
     def linear(self, x: torch.Tensor, w, b: torch.Tensor | None = None):
         """float32 in and out; the product in the decode dtype."""
@@ -487,19 +438,8 @@ def _loop(model, queries, sampler: Sampler, *, max_new_tokens, stop_ids, pad_id,
     # one row in bf16 on CPU: the decode steps run natively (`native_decode`), on the plain
     # matrices; the prefill still runs `_forward`
     native = native_decode.eligible(len(queries), device, dtype)
-    weights = Weights(model, dtype, batch_hint=len(queries), pack=not native,
-                      spare=_SPARE if native else None)
+    weights = Weights(model, dtype, batch_hint=len(queries), pack=not native)
     step = _native_step(weights) if native else None
-    try:
-        return _decode_rows(weights, step, queries, sampler, max_new_tokens, stop_ids, pad_id,
-                            device, dtype, step_progress)
-    finally:
-        if native:
-            weights.release(_SPARE)
-
-
-def _decode_rows(weights, step, queries, sampler, max_new_tokens, stop_ids, pad_id, device,
-                 dtype, step_progress) -> list[list[int]]:
     # one prefill per distinct prompt; rows are copies of their prompt's cache
     distinct: dict[tuple, int] = {}
     for q in queries:
