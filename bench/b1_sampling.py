@@ -258,10 +258,68 @@ def run(quick: bool = False) -> dict:
     }
 
 
+@torch.no_grad()
+def batch1(rounds: int = 3, new_tokens: int = 64) -> dict:
+    """Only the batch-1 figure (`batch1_fraction_of_bound`), measured as `run` measures it
+    (forced length, the LoRA policy, the decode dtype "auto" picks, best of the rounds) for the
+    Python step (RLHF_NATIVE_DECODE=0) and the native one (rlhf_core/native_decode.py),
+    interleaved round by round in one process. Not written to bench/results."""
+    import os
+
+    from rlhf_core import decoding, native_decode
+    from rlhf_core.sampling import chat_ids
+    threads = common.set_threads()
+    dev = common.device_settings()
+    tok, ours, peer = load(dev)
+    del peer
+    ours.set_adapter("policy")
+    auto = decoding.decode_dtype("auto", dev.device)
+    queries = [chat_ids(tok, PROMPTS[0])]
+    t0 = time.perf_counter()
+    built = native_decode.module() is not None
+    build_s = time.perf_counter() - t0
+    paths = {"python": "0", "native": "1"}
+    secs = {name: [] for name in paths}
+    before = os.environ.get("RLHF_NATIVE_DECODE")
+    try:
+        for r in range(rounds + 1):  # round 0: warm-up
+            for name, flag in paths.items():
+                os.environ["RLHF_NATIVE_DECODE"] = flag
+                sampler = decoding.Sampler([0], 1.0, device=dev.device)
+                _, s = timed(lambda: decoding._loop(
+                    ours, queries, sampler, max_new_tokens=new_tokens, stop_ids=set(),
+                    pad_id=tok.pad_token_id, device=dev.device, dtype=auto), dev)
+                if r:
+                    secs[name].append(s)
+    finally:
+        if before is None:
+            os.environ.pop("RLHF_NATIVE_DECODE", None)
+        else:
+            os.environ["RLHF_NATIVE_DECODE"] = before
+    bw = read_bandwidth(dev, ours.get_output_embeddings().weight.numel() * 4)
+    bound = bw * 1e9 / weight_bytes(ours.get_base_model(), auto)
+    out = {"threads": threads, "decode_dtype": str(auto), "new_tokens": new_tokens,
+           "native_built": built, "native_load_s": round(build_s, 2),
+           "read_bandwidth_gb_s": round(bw, 1), "bound_tokens_per_s": round(bound, 1)}
+    for name, ss in secs.items():
+        best = min(ss)
+        out[name] = {"ms_per_token": round(best * 1000 / new_tokens, 2),
+                     "tokens_per_s": round(new_tokens / best, 1),
+                     "fraction_of_bound": round(new_tokens / best / bound, 3),
+                     "ms_per_token_rounds": [round(x * 1000 / new_tokens, 2) for x in ss]}
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--batch1", action="store_true",
+                    help="only the batch-1 figure, Python step vs native step (not saved)")
     args = ap.parse_args(argv)
+    if args.batch1:
+        res = batch1()
+        print(res)
+        return res
     res = run(args.quick)
     common.write_result("b1_sampling", res)
     print({k: res[k] for k in ("ratio", "ratio_lora", "tokens_per_s", "loop_vs_generate",

@@ -15,7 +15,10 @@ mistral, qwen2) run a hand-written loop instead of `model.generate`:
   AVX512-BF16 / AMX), which halves the bytes read per token — batch-1 decoding is bound by
   reading the weights — and float32 elsewhere. A batch of 32 or more rows keeps its KV cache
   in the decode dtype too (`_attend`); norms, softmax, the residual stream and the logits stay
-  float32. In float32 the loop's log-probs equal a forward pass's (tests).
+  float32. In float32 the loop's log-probs equal a forward pass's (tests);
+- one row in bf16 on CPU: the decode steps (not the prefill) run in C++, the whole step in one
+  call (`native_decode`, built on first use; RLHF_NATIVE_DECODE=0 or a failed build: the
+  Python step).
 
 Anything else (another architecture, DoRA, a LoRA bias, a sliding window shorter than the
 sequence) falls back to `model.generate` with the same sampler as a logits processor, so every
@@ -33,6 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from rlhf_core import native_decode
 from rlhf_core.advantages import entropy_from_logp
 from rlhf_core.models import native_bf16_cpu, pad_sequences
 
@@ -208,6 +212,18 @@ def _cat_bias(mats, out_sizes):
                       for b, n in zip(biases, out_sizes)])
 
 
+def _cat_rows(mats: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """torch.cat(mats).to(dtype) in one pass: each matrix cast into its rows of the result (the
+    same values, without the concatenated copy in the source dtype)."""
+    out = torch.empty(sum(m.shape[0] for m in mats), mats[0].shape[1], dtype=dtype,
+                      device=mats[0].device)
+    row = 0
+    for m in mats:
+        out[row:row + m.shape[0]].copy_(m)
+        row += m.shape[0]
+    return out
+
+
 @dataclass
 class _Layer:
     ln1: torch.Tensor
@@ -227,7 +243,7 @@ class Weights:
     then counts: `model.disable_adapter()` gives the base's)."""
 
     @torch.no_grad()
-    def __init__(self, model, dtype: torch.dtype, batch_hint: int = 1):
+    def __init__(self, model, dtype: torch.dtype, batch_hint: int = 1, pack: bool = True):
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         cfg, body = inner.config, inner.model
         self.dtype = dtype
@@ -239,7 +255,8 @@ class Weights:
         self.embed = body.embed_tokens.weight  # float as stored: a lookup reads few bytes
         self.norm = body.norm.weight.float()
         self.lm_head = _effective(inner.get_output_embeddings())[0].to(dtype)
-        pack = _packer(dtype, self.lm_head.device, batch_hint)
+        # pack=False: the plain matrices, for the native step (it reads them as they are)
+        pack = _packer(dtype, self.lm_head.device, batch_hint) if pack else None
         self.layers = []
         for layer in body.layers:
             a, m = layer.self_attn, layer.mlp
@@ -259,10 +276,10 @@ class Weights:
             self.layers.append(_Layer(
                 ln1=layer.input_layernorm.weight.float(),
                 ln2=layer.post_attention_layernorm.weight.float(),
-                qkv=torch.cat([w for w, _ in qkv]).to(dtype).contiguous(),
+                qkv=_cat_rows([w for w, _ in qkv], dtype),
                 qkv_bias=_cat_bias(qkv, [w.shape[0] for w, _ in qkv]),
                 o=o_w.to(dtype).contiguous(), o_bias=o_b,
-                gate_up=None if own else torch.cat([w for w, _ in gu]).to(dtype).contiguous(),
+                gate_up=None if own else _cat_rows([w for w, _ in gu], dtype),
                 gate=gu[0][0] if own else None, up=gu[1][0] if own else None,
                 down=down_w.to(dtype).contiguous()))
         self.packed = pack is not None
@@ -418,7 +435,11 @@ def _forward(w: Weights, cache: _Cache, tokens, start: int, cos, sin, key_bias):
 @torch.no_grad()
 def _loop(model, queries, sampler: Sampler, *, max_new_tokens, stop_ids, pad_id, device,
           dtype, step_progress=None) -> list[list[int]]:
-    weights = Weights(model, dtype, batch_hint=len(queries))
+    # one row in bf16 on CPU: the decode steps run natively (`native_decode`), on the plain
+    # matrices; the prefill still runs `_forward`
+    native = native_decode.eligible(len(queries), device, dtype)
+    weights = Weights(model, dtype, batch_hint=len(queries), pack=not native)
+    step = _native_step(weights) if native else None
     # one prefill per distinct prompt; rows are copies of their prompt's cache
     distinct: dict[tuple, int] = {}
     for q in queries:
@@ -449,6 +470,8 @@ def _loop(model, queries, sampler: Sampler, *, max_new_tokens, stop_ids, pad_id,
     logits, last, cos, sin, keys = logits[first], last[first], cos[first], sin[first], keys[first]
     key_bias = torch.zeros(len(queries), 1, 1, L, device=device).masked_fill(
         ~keys[:, None, None, :], float("-inf"))  # (B,1,1,L)
+    if step is not None:  # one row: no padding, no compaction (it stops, the loop ends)
+        step.bind(cache.k, cache.v, cos[0, 0], sin[0, 0], key_bias[0, 0, 0])
     rows = list(range(len(queries)))  # original index of each live row
     out: list[list[int]] = [[] for _ in queries]
     stops = set(stop_ids)
@@ -471,10 +494,23 @@ def _loop(model, queries, sampler: Sampler, *, max_new_tokens, stop_ids, pad_id,
             rows = [rows[j] for j in order]
             picked = [picked[j] for j in order]
         at = P + t  # the position of the token just drawn
+        if step is not None:
+            logits, last = step(picked[0], at)
+            continue
         tok = torch.tensor(picked, device=device)[:, None]  # (b,1)
         logits, last = _forward(weights, cache, tok, at, cos[..., at:at + 1, :],
                                 sin[..., at:at + 1, :], key_bias[..., :at + 1])
     return out
+
+
+def _native_step(weights: Weights):
+    """The native step over `weights`, or None (one warning) if it refuses them."""
+    try:
+        return native_decode.Step(weights)
+    except Exception as e:  # a layout the extension does not take: the Python step
+        native_decode.log.warning("native decode step refused the weights (%s): decoding in "
+                                  "Python", e)
+        return None
 
 
 def _hf_generate(model, queries, sampler: Sampler, *, max_new_tokens, stop_ids, pad_id, device):
