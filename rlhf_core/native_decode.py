@@ -79,6 +79,8 @@ def module():
     this CPU lacks AVX512-BF16."""
     global _failure
     if _module is None and _failure is None:
+        log.info("loading the native decode step (compiled once per torch version: ~20 s the "
+                 "first time unless `make setup` built it)")
         try:
             build()
             if not _module.cpu_supported():
