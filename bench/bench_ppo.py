@@ -13,7 +13,6 @@ instead (same config) and writes bench/results/policy_round_<algorithm>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import threading
 import time
@@ -130,11 +129,7 @@ def main(argv=None) -> dict:
         "first_ratio": m.get("first_ratio"), "approx_kl": m.get("approx_kl"), "kl": m.get("kl"),
     }
     name = args.out or ("ppo" if args.algorithm == "ppo" else f"policy_round_{args.algorithm}")
-    if name.endswith(".json"):
-        path = Path(name)
-        path.write_text(json.dumps(out, indent=2, default=str) + "\n")
-    else:
-        path = write_result(name, out)
+    path = write_result(name, out)
     print(f"{args.algorithm.upper()} round on {out['model']} ({out['device']}, {threads} threads): "
           f"{out['sequences']} sequences, minibatch {out['minibatch_size']}, "
           f"max_new_tokens {out['max_new_tokens']} (mean {out['mean_response_tokens']}), "
