@@ -125,9 +125,12 @@ def ratio_rows(results: dict) -> list[tuple[str, str, str, str]]:
         r = results.get(bid)
         if not r or "error" in r:
             continue
-        math = "bf16 autocast" if r.get("precision") == "bf16" else "float32"
+        bf16 = r.get("precision") == "bf16"
+        math = "bf16 autocast" if bf16 else "float32"
         for alg, a in r["algorithms"].items():
-            side = "ours-f32" if "ratio_trl_over_ours-f32" in a and bid == "B9" else "ours"
+            # in float32 the same-work side decodes in float32 too (ours-f32) where it ran;
+            # under bf16 training that is not TRL's precision either: the defaults (ours)
+            side = "ours-f32" if "ratio_trl_over_ours-f32" in a and not bf16 else "ours"
             per_run = a.get(f"ratio_per_run_trl_over_{side}") or []
             spread = f" ({min(per_run):.2f}-{max(per_run):.2f})" if per_run else ""
             rows.append((bid, f"{alg} round speed-up vs {a['trl_trainer']} ({math}; TRL s / "
