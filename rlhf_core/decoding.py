@@ -439,7 +439,7 @@ def _loop(model, queries, sampler: Sampler, *, max_new_tokens, stop_ids, pad_id,
     # matrices; the prefill still runs `_forward`
     native = native_decode.eligible(len(queries), device, dtype)
     weights = Weights(model, dtype, batch_hint=len(queries), pack=not native)
-    step = _native_step(weights) if native else None
+    step = native_decode.step_or_none(weights) if native else None
     # one prefill per distinct prompt; rows are copies of their prompt's cache
     distinct: dict[tuple, int] = {}
     for q in queries:
@@ -501,16 +501,6 @@ def _loop(model, queries, sampler: Sampler, *, max_new_tokens, stop_ids, pad_id,
         logits, last = _forward(weights, cache, tok, at, cos[..., at:at + 1, :],
                                 sin[..., at:at + 1, :], key_bias[..., :at + 1])
     return out
-
-
-def _native_step(weights: Weights):
-    """The native step over `weights`, or None (one warning) if it refuses them."""
-    try:
-        return native_decode.Step(weights)
-    except Exception as e:  # a layout the extension does not take: the Python step
-        native_decode.log.warning("native decode step refused the weights (%s): decoding in "
-                                  "Python", e)
-        return None
 
 
 def _hf_generate(model, queries, sampler: Sampler, *, max_new_tokens, stop_ids, pad_id, device):

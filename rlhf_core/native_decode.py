@@ -135,6 +135,15 @@ class Step:
         return self._step.step(int(token), int(at))
 
 
+def step_or_none(weights) -> Step | None:
+    """A `Step` over `weights`, or None (one warning) if it refuses them: the Python step."""
+    try:
+        return Step(weights)
+    except Exception as e:  # a layout the extension does not take
+        log.warning("native decode step refused the weights (%s): decoding in Python", e)
+        return None
+
+
 if __name__ == "__main__":  # `python -m rlhf_core.native_decode`: build ahead (make setup)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     mod = module()
