@@ -94,6 +94,14 @@ def test_suite_table_shows_spreads_and_the_policy_algorithm():
     assert any(v == "3.30 (3.10-3.50)" for v in values.values())
     assert any(k.startswith("RLOO round running, 32 annotators") for k in values)
     assert any("RLOO round" in k for k in values if k.startswith("loop latency"))
+    b1_row = next(k for k in values if k.startswith("batch-1 decode"))
+    assert values[b1_row] == "0.30" and "paired" not in b1_row  # an older file: one figure
+    b1.update(batch1_fraction_paired_median=0.28, read_bandwidth_gb_s_probes=[25.0, 30])
+    rows = run_all.ratio_rows({"B1": b1})
+    values = {row[1]: row[2] for row in rows}
+    b1_row = next(k for k in values if k.startswith("batch-1 decode"))
+    assert values[b1_row] == "0.30; 0.28" and "paired median" in b1_row
+    assert values["batch-1 bound: read GB/s -> tokens/s"].startswith("30 (probes 25.0-30) ->")
     del b4["policy_algorithm"], b5["policy_algorithm"]
     labels = [row[1] for row in run_all.ratio_rows({"B4": b4, "B5": b5})]
     assert any(k.startswith("PPO round running") for k in labels)
