@@ -264,7 +264,7 @@ class Simulation:
                 ppo = self.run_job("ppo_round", {"algorithm": self.cfg.loop.algorithm})
             except JobFailed as exc:  # a health gate: nothing published, the parent serves on
                 error = exc.job.get("error") or ""
-                if not error.startswith("PPOHealthError"):
+                if "PPO round aborted, nothing published" not in error:  # any health gate
                     raise
                 ppo = {}
                 row.policy_aborted = True
@@ -272,7 +272,13 @@ class Simulation:
                                  + error.split("nothing published: ", 1)[-1])
             row.policy_seconds = round(time.monotonic() - t_policy, 1)
             row.algorithm = ppo.get("algorithm", self.cfg.loop.algorithm)
-            row.kl = (ppo.get("metrics") or {}).get("kl", ppo.get("kl"))
+            pm = ppo.get("metrics") or {}
+            row.kl = pm.get("kl", ppo.get("kl"))
+            if pm.get("gate_fallback"):
+                row.notes.append(f"approx_kl gate tripped at step {pm['gate_fallback']}: "
+                                 f"published the policy of step {pm.get('ppo_steps')}")
+            elif pm.get("early_stop"):
+                row.notes.append(f"stopped early at step {pm['early_stop']} (stop_approx_kl)")
         else:
             row.notes.append(f"reward not promoted: {reward.get('reason')}")
         row.policy_version = self.store.current_version("policy")["version"]

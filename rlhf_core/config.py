@@ -183,8 +183,13 @@ class PPOConfig:
     max_approx_kl: float = 1.0  # health gate on a minibatch's approx_kl
     # early stop: a minibatch whose approx_kl (measured before its step) exceeds this ends the
     # round's training without its step; the updates so far are kept and published (0: off).
-    # The gate above still aborts the round past max_approx_kl.
     stop_approx_kl: float = 0.0
+    # the gate's fallback: a minibatch past max_approx_kl after some optimizer steps makes the
+    # round publish the policy from before the first minibatch whose approx_kl exceeded this
+    # fraction of max_approx_kl (what stop_approx_kl at that value would have published: an
+    # early stop after the fact, no extra work) instead of throwing the round away; 0: abort.
+    # Why: a 5-round simulate whose gate threw rounds 3-5 away (README, "Choosing the algorithm")
+    fallback_approx_kl: float = 0.5
     gradient_checkpointing: bool = False
     seed: int = 0
     max_prompt_tokens: int = 256  # longer chat-templated prompts keep their last tokens
@@ -329,6 +334,7 @@ LIMITS = {
     "ppo.minibatch_size": AT_LEAST_1, "ppo.lr": POSITIVE, "ppo.dpo_lr": POSITIVE,
     "ppo.max_grad_norm": POSITIVE,
     "ppo.max_kl": POSITIVE, "ppo.max_approx_kl": POSITIVE, "ppo.stop_approx_kl": AT_LEAST_0,
+    "ppo.fallback_approx_kl": Range(0, 0.99),
     "ppo.seed": AT_LEAST_0,
     "ppo.max_prompt_tokens": AT_LEAST_1, "ppo.generation_batch_size": AT_LEAST_1,
     "ppo.group_size": Range(2), "ppo.grpo_scale": OneOf(("std", "none")),

@@ -91,6 +91,9 @@ HELP = {
     "ppo.max_approx_kl": "health gate on one minibatch's approx_kl",
     "ppo.stop_approx_kl": "early stop: a minibatch with a higher approx_kl ends the round's "
                           "training, keeping the updates so far (0: off)",
+    "ppo.fallback_approx_kl": "when the approx_kl gate trips mid-round: publish the policy from "
+                              "before the first minibatch above this fraction of max_approx_kl "
+                              "instead of aborting (0: abort)",
     "ppo.gradient_checkpointing": "trade compute for memory in training forwards",
     "ppo.seed": "seed of policy rounds",
     "ppo.max_prompt_tokens": "longer chat-templated prompts keep their last tokens",

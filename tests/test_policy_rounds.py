@@ -115,8 +115,8 @@ def test_approx_kl_and_kl_gates_abort_and_restore_the_policy(runtime, algorithm)
     policy_before = {n: p.detach().clone()
                      for n, p in adapter_params(runtime.model, "policy").items()}
     with pytest.raises(PPOHealthError, match="approx_kl"):
-        round_fn(runtime, config=replace(SMALL, lr=0.5, max_approx_kl=1e-6, epochs=3),
-                 reward_fn=low_id_reward)
+        round_fn(runtime, config=replace(SMALL, lr=0.5, max_approx_kl=1e-6, epochs=3,
+                                         fallback_approx_kl=0.0), reward_fn=low_id_reward)
     with pytest.raises(PPOHealthError, match="mean KL per sequence"):  # v1 has drifted a bit
         # k3 is > 0 for any drift (k1's sample mean may be negative)
         round_fn(runtime, config=replace(SMALL, max_kl=1e-9, kl_estimator="k3"),
@@ -125,6 +125,18 @@ def test_approx_kl_and_kl_gates_abort_and_restore_the_policy(runtime, algorithm)
     assert runtime.loaded["policy"] == 1
     for n, p in adapter_params(runtime.model, "policy").items():
         assert torch.equal(policy_before[n], p)
+
+
+@pytest.mark.parametrize("algorithm", sorted(CRITIC_FREE))
+def test_the_approx_kl_gate_falls_back_instead_of_aborting(runtime, algorithm):
+    """The gate's fallback is the loop every algorithm shares: a minibatch far past a tiny
+    gate (lr 0.5) publishes the steps before the first minibatch past half the gate instead of
+    aborting (test_ppo checks that the fallback's policy is the early stop's)."""
+    res = CRITIC_FREE[algorithm](runtime, config=replace(SMALL, lr=0.5, max_approx_kl=1e-6,
+                                                         epochs=3), reward_fn=low_id_reward)
+    assert res["status"] == "published"
+    m = res["metrics"]
+    assert 2 <= m["early_stop"] <= m["gate_fallback"] and m["ppo_steps"] == m["early_stop"] - 1
 
 
 @pytest.mark.parametrize("algorithm", sorted(CRITIC_FREE))

@@ -289,7 +289,7 @@ def test_nan_reward_aborts_without_publishing(runtime):
 
 def test_approx_kl_gate_aborts_and_restores_policy(runtime):
     ppo_round(runtime, config=TINY, reward_fn=low_id_reward)  # v1
-    config = replace(TINY, lr=0.5, max_approx_kl=1e-6, epochs=3)
+    config = replace(TINY, lr=0.5, max_approx_kl=1e-6, epochs=3, fallback_approx_kl=0.0)
     policy_before = {n: p.detach().clone()
                      for n, p in adapter_params(runtime.model, "policy").items()}
     with pytest.raises(PPOHealthError, match="approx_kl"):
@@ -332,6 +332,45 @@ def test_stop_approx_kl_ends_training_early_and_keeps_the_updates(ppo_model_dir,
     assert rt.data.store.get_version("policy", 1)["metrics"]["early_stop"] == k + 1
     moved = adapter_params(rt.model, "policy")
     assert any(not torch.equal(parent[n], p) for n, p in moved.items())  # updates kept
+
+
+def test_the_approx_kl_gate_falls_back_to_what_the_early_stop_would_have_published(
+        ppo_model_dir, tmp_path):
+    """Three identical rounds (fresh workspaces, same seeds): one without gates sets the
+    scene; one with `stop_approx_kl` at T stops before minibatch k; one with the gate G below a
+    later minibatch j's approx_kl (no early stop) and `fallback_approx_kl` = T / G trips the
+    gate at j and publishes instead of aborting: the same policy as the early stop's, not the
+    one it had reached at j, with the trip recorded (metrics, event, version)."""
+    config = replace(TINY, epochs=4, max_approx_kl=100.0)
+    full_rt = make_runtime(ppo_model_dir, tmp_path / "full")
+    ppo_round(full_rt, config=config, reward_fn=low_id_reward)
+    series = [r["value"] for r in full_rt.data.store.metric_series("ppo", "approx_kl")]
+    assert len(series) == 4 * 2
+    peaks = [i for i in range(2, len(series)) if series[i] > max(series[:i])]  # new maxima
+    assert len(peaks) >= 2, series
+    k, j = peaks[0], peaks[-1]
+    stop = (max(series[:k]) + series[k]) / 2
+    gate = (max(series[:j]) + series[j]) / 2
+
+    stop_rt = make_runtime(ppo_model_dir, tmp_path / "stop")
+    ppo_round(stop_rt, config=replace(config, stop_approx_kl=stop), reward_fn=low_id_reward)
+    fb_rt = make_runtime(ppo_model_dir, tmp_path / "fallback")
+    res = ppo_round(fb_rt, config=replace(config, max_approx_kl=gate,
+                                          fallback_approx_kl=stop / gate),
+                    reward_fn=low_id_reward)
+    assert res["status"] == "published" and res["version"] == 1
+    m = fb_rt.data.store.get_version("policy", 1)["metrics"]
+    assert m["gate_fallback"] == j + 1 and m["early_stop"] == k + 1 and m["ppo_steps"] == k
+    got = adapter_params(fb_rt.model, "policy")
+    want = adapter_params(stop_rt.model, "policy")
+    reached = adapter_params(full_rt.model, "policy")
+    for n, p in got.items():
+        torch.testing.assert_close(p, want[n], rtol=1e-5, atol=1e-7)
+    assert any(not torch.allclose(p, reached[n]) for n, p in got.items())
+    trip = fb_rt.data.store.metric_series("ppo", "gate_fallback_approx_kl")
+    assert [r["value"] for r in trip] == pytest.approx([series[j]], rel=1e-4)
+    event = fb_rt.data.store.one("SELECT * FROM events WHERE kind = 'approx_kl_fallback'")
+    assert event and json.loads(event["payload"])["kept_steps"] == k
 
 
 def test_stop_approx_kl_below_the_first_minibatch_aborts(runtime):

@@ -111,6 +111,7 @@ def test_a_policy_round_stopped_by_a_health_gate_is_noted_and_the_run_goes_on(
     store, _ = open_workspace(ws, model=str(tiny_model_dir), torch_threads=1, **{
         "sampling.max_new_tokens": 8, "reward.min_pairs": 4, "ppo.max_new_tokens": 8,
         "ppo.prompts_per_round": 4, "loop.ab_fraction": 0.0, "ppo.max_approx_kl": 1e-12,
+        "ppo.fallback_approx_kl": 0.0,
         **NO_GATE})
     store.add_prompts([{"text": f"question number {i}: say something"} for i in range(30)],
                       source="test")

@@ -58,8 +58,12 @@ def run_epochs(runtime, n: int, mb: int, config: PPOConfig, plan: Plan, dist, ou
     `update(idx)` computes the gradients and returns the minibatch's stats, then the gate,
     the optimizer step and the metrics (Adam at `lr`, default `config.lr`). A minibatch whose
     approx_kl exceeds `config.stop_approx_kl` (when set) ends the loop without its step: the
-    updates so far stand (`early_stop` = its step number, else 0). Returns the last epoch's
-    mean stats (the epoch reached) and the time."""
+    updates so far stand (`early_stop` = its step number, else 0). A minibatch past the
+    approx_kl gate after some steps falls back (`config.fallback_approx_kl`) to the parameters
+    from before the first minibatch whose approx_kl exceeded that fraction of the gate, kept
+    (one copy) when it was seen: the round ends as that early stop would have ended it
+    (`gate_fallback` = the step that tripped the gate, else 0). Returns the last epoch's mean
+    stats (the epoch reached) and the time."""
     t0 = time.perf_counter()
     model = runtime.model
     for p in params:
@@ -69,7 +73,9 @@ def run_epochs(runtime, n: int, mb: int, config: PPOConfig, plan: Plan, dist, ou
     steps_per_epoch = -(-n // mb)
     total, step, history = config.epochs * steps_per_epoch, 0, []
     name = plan.algorithm.upper()
-    stopped = 0
+    stopped = tripped = 0
+    fallback = config.fallback_approx_kl * config.max_approx_kl
+    safe = None  # (steps taken, parameters then): before the first minibatch past `fallback`
     _train_mode(model, config.gradient_checkpointing)
     try:
         for epoch in range(config.epochs):
@@ -78,15 +84,37 @@ def run_epochs(runtime, n: int, mb: int, config: PPOConfig, plan: Plan, dist, ou
             for start in range(0, n, mb):
                 stats = update(perm[start:start + mb])
                 stats["epoch"] = epoch
-                _gate_minibatch(stats, config, plan)
-                if config.stop_approx_kl and stats["approx_kl"] > config.stop_approx_kl:
-                    # the same stats on every rank (all-reduced): every rank stops here
-                    stopped, stopped_kl = step + 1, stats["approx_kl"]
+                # the same stats on every rank (all-reduced): every rank decides alike
+                kl = stats["approx_kl"]
+                if fallback and safe is None and step and kl > fallback:
+                    safe = (step, [p.detach().clone() for p in params])
+                try:
+                    _gate_minibatch(stats, config, plan)
+                except ApproxKLGateError:
+                    if safe is None:
+                        raise
+                    tripped, stopped = step + 1, safe[0] + 1
+                    with torch.no_grad():
+                        for p, v in zip(params, safe[1]):
+                            p.copy_(v)
                     optimizer.zero_grad(set_to_none=True)
-                    out.metrics({"early_stop_approx_kl": stats["approx_kl"]},
+                    history = history[:safe[0]]
+                    out.metrics({"gate_fallback_approx_kl": kl}, step=out.step0 + step,
+                                version=plan.version)
+                    out.event("approx_kl_fallback", version=plan.version, algorithm=plan.algorithm,
+                              tripped_at=tripped, kept_steps=safe[0], approx_kl=kl)
+                    out.progress(0.95, f"v{plan.version}: {name} {label} {tripped}/{total}: "
+                                 f"approx_kl {kl:.3g} > max_approx_kl {config.max_approx_kl}; "
+                                 f"kept the policy of {label} {safe[0]} (the last before "
+                                 f"approx_kl passed {fallback:.3g})")
+                    break
+                if config.stop_approx_kl and kl > config.stop_approx_kl:
+                    stopped, stopped_kl = step + 1, kl
+                    optimizer.zero_grad(set_to_none=True)
+                    out.metrics({"early_stop_approx_kl": kl},
                                 step=out.step0 + step, version=plan.version)
                     out.progress(0.95, f"v{plan.version}: {name} stopped early at {label} "
-                                 f"{stopped}/{total}: approx_kl {stats['approx_kl']:.3g} > "
+                                 f"{stopped}/{total}: approx_kl {kl:.3g} > "
                                  f"stop_approx_kl {config.stop_approx_kl}")
                     break
                 optimizer.step()
@@ -111,7 +139,7 @@ def run_epochs(runtime, n: int, mb: int, config: PPOConfig, plan: Plan, dist, ou
     out.metrics({"time_train": seconds}, step=out.step0, version=plan.version)
     return summary | {"first_ratio": history[0]["ratio_mean"], "time_train": seconds,
                       "first_approx_kl": history[0]["approx_kl"], "ppo_steps": len(history),
-                      "early_stop": stopped}
+                      "early_stop": stopped, "gate_fallback": tripped}
 
 
 def minibatch_update(runtime, batch: Rollout, config: PPOConfig, dist, params, policy,
@@ -197,16 +225,19 @@ def backward_if_finite(loss, params) -> None:
             p.grad = torch.full_like(p, float("nan"))
 
 
+class ApproxKLGateError(PPOHealthError):
+    """The approx_kl gate (not a non-finite value): `run_epochs` may fall back from it."""
+
+
 def _gate_minibatch(stats: dict, config: PPOConfig, plan: Plan) -> None:
     bad = [k for k in ("loss", "pg_loss", "vf_loss", "grad_norm")
            if k in stats and not torch.isfinite(torch.tensor(stats[k]))]
     if bad:
         reason = f"non-finite {', '.join(bad)} in a {plan.algorithm.upper()} minibatch"
-    elif stats["approx_kl"] > config.max_approx_kl:
+        raise PPOHealthError(reason, aborted(plan, reason) | {"metrics": stats})
+    if stats["approx_kl"] > config.max_approx_kl:
         reason = f"approx_kl {stats['approx_kl']:.3g} > max_approx_kl {config.max_approx_kl}"
-    else:
-        return
-    raise PPOHealthError(reason, aborted(plan, reason) | {"metrics": stats})
+        raise ApproxKLGateError(reason, aborted(plan, reason) | {"metrics": stats})
 
 
 def _train_mode(model, checkpointing: bool) -> None:
