@@ -128,3 +128,43 @@ def test_suite_table_keeps_b9_at_each_precision_apart():
     assert (result_name("no"), result_name("bf16")) == ("b9_algorithms_trl",
                                                         "b9_algorithms_trl_bf16")
     assert run_all.SUITE["B9-BF16"][2] == {"precision": "bf16"}
+
+
+def test_b1_batch1_pairs_each_decode_with_the_probes_around_it(tiny_model_dir, monkeypatch):
+    """B1's batch-1 figure: rounds of probe, each path's decode, ..., probe (round 0 a warm-up).
+    The headline fraction is the best decode over the best probe's bound; each counted decode
+    is also read against the better of its two neighbouring probes. Real decodes of the tiny
+    model; the probes' GB/s and the decodes' seconds are scripted so the arithmetic is exact.
+    Each path's RLHF_NATIVE_DECODE holds during its decode and the variable is restored."""
+    import os
+
+    from bench import b1_sampling as b1
+    from bench import common
+    from tests.test_decoding import tiny_with_lora
+    from rlhf_core import decoding
+    model, tok = tiny_with_lora(tiny_model_dir, ("q_proj", "v_proj"))
+    dev = common.device_settings()
+    nbytes = b1.weight_bytes(model.get_base_model(), decoding.decode_dtype("auto", dev.device))
+    unit = nbytes / 1e9  # a probe of `unit` GB/s bounds batch-1 at 1 token/s
+    probes = iter([1.0 * unit, 6.0 * unit, 4.0 * unit, 8.0 * unit])
+    seconds = iter([9.0, 9.0, 2.0, 4.0, 1.0, 8.0, 4.0, 2.0])  # (a, b) x (warm-up + 3 rounds)
+    seen = []
+
+    def timed(fn, dev):
+        fn()  # the decode runs for real
+        seen.append(os.environ.get("RLHF_NATIVE_DECODE"))
+        return None, next(seconds)
+    monkeypatch.setattr(b1, "read_bandwidth", lambda dev, nbytes: next(probes))
+    monkeypatch.setattr(b1, "timed", timed)
+    monkeypatch.setenv("RLHF_NATIVE_DECODE", "1")
+    res = b1.batch1_vs_bound(model, tok, dev, {"a": "0", "b": None}, rounds=3, new_tokens=4)
+    assert seen == ["0", "0"] * 4 and os.environ["RLHF_NATIVE_DECODE"] == "1"
+    assert res["weight_bytes"] == nbytes and res["bound_tokens_per_s"] == 8.0
+    # path a: 4 tokens in 2, 1, 4 s; path b: in 4, 8, 2 s; bounds of the neighbouring probes'
+    # better: 6, 6, 8 tokens/s
+    assert res["a"]["tokens_per_s_rounds"] == [2.0, 4.0, 1.0]
+    assert res["a"]["fraction_of_bound"] == 0.5  # 4 / 8: best decode over the best probe
+    assert res["a"]["fraction_paired"] == [0.333, 0.667, 0.125]
+    assert res["a"]["fraction_paired_median"] == 0.333
+    assert res["b"]["fraction_paired"] == [0.167, 0.083, 0.25]
+    assert res["b"]["tokens_per_s"] == 2.0 and res["b"]["ms_per_token"] == 500.0
