@@ -80,7 +80,8 @@ def common_args(spec: dict, out_dir: str) -> dict:
     return {"output_dir": out_dir, "learning_rate": c["lr"], "lr_scheduler_type": "constant",
             "warmup_steps": 0, "weight_decay": 0.0, "adam_epsilon": 1e-5,
             "max_grad_norm": c["max_grad_norm"], "seed": c["seed"], "use_cpu": True,
-            "bf16": spec.get("mixed_precision") == "bf16", "gradient_checkpointing": False, "disable_dropout": True,
+            "bf16": spec.get("mixed_precision") == "bf16", "gradient_checkpointing": False,
+            "disable_dropout": True,
             "save_strategy": "no", "report_to": [], "logging_steps": 1000, "disable_tqdm": True,
             "dataloader_num_workers": 0, "temperature": c["temperature"], "top_p": 1.0,
             "top_k": 0}

@@ -28,8 +28,9 @@ from rlhf_core.policy.rounds import ROUNDS
 from rlhf_core.worker.runtime import Runtime
 from rlhf_core.workspace import parse_settings, seed_prompts_if_empty
 
-PHASES = {"generating": "generate", "scoring": "score", "PPO step": "train",
-          "GRPO step": "train", "RLOO step": "train", "DPO step": "train", "published": "publish"}
+# progress messages -> phase: every round reports "<ALGORITHM> step i/n" while it trains
+PHASES = {"generating": "generate", "scoring": "score",
+          **{f"{a.upper()} step": "train" for a in ROUNDS}, "published": "publish"}
 
 
 class RssSampler(threading.Thread):

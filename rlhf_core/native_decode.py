@@ -11,7 +11,8 @@ Measured here (2 cores, the embedded model, a LoRA policy adapter, 64 forced tok
 machine was noisy: read bandwidth 48-73 GB/s between runs): the step 4.6-5.5 ms (the LM head
 alone reads at 78-87 GB/s on two threads, 35-37 on one); a whole batch-1 decode 6.7-7.3 ms a
 token against 13.3-14.2 for the Python step in the same runs (B1 `--batch1`), of which the
-weight snapshot ~0.6 ms (40 ms a call, allocated per call), the prefill
+weight snapshot ~0.6 ms (40 ms a call, allocated per call, over a float32-stored base; 23-33
+ms over the bf16-stored base the worker holds, `models.store_frozen_linears`), the prefill
 (still `_forward`, on unpacked matrices: 28-38 ms against 25-28 packed) ~0.5 ms and the sampler
 0.2 ms. The Python step's 1.2-1.9x from oneDNN's prepacked layout is not needed here: this
 product reads the plain row-major matrices at bandwidth, and skipping the packing saves
